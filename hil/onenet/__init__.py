@@ -1,0 +1,25 @@
+"""The OneNET OTA southbound protocol with no I/O: tokens, codes, Range rules, the task state machine.
+
+Bytes and messages in, decisions out: every other part of hil (the mock service, the gateway, the
+simulated device, the conformance suite) asks these modules and never re-derives a rule.
+"""
+
+from hil.onenet.auth import AUTH_VERSION, Authorization, SignMethod, device_res, product_res
+from hil.onenet.codes import (
+    CHIP_CODES,
+    Chip,
+    DownloadError,
+    Errno,
+    PackageKind,
+    ResultCode,
+    TaskState,
+    TaskType,
+)
+from hil.onenet.ranges import ByteRange, resolve_range
+from hil.onenet.tasks import Action, Package, Task
+
+__all__ = [
+    "AUTH_VERSION", "CHIP_CODES", "Action", "Authorization", "ByteRange", "Chip", "DownloadError",
+    "Errno", "Package", "PackageKind", "ResultCode", "SignMethod", "Task", "TaskState", "TaskType",
+    "device_res", "product_res", "resolve_range",
+]

@@ -1,0 +1,160 @@
+"""The timeline: every exchange the OTA service answered, in order, per device.
+
+It is the source of truth of a test: assertions read it, the report draws it. Each exchange is
+appended to a JSON-lines file the moment it is answered (one ``write`` per line, flushed), so a
+crash of the run loses nothing that a device already saw.
+
+Tests wait on it from their own thread while the server thread records into it::
+
+    timeline.wait_for(lambda e: e.phase == "report" and e.result == 201, dev_id="527776559")
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from hil.errors import ServiceFault
+from hil.onenet.codes import Errno
+from hil.onenet.messages import Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request and its answer, as the service saw them."""
+
+    seq: int
+    at: float                                  # service clock, Unix seconds
+    dev_id: str | None                         # None when the request named no known device
+    phase: Endpoint
+    method: str
+    target: str                                # path and query as sent
+    request_headers: dict[str, str]            # Authorization's signature redacted
+    request_body: str
+    status: int
+    errno: int | None = None                   # JSON answers
+    answer: dict[str, Any] | None = None       # JSON answers, whole
+    result: int | None = None                  # a report's result, or a progress step
+    range: str | None = None                   # download: the Range header as sent
+    content_range: str | None = None           # download: what was answered
+    length: int | None = None                  # download: body bytes sent
+    error_byte: int | None = None              # download: the one-byte error answer
+    task_id: int | None = None
+    task_state: str | None = None              # the task's state after this exchange
+    reason: str | None = None                  # why a request was refused, for humans
+    duration_ms: float = 0.0
+
+    @property
+    def accepted(self) -> bool:
+        """The service said yes: errno 0, or a download that carried package bytes."""
+        if self.phase is Endpoint.DOWNLOAD:
+            return self.error_byte is None and self.status in (200, 206)
+        return self.errno == Errno.OK
+
+    def to_json(self) -> str:
+        record = {k: v for k, v in asdict(self).items() if v is not None}
+        record["phase"] = self.phase.value
+        return json.dumps(record, separators=(",", ":"), sort_keys=False)
+
+    def summary(self) -> str:
+        """One line for logs: when, who, what, and what came of it."""
+        clock = time.strftime("%H:%M:%S", time.localtime(self.at)) + f".{int(self.at % 1 * 1000):03d}"
+        outcome = (f"{self.status} {self.content_range or ''}".strip() if self.error_byte is None
+                   else f"{self.status} error-byte={self.error_byte}")
+        if self.errno is not None:
+            outcome = f"errno={self.errno}"
+        if self.result is not None:
+            outcome += f" result={self.result}"
+        state = f" task={self.task_state}" if self.task_state else ""
+        return (f"{clock} {self.dev_id or '-'} {self.phase.value:<8} {self.method} "
+                f"{self.target} -> {outcome}{state}")
+
+
+Predicate = Callable[[Exchange], bool]
+
+
+@dataclass
+class Timeline:
+    """Thread-safe, append-only list of exchanges, optionally mirrored to a JSON-lines file."""
+
+    path: Path | None = None
+    _exchanges: list[Exchange] = field(default_factory=list, init=False)
+    _changed: threading.Condition = field(default_factory=threading.Condition, init=False)
+    _sink: IO[str] | None = field(default=None, init=False, repr=False)
+    _listeners: list[Callable[[Exchange], None]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._sink = self.path.open("a", encoding="utf-8")
+
+    def next_seq(self) -> int:
+        with self._changed:
+            return len(self._exchanges) + 1
+
+    def record(self, exchange: Exchange) -> None:
+        with self._changed:
+            self._exchanges.append(exchange)
+            if self._sink is not None:
+                self._sink.write(exchange.to_json() + "\n")
+                self._sink.flush()
+            self._changed.notify_all()
+        for listener in self._listeners:
+            listener(exchange)
+
+    def subscribe(self, listener: Callable[[Exchange], None]) -> None:
+        """Call ``listener`` with every exchange recorded from now on (on the server thread)."""
+        self._listeners.append(listener)
+
+    def exchanges(self, dev_id: str | None = None, phase: Endpoint | str | None = None
+                  ) -> list[Exchange]:
+        with self._changed:
+            return [e for e in self._exchanges
+                    if (dev_id is None or e.dev_id == dev_id) and (phase is None or e.phase == phase)]
+
+    def __iter__(self) -> Iterator[Exchange]:
+        return iter(self.exchanges())
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._exchanges)
+
+    def reported_codes(self, dev_id: str) -> list[int]:
+        """Result codes the service accepted from ``dev_id``, by /report or /progress, in order."""
+        return [e.result for e in self.exchanges(dev_id)
+                if e.result is not None and e.accepted
+                and (e.phase is Endpoint.REPORT or e.result > 100)]
+
+    def wait_for(self, predicate: Predicate, *, dev_id: str | None = None,
+                 timeout: float = 30.0) -> Exchange:
+        """The first exchange (of ``dev_id``) matching ``predicate``; waits for it up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for exchange in self._exchanges[seen:]:
+                    if (dev_id is None or exchange.dev_id == dev_id) and predicate(exchange):
+                        return exchange
+                seen = len(self._exchanges)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    tail = "\n".join(e.summary() for e in self._exchanges[-5:]) or "(empty)"
+                    raise ServiceFault(
+                        f"no matching exchange{' of ' + dev_id if dev_id else ''} within "
+                        f"{timeout:g} s; the timeline ends with:\n{tail}")
+                self._changed.wait(remaining)
+
+    def clear(self) -> None:
+        with self._changed:
+            self._exchanges.clear()
+
+    def close(self) -> None:
+        with self._changed:
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
