@@ -125,9 +125,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._refuse(400, "protocol upgrades are not served")
         except httptools.HttpParserError as error:
-            self._refuse(400, f"not an HTTP/1.1 request: {error}")
-        except _Refused as refused:
-            self._refuse(refused.status, refused.reason)
+            # llhttp wraps what a callback raised; a _Refused there is our own size limit.
+            refused = error.__cause__ or error.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.status, refused.reason)
+            else:
+                self._refuse(400, f"not an HTTP/1.1 request: {error}")
 
     def pause_writing(self) -> None:
         # A client that stops reading stops being read: answers never pile up without bound.
