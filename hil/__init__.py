@@ -1,3 +1,3 @@
-"""hil: prove that a firmware build updates itself over the air correctly, on real and simulated rigs."""
+"""hil: prove that a firmware build updates itself over the air, on real and simulated rigs."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The OneNET OTA southbound protocol with no I/O: tokens, codes, Range rules, the task state machine.
+"""The OneNET OTA southbound protocol with no I/O: tokens, codes, Range rules, task states.
 
 Bytes and messages in, decisions out: every other part of hil (the mock service, the gateway, the
 simulated device, the conformance suite) asks these modules and never re-derives a rule.

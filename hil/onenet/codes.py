@@ -34,7 +34,7 @@ class Errno(IntEnum):
 
     @property
     def text(self) -> str:
-        """The short ``error`` string of a JSON answer (kept short: strict clients read 512 bytes)."""
+        """The ``error`` string of a JSON answer (short: strict clients read 512 bytes at most)."""
         return _ERROR_TEXT[self]
 
 

@@ -140,8 +140,8 @@ class OtaService:
             self.add_device(dev_id)
             current = self._live_task(dev_id, task_type)
             if current is not None:
-                raise ConfigError(f"task of {dev_id}",
-                                  f"task {current.task_id} ({task_type.name}) is still {current.state}")
+                raise ConfigError(f"task of {dev_id}", f"task {current.task_id} "
+                                  f"({task_type.name}) is still {current.state}")
             task = Task(
                 task_id=len(self._tasks) + 1, dev_id=dev_id, type=task_type, target=target,
                 token=token or self._token_factory(),

@@ -63,7 +63,8 @@ class Exchange:
 
     def summary(self) -> str:
         """One line for logs: when, who, what, and what came of it."""
-        clock = time.strftime("%H:%M:%S", time.localtime(self.at)) + f".{int(self.at % 1 * 1000):03d}"
+        millis = int(self.at % 1 * 1000)
+        clock = time.strftime("%H:%M:%S", time.localtime(self.at)) + f".{millis:03d}"
         outcome = (f"{self.status} {self.content_range or ''}".strip() if self.error_byte is None
                    else f"{self.status} error-byte={self.error_byte}")
         if self.errno is not None:
@@ -114,8 +115,8 @@ class Timeline:
     def exchanges(self, dev_id: str | None = None, phase: Endpoint | str | None = None
                   ) -> list[Exchange]:
         with self._changed:
-            return [e for e in self._exchanges
-                    if (dev_id is None or e.dev_id == dev_id) and (phase is None or e.phase == phase)]
+            return [e for e in self._exchanges if (dev_id is None or e.dev_id == dev_id)
+                    and (phase is None or e.phase == phase)]
 
     def __iter__(self) -> Iterator[Exchange]:
         return iter(self.exchanges())
@@ -132,7 +133,7 @@ class Timeline:
 
     def wait_for(self, predicate: Predicate, *, dev_id: str | None = None,
                  timeout: float = 30.0) -> Exchange:
-        """The first exchange (of ``dev_id``) matching ``predicate``; waits for it up to ``timeout``."""
+        """The first exchange (of ``dev_id``) matching ``predicate``, waiting up to ``timeout``."""
         deadline = time.monotonic() + timeout
         seen = 0
         with self._changed:

@@ -1,0 +1,158 @@
+"""Task files for ``hil serve --tasks FILE.yaml``: several devices, each with its tasks.
+
+::
+
+    product_id: "245528"            # optional; --product-id wins
+    devices:
+      - dev_id: "527776559"
+        name: bench-01              # optional: the device name of device-level tokens
+        access_key_env: DEV01_KEY   # optional: the device's own key, read from this variable
+        version: "1.0.0"            # optional: the version the service has on record
+        tasks:
+          - type: 2                 # 1 FOTA (module), 2 SOTA (MCU application)
+            manuf: "102"
+            model: "10201"
+            target: "1.1.0"
+            package: app-1.1.0.bin  # relative to this file
+            signal: 10
+            power: 50
+            retry: 3
+            interval: 5
+
+Keys are checked at load: a mistake is one ``ConfigError`` line naming the file and the key.
+Access keys never live in the file, only the name of the variable that holds one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hil.errors import ConfigError
+from hil.onenet.codes import TaskType, is_valid_version
+from hil.onenet.tasks import Package
+from hil.service.mock import OtaService
+
+_STRICT = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+NonNegative = Annotated[int, Field(ge=0, strict=True)]
+
+
+def _version(value: Any) -> Any:
+    # YAML reads 1.10 as the float 1.1: refuse numbers instead of silently losing digits.
+    if not isinstance(value, str):
+        raise ValueError("quote version strings (YAML turns 1.10 into the number 1.1)")
+    if not is_valid_version(value):
+        raise ValueError(f"{value!r} is not 1..20 of [a-zA-Z0-9_-.]")
+    return value
+
+
+class TaskEntry(BaseModel):
+    model_config = _STRICT
+
+    type: TaskType = TaskType.SOTA
+    target: str
+    package: str | None = None
+    delta_from: str | None = None
+    manuf: str | None = None
+    model: str | None = None
+    signal: Annotated[int, Field(strict=True)] = 0
+    power: Annotated[int, Field(strict=True)] = 0
+    retry: NonNegative = 0
+    interval: NonNegative = 0
+    enforce_thresholds: bool = False
+    token: str | None = None
+
+    _check_target = field_validator("target", mode="before")(_version)
+
+    @field_validator("delta_from", mode="before")
+    @classmethod
+    def _check_delta_from(cls, value: Any) -> Any:
+        return None if value is None else _version(value)
+
+
+class DeviceEntry(BaseModel):
+    model_config = _STRICT
+
+    dev_id: Annotated[str, Field(min_length=1)]
+    name: str | None = None
+    access_key_env: str | None = None
+    version: str | None = None
+    tasks: list[TaskEntry] = []
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _check_version(cls, value: Any) -> Any:
+        return None if value is None else _version(value)
+
+
+class TaskFile(BaseModel):
+    model_config = _STRICT
+
+    product_id: str | None = None
+    devices: Annotated[list[DeviceEntry], Field(min_length=1)]
+
+
+def _where(location: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def load_task_file(path: Path) -> TaskFile:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(str(path), f"cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(str(path), f"{line}not valid YAML") from None
+    try:
+        return TaskFile.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise ConfigError(f"{path}: {_where(first['loc'])}", first["msg"] + more) from None
+
+
+def read_package(path: Path, where: str) -> Package:
+    try:
+        return Package(path.read_bytes(), path.name)
+    except OSError as error:
+        raise ConfigError(where, f"cannot read package {path}: {error.strerror}") from None
+
+
+def apply_task_file(service: OtaService, path: Path) -> None:
+    """Register the file's devices and create their tasks on ``service``."""
+    spec = load_task_file(path)
+    for d, device in enumerate(spec.devices):
+        where = f"{path}: devices[{d}]"
+        key = None
+        if device.access_key_env:
+            key = os.environ.get(device.access_key_env)
+            if not key:
+                raise ConfigError(f"{where}.access_key_env",
+                                  f"environment variable {device.access_key_env} is not set")
+        try:
+            service.add_device(device.dev_id, name=device.name, access_key=key)
+        except ValueError as error:
+            raise ConfigError(f"{where}.access_key_env", str(error)) from None
+        for t, task in enumerate(device.tasks):
+            package = (read_package(path.parent / task.package, f"{where}.tasks[{t}].package")
+                       if task.package else None)
+            try:
+                service.create_task(
+                    device.dev_id, task.target, package, task_type=task.type,
+                    manuf=task.manuf, model=task.model, delta_from=task.delta_from,
+                    signal=task.signal, power=task.power, retry=task.retry,
+                    interval=task.interval, enforce_thresholds=task.enforce_thresholds,
+                    token=task.token)
+            except ConfigError as error:
+                raise ConfigError(f"{where}.tasks[{t}]", error.message) from None
+        if device.version:
+            service.set_device_version(device.dev_id, device.version)
