@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from hil.errors import ProtocolError
-from hil.onenet.codes import Errno, ResultCode, TaskType, is_valid_version
+from hil.onenet.codes import Errno, PackageKind, ResultCode, TaskType, is_valid_version
 
 
 class Endpoint(StrEnum):
@@ -177,6 +177,59 @@ class VersionReport:
 
     def of(self, task_type: TaskType) -> str | None:
         return self.f_version if task_type is TaskType.FOTA else self.s_version
+
+
+@dataclass(frozen=True, slots=True)
+class DetectAnswer:
+    """The ``data`` of a detect answer with errno 0: the task a device is to run."""
+
+    target: str
+    token: str
+    size: int
+    md5: str
+    signal: int
+    power: int
+    retry: int
+    interval: int
+    kind: PackageKind = PackageKind.FULL
+    ip: str | None = None          # the download address, for devices that sent cdn=false
+    ip_port: int | None = None
+
+    def to_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "target": self.target, "token": self.token, "size": self.size, "md5": self.md5,
+            "signal": self.signal, "power": self.power, "retry": self.retry,
+            "interval": self.interval, "type": int(self.kind)}
+        if self.ip is not None:
+            data["ip"], data["ipPort"] = self.ip, self.ip_port
+        return data
+
+    @classmethod
+    def from_data(cls, data: object) -> DetectAnswer:
+        """Read an answer's ``data`` on the device side; a malformed one raises ProtocolError."""
+        if not isinstance(data, dict):
+            raise _bad(Errno.BAD_REQUEST, "the detect answer has no data object")
+
+        def number(name: str) -> int:
+            value = _strict_int(data.get(name))
+            if value is None:
+                raise _bad(Errno.BAD_REQUEST, f"detect answer: {name} is not an integer")
+            return value
+
+        def text(name: str) -> str:
+            value = data.get(name)
+            if not isinstance(value, str):
+                raise _bad(Errno.BAD_REQUEST, f"detect answer: {name} is not a string")
+            return value
+
+        try:
+            kind = PackageKind(number("type"))
+        except ValueError:
+            raise _bad(Errno.BAD_REQUEST, "detect answer: type is not 1 or 2") from None
+        ip = data.get("ip")
+        return cls(text("target"), text("token"), number("size"), text("md5"), number("signal"),
+                   number("power"), number("retry"), number("interval"), kind,
+                   ip if isinstance(ip, str) else None, _strict_int(data.get("ipPort")))
 
 
 def encode_answer(errno: Errno, data: dict[str, Any] | None = None) -> bytes:

@@ -29,6 +29,7 @@ from hil.onenet.codes import (
     meets_threshold,
 )
 from hil.onenet.messages import (
+    DetectAnswer,
     DetectQuery,
     Endpoint,
     Route,
@@ -269,13 +270,10 @@ class OtaService:
         if task.enforce_thresholds and not (meets_threshold(query.signal, task.signal)
                                             and meets_threshold(query.power, task.power)):
             raise ProtocolError(Errno.BELOW_THRESHOLD, "signal or power below the threshold")
-        data: dict[str, Any] = {
-            "target": task.target, "token": task.token, "size": task.package.size,
-            "md5": task.package.md5, "signal": task.signal, "power": task.power,
-            "retry": task.retry, "interval": task.interval, "type": int(task.package_kind)}
-        if not query.cdn:
-            data["ip"], data["ipPort"] = request.local
-        return data
+        ip, port = (None, None) if query.cdn else request.local
+        return DetectAnswer(
+            task.target, task.token, task.package.size, task.package.md5, task.signal,
+            task.power, task.retry, task.interval, task.package_kind, ip, port).to_data()
 
     def _token_check(self, request: HttpRequest, target: Route, record: _Record) -> None:
         dev_id = request.query.get("dev_id")

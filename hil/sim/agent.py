@@ -17,6 +17,7 @@ from typing import Any
 import requests
 
 from hil.onenet.codes import Errno, ResultCode, TaskType
+from hil.onenet.messages import DetectAnswer
 
 # Token check answers after which a device ends the attempt without a report (ONENET.md).
 _END_WITHOUT_REPORT = {Errno.TOKEN_EXPIRED, Errno.TASK_FINISHED, Errno.TASK_CANCELLED}
@@ -63,12 +64,12 @@ class OtaAgent:
         if self.manuf and self.model:
             query |= {"manuf": self.manuf, "model": self.model}
         detect = self._call(http, "GET", "/ota/south/check", params=query)
-        task = detect.get("data") or {}
-        self._emit(attempt, f"ota phase=detect errno={detect['errno']} "
-                            f"target={task.get('target', '-')} size={task.get('size', 0)}")
         if detect["errno"] != Errno.OK:
+            self._emit(attempt, f"ota phase=detect errno={detect['errno']}")
             return
-        token, size = task["token"], int(task["size"])
+        task = DetectAnswer.from_data(detect.get("data"))
+        self._emit(attempt, f"ota phase=detect errno=0 target={task.target} size={task.size}")
+        token, size = task.token, task.size
         check = self._call(http, "GET", f"/ota/south/download/{token}/check?dev_id={self.dev_id}")
         self._emit(attempt, f"ota phase=token errno={check['errno']}")
         if check["errno"] in _END_WITHOUT_REPORT:
@@ -80,16 +81,16 @@ class OtaAgent:
         if package is None:
             self._report(http, attempt, token, ResultCode.DOWNLOAD_UNKNOWN)
             return
-        md5_ok = hashlib.md5(package, usedforsecurity=False).hexdigest() == task["md5"]
+        md5_ok = hashlib.md5(package, usedforsecurity=False).hexdigest() == task.md5
         self._emit(attempt, f"ota phase=verify md5={'ok' if md5_ok else 'bad'}")
         if not md5_ok:
             self._report(http, attempt, token, ResultCode.UPGRADE_MD5_MISMATCH)
             return
         self._report(http, attempt, token, ResultCode.DOWNLOADED)
         self._emit(attempt, f"ota phase=flash bytes={len(package)}")
-        attempt.version = task["target"]   # installed into the inactive slot and booted
+        attempt.version = task.target   # installed into the inactive slot and booted
         self._emit(attempt, f"boot version={attempt.version}")
-        booted_target = attempt.version == task["target"]
+        booted_target = attempt.version == task.target
         self._report(http, attempt, token, ResultCode.UPGRADED if booted_target
                      else ResultCode.UPGRADE_VERSION_MISMATCH)
 
