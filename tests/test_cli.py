@@ -137,7 +137,7 @@ def test_serve_carries_curl_through_a_whole_update(package_file: Path, tmp_path:
         # The update is over: the task is finished and the next detect finds nothing.
         assert json_call("-d", '{"result":201}', report)["errno"] == 20
         assert json_call(f"{served.url}/ota/south/check?dev_id=527776559&type=2"
-                         "&version=1.1.0")["errno"] == 11
+                         "&version=1.1.0&cdn=true")["errno"] == 11
     finally:
         status, out, err = served.stop()
     assert status == 0, err
@@ -180,11 +180,11 @@ devices:
     try:
         auth = hil("token", "--product-id", "245528", "--access-key", key).stdout.strip()
         first = json.loads(curl("-H", f"Authorization: {auth}", f"{served.url}/ota/south/check?"
-                                "dev_id=527776559&type=2&version=1.0.0"))
+                                "dev_id=527776559&type=2&version=1.0.0&cdn=true"))
         second = json.loads(curl("-H", f"Authorization: {auth}", f"{served.url}/ota/south/check?"
-                                 "dev_id=527776560&type=1&version=1.0.0"))
+                                 "dev_id=527776560&type=1&version=1.0.0&cdn=true"))
         wrong_type = json.loads(curl("-H", f"Authorization: {auth}", f"{served.url}/ota/south/"
-                                     "check?dev_id=527776560&type=2&version=1.0.0"))
+                                     "check?dev_id=527776560&type=2&version=1.0.0&cdn=true"))
     finally:
         status, _, _ = served.stop()
     assert status == 0

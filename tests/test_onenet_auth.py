@@ -5,6 +5,7 @@ trust ``compute_sign`` to check itself.
 """
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -125,8 +126,11 @@ def _sign_with_plus_and_slash():
 def test_raw_sign_keeps_plus_slash_and_padding():
     auth = _sign_with_plus_and_slash()
     encoded, raw = auth.header(), auth.header(encoded=False)
-    assert "%2B" in encoded and "%2F" in encoded and encoded.endswith("%3D")
-    assert f"&sign={auth.sign}" in raw and "%" not in raw
+    assert "%2B" in encoded
+    assert "%2F" in encoded
+    assert encoded.endswith("%3D")
+    assert f"&sign={auth.sign}" in raw
+    assert "%" not in raw
     for header in (encoded, raw):
         parsed = Authorization.parse(header)
         assert parsed.sign == auth.sign      # '+' is not a space in this header
@@ -253,7 +257,7 @@ MALFORMED = {
     "et-float": _join(V, R, "et=1537255523.0", M, S),
     "et-exponent": _join(V, R, "et=1e9", M, S),
     "et-space": _join(V, R, "et=%201537255523", M, S),
-    "et-fullwidth": _join(V, R, "et=１５３７２５５５２３", M, S),
+    "et-fullwidth": _join(V, R, "et=\uff11\uff15\uff13\uff17", M, S),
     "et-arabic-indic": _join(V, R, "et=١٥٣٧٢٥٥٥٢٣", M, S),
     "et-superscript": _join(V, R, "et=²", M, S),
     "et-underscore": _join(V, R, "et=1_537_255_523", M, S),
@@ -386,12 +390,12 @@ def test_arbitrary_text_raises_only_authorization_error(text):
     try:
         auth = Authorization.parse(text)
     except AuthorizationError as error:
-        assert error.errno == 1
-        return
-    # Whatever parses is fully formed, and verifying it raises nothing but AuthorizationError.
-    assert auth.version == AUTH_VERSION
-    assert auth.product_id
-    try:
-        auth.verify(public_key_bytes(), now=0)
-    except AuthorizationError:
-        pass
+        errno = error.errno
+    else:
+        errno = None
+        # Whatever parses is fully formed, and verifying it raises only AuthorizationError.
+        assert auth.version == AUTH_VERSION
+        assert auth.product_id
+        with contextlib.suppress(AuthorizationError):
+            auth.verify(public_key_bytes(), now=0)
+    assert errno in (None, 1)

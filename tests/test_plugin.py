@@ -7,7 +7,7 @@ import requests
 
 def detect(onenet, version="1.0.0"):
     return requests.get(f"{onenet.url}/ota/south/check",
-                        params={"dev_id": "42", "type": 2, "version": version},
+                        params={"dev_id": "42", "type": 2, "version": version, "cdn": "true"},
                         headers={"Authorization": onenet.authorization()}, timeout=5).json()
 
 def test_first_sees_its_task(mock_onenet):

@@ -165,8 +165,8 @@ def is_valid_version(version: str) -> bool:
 
 
 def meets_threshold(value: int | None, threshold: int) -> bool:
-    """A task runs only at or above its signal/power threshold; an unreported value cannot fail.
-
-    Device and service both decide with this one rule, so they never disagree on the boundary.
+    """A task runs only *above* its signal/power threshold (ONENET.md: "the task runs only above
+    these"; seed 001: "a larger signal"), so a value equal to it is too low. A value the device
+    did not report cannot fail. Device and service both decide with this one rule.
     """
-    return value is None or value >= threshold
+    return value is None or value > threshold

@@ -69,13 +69,20 @@ def _required(query: dict[str, str], name: str) -> str:
     return value
 
 
+_INT_RE = re.compile(r"-?[0-9]{1,18}")   # ASCII: int() also takes '２' and '1_000'
+
+
+def _query_int(query: dict[str, str], name: str) -> int:
+    value = query[name]
+    if _INT_RE.fullmatch(value) is None:
+        raise _bad(Errno.BAD_REQUEST, f"query parameter {name} is not an integer")
+    return int(value)
+
+
 def _optional_int(query: dict[str, str], *names: str) -> int | None:
     for name in names:
         if name in query:
-            try:
-                return int(query[name])
-            except ValueError:
-                raise _bad(Errno.BAD_REQUEST, f"query parameter {name} is not an integer") from None
+            return _query_int(query, name)
     return None
 
 
@@ -98,13 +105,14 @@ class DetectQuery:
     def parse(cls, query: dict[str, str]) -> DetectQuery:
         """Parameters first (errno 2), then the version format (27), as the service checks them."""
         dev_id = _required(query, "dev_id")
+        _required(query, "type")
         try:
-            task_type = TaskType(int(_required(query, "type")))
+            task_type = TaskType(_query_int(query, "type"))
         except ValueError:
             raise _bad(Errno.BAD_REQUEST, "query parameter type is not 1 or 2") from None
         if "version" not in query:
             raise _bad(Errno.BAD_REQUEST, "query parameter version is missing")
-        cdn_text = query.get("cdn", "true").lower()
+        cdn_text = _required(query, "cdn").lower()
         if cdn_text not in ("true", "false", "1", "0"):
             raise _bad(Errno.BAD_REQUEST, "query parameter cdn is not true or false")
         # Both spellings: signal/power (API book) and signals/powers (the older reference).

@@ -40,6 +40,15 @@ class ByteRange:
         return data[self.start:self.end + 1]
 
 
+_HUGE = 10**20   # more than any package: every rule treats a bigger number the same way
+
+
+def _number(digits: str) -> int:
+    """The value of a digit string, capped: int() refuses strings over 4300 digits."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= 20 else _HUGE
+
+
 def resolve_range(header: str | None, length: int) -> ByteRange | None:
     """The range to send for ``header``, or None to send the whole file with status 200."""
     if header is None or length <= 0:
@@ -49,13 +58,13 @@ def resolve_range(header: str | None, length: int) -> ByteRange | None:
         return None
     first, last = match.groups()
     if first and last:
-        start, end = int(first), min(int(last), length - 1)
+        start, end = _number(first), min(_number(last), length - 1)
         return ByteRange(0 if start > end else start, end, length)
     if first:
-        start = int(first)
+        start = _number(first)
         return ByteRange(0 if start >= length else start, length - 1, length)
     if last:
-        count = int(last)
+        count = _number(last)
         if count == 0:
             return None   # "-0" asks for nothing: malformed, so the whole file
         return ByteRange(max(length - count, 0), length - 1, length)
