@@ -69,7 +69,7 @@ def _required(query: dict[str, str], name: str) -> str:
     return value
 
 
-_INT_RE = re.compile(r"-?[0-9]{1,18}")   # ASCII: int() also takes '２' and '1_000'
+_INT_RE = re.compile(r"-?[0-9]{1,18}")   # ASCII: int() also takes fullwidth digits and '1_000'
 
 
 def _query_int(query: dict[str, str], name: str) -> int:
@@ -128,7 +128,8 @@ class DetectQuery:
 def _json_object(body: bytes, errno: Errno) -> dict[str, Any]:
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: "[[[[..." nested deeper than the parser's stack, a hostile body.
         raise _bad(errno, "the body is not JSON") from None
     if not isinstance(value, dict):
         raise _bad(errno, "the body is not a JSON object")
