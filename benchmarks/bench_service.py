@@ -288,25 +288,31 @@ def verify(target: Target, package: bytes) -> None:
     """A ranged request gets 206 and the right bytes, a plain one 200 and the whole package."""
     url = urlsplit(target.url)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=10)
-    auth = {"Authorization": target.authorization} if target.authorization else {}
-    size = len(package)
     try:
-        for start in sorted({0, CHUNK, (size // 2) // CHUNK * CHUNK, (size - 1) // CHUNK * CHUNK}):
-            end = min(start + CHUNK, size) - 1
-            status, headers, body = _get(conn, url.path, {**auth, "Range": f"bytes={start}-{end}"})
-            expected_range = f"bytes {start}-{end}/{size}"
-            if status != 206 or body != package[start:end + 1] \
-                    or headers.get("Content-Range") != expected_range:
-                raise BenchError(
-                    f"{target.name}: Range bytes={start}-{end} answered {status} with "
-                    f"{len(body)} bytes, Content-Range {headers.get('Content-Range')!r} "
-                    f"(want 206, {end - start + 1} package bytes, {expected_range!r})")
-        status, _, body = _get(conn, url.path, auth)
-        if status != 200 or body != package:
-            raise BenchError(f"{target.name}: a plain GET answered {status} with {len(body)} "
-                             f"bytes (want 200 and the {size}-byte package)")
+        _verify(conn, url.path, target, package)
+    except (OSError, http.client.HTTPException) as error:
+        raise BenchError(f"{target.name}: the check request failed: {error!r}") from None
     finally:
         conn.close()
+
+
+def _verify(conn: http.client.HTTPConnection, path: str, target: Target, package: bytes) -> None:
+    auth = {"Authorization": target.authorization} if target.authorization else {}
+    size = len(package)
+    for start in sorted({0, CHUNK, (size // 2) // CHUNK * CHUNK, (size - 1) // CHUNK * CHUNK}):
+        end = min(start + CHUNK, size) - 1
+        status, headers, body = _get(conn, path, {**auth, "Range": f"bytes={start}-{end}"})
+        expected_range = f"bytes {start}-{end}/{size}"
+        if status != 206 or body != package[start:end + 1] \
+                or headers.get("Content-Range") != expected_range:
+            raise BenchError(
+                f"{target.name}: Range bytes={start}-{end} answered {status} with "
+                f"{len(body)} bytes, Content-Range {headers.get('Content-Range')!r} "
+                f"(want 206, {end - start + 1} package bytes, {expected_range!r})")
+    status, _, body = _get(conn, path, auth)
+    if status != 200 or body != package:
+        raise BenchError(f"{target.name}: a plain GET answered {status} with {len(body)} "
+                         f"bytes (want 200 and the {size}-byte package)")
 
 
 def check_timeline(timeline: Path, size: int) -> int:
@@ -409,7 +415,8 @@ def print_table(results: dict[tuple[str, str], Result], package_kib: int) -> Non
                 goal = f"   goal: ratio >= {GOAL_RATIO} -> {verdict}"
             print(f"{'':<24} {'hil/nginx':<10} {ratio:>10.3f} {hil.mb_s / nginx.mb_s:>9.3f} "
                   f"{hil.p50_us / nginx.p50_us:>8.1f}x {hil.p99_us / nginx.p99_us:>7.1f}x{goal}")
-    print("(MB/s: 10^6 bytes of package per second, headers not counted; latencies from wrk.)")
+    print("MB/s: 10^6 bytes of package per second (headers not counted); latencies from wrk.\n"
+          "hil/nginx row: throughput ratios, then how many times longer hil's latencies are.")
 
 
 def _interrupt(*_: object) -> None:
