@@ -91,8 +91,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     prog = "hil serve"
     key = _access_key(args, prog)
+    # Exchanges go to the log, the listeners and --timeline; none pile up in memory.
     onenet = MockOneNet(args.product_id, key, host=args.host, port=args.port,
-                        timeline_path=args.timeline)
+                        timeline_path=args.timeline, keep_timeline=False)
     service = onenet.service
     try:
         if args.tasks:

@@ -14,6 +14,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from urllib.parse import quote, unquote
 
 from hil.errors import AuthorizationError
@@ -49,6 +50,7 @@ def device_res(product_id: str, device_name: str) -> str:
     return f"products/{product_id}/devices/{device_name}"
 
 
+@lru_cache(maxsize=1024)   # devices resend one value for its whole life: sign it once
 def compute_sign(key: bytes, res: str, et: int, method: SignMethod,
                  version: str = AUTH_VERSION) -> str:
     message = f"{et}\n{method.value}\n{res}\n{version}".encode()
@@ -81,28 +83,22 @@ class Authorization:
 
     @property
     def product_id(self) -> str:
-        return self._res_parts()[0]
+        return _res_parts(self.res)[0]
 
     @property
     def device_name(self) -> str | None:
         """The device of a device-level ``res``; None for a product-level one."""
-        return self._res_parts()[1]
-
-    def _res_parts(self) -> tuple[str, str | None]:
-        parts = self.res.split("/")
-        if len(parts) == 2 and parts[0] == "products" and parts[1]:
-            return parts[1], None
-        if len(parts) == 4 and parts[0] == "products" and parts[2] == "devices" \
-                and parts[1] and parts[3]:
-            return parts[1], parts[3]
-        raise AuthorizationError(f"res {self.res!r} is neither products/<pid> nor "
-                                 "products/<pid>/devices/<name>")
+        return _res_parts(self.res)[1]
 
     @classmethod
     def parse(cls, value: str | None) -> Authorization:
         """Parse a header value, URL-encoded or raw. Every defect raises AuthorizationError."""
         if not value:
             raise AuthorizationError("no Authorization header")
+        return _parse(value)
+
+    @classmethod
+    def _parse_uncached(cls, value: str) -> Authorization:
         fields: dict[str, str] = {}
         for pair in value.strip().split("&"):
             # Split at the first '=' only: a raw base64 sign ends in '=' padding.
@@ -125,7 +121,7 @@ class Authorization:
         if _ET_RE.fullmatch(fields["et"]) is None:
             raise AuthorizationError("Authorization et is not a Unix time in seconds")
         auth = cls(fields["res"], int(fields["et"]), method, fields["sign"], fields["version"])
-        auth._res_parts()   # validates the shape of res
+        _res_parts(auth.res)   # validates the shape of res
         return auth
 
     def verify(self, key: bytes, now: float) -> None:
@@ -136,3 +132,29 @@ class Authorization:
         # Constant-time: a forger learns nothing from how long the comparison took.
         if not hmac.compare_digest(expected.encode(), self.sign.encode()):
             raise AuthorizationError("Authorization signature does not match")
+
+
+@lru_cache(maxsize=1024)   # asked twice per request (product, device); a bad res raises
+def _res_parts(res: str) -> tuple[str, str | None]:
+    parts = res.split("/")
+    if len(parts) == 2 and parts[0] == "products" and parts[1]:
+        return parts[1], None
+    if len(parts) == 4 and parts[0] == "products" and parts[2] == "devices" \
+            and parts[1] and parts[3]:
+        return parts[1], parts[3]
+    raise AuthorizationError(f"res {res[:60]!r} is neither products/<pid> nor "
+                             "products/<pid>/devices/<name>")
+
+
+@lru_cache(maxsize=1024)   # a failed parse raises, and is not cached
+def _parse(value: str) -> Authorization:
+    return Authorization._parse_uncached(value)
+
+
+@lru_cache(maxsize=1024)
+def redact_authorization(value: str) -> str:
+    """An Authorization value as logs and timelines may show it: never its signature."""
+    try:
+        return Authorization.parse(value).redacted()
+    except AuthorizationError:
+        return "<malformed, redacted>"

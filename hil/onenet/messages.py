@@ -31,11 +31,12 @@ class Endpoint(StrEnum):
 _TOKEN = r"([A-Za-z0-9_\-.]{1,64})"
 # (path pattern, endpoint, HTTP method). /ota/check is the oldest detect path (seed 001), and
 # /ota/download/{token} the download address seed 001 gives for the token.
+# Downloads first: they are most of the requests a device makes.
 _ROUTES: tuple[tuple[re.Pattern[str], Endpoint, str], ...] = (
+    (re.compile(rf"/ota/south/download/{_TOKEN}"), Endpoint.DOWNLOAD, "GET"),
+    (re.compile(rf"/ota/south/download/{_TOKEN}/check"), Endpoint.TOKEN_CHECK, "GET"),
     (re.compile(r"/ota/south/check"), Endpoint.DETECT, "GET"),
     (re.compile(r"/ota/check"), Endpoint.DETECT, "GET"),
-    (re.compile(rf"/ota/south/download/{_TOKEN}/check"), Endpoint.TOKEN_CHECK, "GET"),
-    (re.compile(rf"/ota/south/download/{_TOKEN}"), Endpoint.DOWNLOAD, "GET"),
     (re.compile(rf"/ota/download/{_TOKEN}"), Endpoint.DOWNLOAD, "GET"),
     (re.compile(rf"/ota/south/device/download/{_TOKEN}/progress"), Endpoint.PROGRESS, "POST"),
     (re.compile(r"/ota/south/report"), Endpoint.REPORT, "POST"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hil.errors import AuthorizationError, ConfigError, ProtocolError, ServiceCrashed
-from hil.onenet.auth import Authorization, decode_access_key
+from hil.onenet.auth import Authorization, decode_access_key, redact_authorization
 from hil.onenet.codes import (
     DownloadError,
     Errno,
@@ -419,10 +419,7 @@ class OtaService:
                   response: HttpResponse, started: float) -> Exchange:
         headers = dict(request.headers)
         if "authorization" in headers:
-            try:
-                headers["authorization"] = Authorization.parse(headers["authorization"]).redacted()
-            except ProtocolError:
-                headers["authorization"] = "<malformed, redacted>"
+            headers["authorization"] = redact_authorization(headers["authorization"])
         task = record.task
         return Exchange(
             seq=self.timeline.next_seq(), at=self.clock(), dev_id=record.dev_id,

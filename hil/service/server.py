@@ -31,11 +31,12 @@ class MockOneNet:
 
     def __init__(self, product_id: str = DEMO_PRODUCT_ID, access_key: str | None = None, *,
                  host: str = "127.0.0.1", port: int = 0, timeline_path: Path | None = None,
-                 **service_options: Any) -> None:
+                 keep_timeline: bool = True, **service_options: Any) -> None:
         self.product_id = product_id
         self._access_key = access_key or new_access_key()
         self.service = OtaService(product_id, self._access_key,
-                                  timeline=Timeline(timeline_path), **service_options)
+                                  timeline=Timeline(timeline_path, keep_timeline),
+                                  **service_options)
         self.server = BackgroundServer(self.service.handle, host, port)
 
     def __repr__(self) -> str:   # never the key

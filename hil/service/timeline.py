@@ -11,13 +11,14 @@ Tests wait on it from their own thread while the server thread records into it::
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 from hil.errors import ServiceFault
 from hil.onenet.codes import Errno
@@ -56,10 +57,11 @@ class Exchange:
             return self.error_byte is None and self.status in (200, 206)
         return self.errno == Errno.OK
 
-    def to_json(self) -> str:
-        record = {k: v for k, v in asdict(self).items() if v is not None}
-        record["phase"] = self.phase.value
-        return json.dumps(record, separators=(",", ":"), sort_keys=False)
+    def to_json(self) -> bytes:
+        """One JSON line (without its newline), fields that do not apply left out. Shallow and
+        orjson: dataclasses.asdict with json.dumps was the mock's biggest cost per request."""
+        return orjson.dumps({name: value for name in _FIELD_NAMES
+                             if (value := getattr(self, name)) is not None})
 
     def summary(self) -> str:
         """One line for logs: when, who, what, and what came of it."""
@@ -76,34 +78,43 @@ class Exchange:
                 f"{self.target} -> {outcome}{state}")
 
 
+_FIELD_NAMES = tuple(f.name for f in fields(Exchange))
 Predicate = Callable[[Exchange], bool]
 
 
 @dataclass
 class Timeline:
-    """Thread-safe, append-only list of exchanges, optionally mirrored to a JSON-lines file."""
+    """Thread-safe, append-only list of exchanges, optionally mirrored to a JSON-lines file.
+
+    ``keep=False`` keeps nothing in memory (only the file and the listeners see exchanges): for a
+    long-running ``hil serve``, whose memory would otherwise grow by about 1 KB per request.
+    """
 
     path: Path | None = None
+    keep: bool = True
     _exchanges: list[Exchange] = field(default_factory=list, init=False)
     _changed: threading.Condition = field(default_factory=threading.Condition, init=False)
-    _sink: IO[str] | None = field(default=None, init=False, repr=False)
+    _sink: IO[bytes] | None = field(default=None, init=False, repr=False)
     _listeners: list[Callable[[Exchange], None]] = field(default_factory=list, init=False)
+    _seq: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._sink = self.path.open("a", encoding="utf-8")
+            # Unbuffered: each line is one write() to the OS, so a crash loses no answered line.
+            self._sink = self.path.open("ab", buffering=0)
 
     def next_seq(self) -> int:
         with self._changed:
-            return len(self._exchanges) + 1
+            self._seq += 1
+            return self._seq
 
     def record(self, exchange: Exchange) -> None:
         with self._changed:
-            self._exchanges.append(exchange)
+            if self.keep:
+                self._exchanges.append(exchange)
             if self._sink is not None:
-                self._sink.write(exchange.to_json() + "\n")
-                self._sink.flush()
+                self._sink.write(exchange.to_json() + b"\n")
             self._changed.notify_all()
         for listener in self._listeners:
             listener(exchange)
@@ -153,6 +164,7 @@ class Timeline:
     def clear(self) -> None:
         with self._changed:
             self._exchanges.clear()
+            self._seq = 0
 
     def close(self) -> None:
         with self._changed:
