@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from hil.errors import ConfigError
 from hil.onenet.codes import TaskType, is_valid_version
@@ -42,6 +42,8 @@ NonNegative = Annotated[int, Field(ge=0, strict=True)]
 
 
 def _version(value: Any) -> Any:
+    if value is None:
+        return None
     # YAML reads 1.10 as the float 1.1: refuse numbers instead of silently losing digits.
     if not isinstance(value, str):
         raise ValueError("quote version strings (YAML turns 1.10 into the number 1.1)")
@@ -50,13 +52,17 @@ def _version(value: Any) -> Any:
     return value
 
 
+Version = Annotated[str, BeforeValidator(_version)]
+OptionalVersion = Annotated[str | None, BeforeValidator(_version)]
+
+
 class TaskEntry(BaseModel):
     model_config = _STRICT
 
     type: TaskType = TaskType.SOTA
-    target: str
+    target: Version
     package: str | None = None
-    delta_from: str | None = None
+    delta_from: OptionalVersion = None
     manuf: str | None = None
     model: str | None = None
     signal: Annotated[int, Field(strict=True)] = 0
@@ -66,13 +72,6 @@ class TaskEntry(BaseModel):
     enforce_thresholds: bool = False
     token: str | None = None
 
-    _check_target = field_validator("target", mode="before")(_version)
-
-    @field_validator("delta_from", mode="before")
-    @classmethod
-    def _check_delta_from(cls, value: Any) -> Any:
-        return None if value is None else _version(value)
-
 
 class DeviceEntry(BaseModel):
     model_config = _STRICT
@@ -80,13 +79,8 @@ class DeviceEntry(BaseModel):
     dev_id: Annotated[str, Field(min_length=1)]
     name: str | None = None
     access_key_env: str | None = None
-    version: str | None = None
+    version: OptionalVersion = None
     tasks: list[TaskEntry] = []
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _check_version(cls, value: Any) -> Any:
-        return None if value is None else _version(value)
 
 
 class TaskFile(BaseModel):
