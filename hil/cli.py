@@ -142,6 +142,7 @@ def demo_package(size: int = 64 * 1024) -> bytes:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Imported here: requests (under the agent) is not needed by `hil token` or `hil serve`.
     from hil.onenet.tasks import Package
     from hil.sim.agent import OtaAgent
 

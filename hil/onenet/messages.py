@@ -87,10 +87,6 @@ def _optional_int(query: dict[str, str], *names: str) -> int | None:
     return None
 
 
-def dev_id_of(query: dict[str, str]) -> str:
-    return _required(query, "dev_id")
-
-
 @dataclass(frozen=True, slots=True)
 class DetectQuery:
     dev_id: str
