@@ -12,7 +12,10 @@ OTA service or the network between.
     ├── ProtocolError          a OneNET message broke the protocol; carries the errno to answer
     │   └── AuthorizationError the Authorization header is missing, garbled, expired or forged
     ├── RigFault               the bench failed: probe missing, port gone, instrument silent
+    │                          (names the rig and the part)
     ├── FirmwareFault          the device under test misbehaved: wrong or missing report code
+    │   ├── CommandRefused     the firmware answered a console command with ``ERR <reason>``
+    │   └── ExpectTimeout      the firmware did not print what the test waited for
     └── ServiceFault           the OTA service or the infrastructure around it failed
         └── ServiceCrashed     the mock raised on its server thread (re-raised on the test thread)
 """
@@ -54,11 +57,44 @@ class AuthorizationError(ProtocolError):
 
 
 class RigFault(HilError):
-    """The bench could not run the test (Allure: broken)."""
+    """The bench could not run the test (Allure: broken).
+
+    ``part`` is the rig part that failed (console, flasher, power, rf, lease...); ``rig`` the rig's
+    name, filled in by whoever knows it (drivers do not): ``rig bench-01: console: port vanished``.
+    """
+
+    def __init__(self, part: str, message: str, rig: str | None = None) -> None:
+        super().__init__(message)
+        self.part = part
+        self.message = message
+        self.rig = rig
+
+    def for_rig(self, rig: str) -> RigFault:
+        """The same fault, naming ``rig`` (keeps the subclass)."""
+        if self.rig is None:
+            self.rig = rig
+        return self
+
+    def __str__(self) -> str:
+        where = f"rig {self.rig}: " if self.rig else ""
+        return f"{where}{self.part}: {self.message}"
 
 
 class FirmwareFault(HilError):
     """The device under test did the wrong thing (Allure: failed)."""
+
+
+class CommandRefused(FirmwareFault):
+    """A console command was answered ``ERR <reason>``."""
+
+    def __init__(self, command: str, reason: str) -> None:
+        super().__init__(f"{command!r} answered ERR {reason}")
+        self.command = command
+        self.reason = reason
+
+
+class ExpectTimeout(FirmwareFault):
+    """The console did not show the expected pattern in time; the message ends with the log tail."""
 
 
 class ServiceFault(HilError):

@@ -1,0 +1,1 @@
+"""Rig part drivers: console, SWD, ESP flasher, bench supply, RF attenuator, console hooks."""

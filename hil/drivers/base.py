@@ -1,0 +1,116 @@
+"""What the plugin, the suite and the CLI may ask of each rig part: small protocols.
+
+Every driver has an explicit lifecycle: constructing one does no I/O; ``open()`` takes the port,
+probe or socket (and raises ``RigFault`` naming the part when it cannot); ``close()`` gives it
+back and may be called twice. Drivers are context managers. A simulated part implements the same
+protocol as the real one, so nothing above this layer knows which it drives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Self, runtime_checkable
+
+
+@runtime_checkable
+class Driver(Protocol):
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class DriverBase:
+    """Context-manager plumbing for drivers: ``with Driver(...) as d:`` opens and closes."""
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One console line as received: when (Unix seconds) and what (without its line ending)."""
+
+    at: float
+    text: str
+
+
+@runtime_checkable
+class ConsoleProtocol(Driver, Protocol):
+    """A line console: the firmware's test shell (../shared/DESIGN.md, the console contract)."""
+
+    name: str   # for messages: the port path, URL or serial number it was opened by
+
+    def send(self, line: str) -> None:
+        """Write ``line`` and the line ending."""
+        ...
+
+    def expect(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+        """The first line after the cursor that matches; the cursor moves past it.
+        On timeout raises ExpectTimeout naming the console and showing the log's tail."""
+        ...
+
+    def command(self, line: str, timeout: float = 10.0) -> list[str]:
+        """Send a contract command and wait for its ``OK`` (the lines printed before it are
+        returned) or ``ERR <reason>`` (raises CommandRefused)."""
+        ...
+
+    def lines(self) -> list[LogLine]:
+        """The whole log so far (a copy)."""
+        ...
+
+    def log_text(self) -> str:
+        """The whole log, one timestamped line per line: what a report attaches."""
+        ...
+
+
+Progress = Callable[[int, int], None]   # (done, total) as the tool reports it
+
+
+@runtime_checkable
+class FlasherProtocol(Driver, Protocol):
+    """Puts an image on the board and restarts it (SWD probe or the ESP32 serial bootloader)."""
+
+    def program(self, image: Path, *, progress: Progress | None = None) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+@runtime_checkable
+class PowerProtocol(Driver, Protocol):
+    """What the board runs on: a bench supply, or the firmware's ``test power`` hook."""
+
+    can_cut: bool   # True when output() really removes power (a supply, not a hook)
+
+    def identify(self) -> str: ...
+
+    def set_level(self, percent: int) -> None:
+        """Make the board see this battery level (a supply sets the matching voltage)."""
+        ...
+
+    def output(self, on: bool) -> None:
+        """Power on or off (RigFault where the part cannot, see ``can_cut``)."""
+        ...
+
+
+@runtime_checkable
+class RfProtocol(Driver, Protocol):
+    """The board's radio link: an attenuator in the RF path, or the firmware's ``test signal``."""
+
+    def identify(self) -> str: ...
+
+    def set_signal(self, level: int) -> None:
+        """Make the board see this signal level (the value it reports at detect)."""
+        ...
