@@ -1,9 +1,13 @@
 """The ``hil`` command.
 
-    hil run      the main job on its default: for now the mock service serving a demo package
-                 to a demo device, every exchange printed, PASS or FAIL at the end
-    hil serve    the mock OneNET OTA service for one device (or a --tasks file of several)
-    hil token    print an Authorization value (the seed's Python snippet, as a command)
+    hil run           the main job on its default: for now the mock service serving a demo
+                      package to a demo device, every exchange printed, PASS or FAIL at the end
+    hil serve         the mock OneNET OTA service for one device (or a --tasks file of several)
+    hil token         print an Authorization value (the seed's Python snippet, as a command)
+    hil rigs          list the rigs in rigs/ with their board and capabilities
+    hil rigs check    check rig files and that each part of each rig answers
+    hil flash         flash an image through a rig's flasher
+    hil console       an interactive terminal on a rig's console
 
 Bad arguments get one line on stderr and exit status 2; secrets are never echoed.
 """
@@ -11,22 +15,27 @@ Bad arguments get one line on stderr and exit status 2; secrets are never echoed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from hil import __version__
-from hil.errors import ConfigError
+from hil.drivers.base import PowerProtocol, RfProtocol
+from hil.errors import ConfigError, RigFault
 from hil.onenet.auth import Authorization, SignMethod, decode_access_key, device_res, product_res
 from hil.onenet.codes import CHIP_CODES, Chip, TaskState, TaskType, is_valid_version
 from hil.service.config import apply_task_file, read_package
 from hil.service.server import DEMO_PRODUCT_ID, MockOneNet
+
+if TYPE_CHECKING:
+    from hil.rig.model import Rig
 
 ACCESS_KEY_ENV = "HIL_ACCESS_KEY"
 EXIT_USAGE = 2
@@ -171,6 +180,168 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+# ---------------------------------------------------------------------------------- rigs
+def _rig_paths(args: argparse.Namespace) -> list[Path]:
+    from hil.rig.model import find_rig
+
+    if args.rigs:
+        return [find_rig(name, args.rigs_dir) for name in args.rigs]
+    return sorted(args.rigs_dir.glob("*.yaml"))
+
+
+def _load(path: Path) -> Rig | ConfigError:
+    from hil.rig.model import load_rig
+
+    try:
+        return load_rig(path)
+    except ConfigError as error:
+        return error
+
+
+def cmd_rigs(args: argparse.Namespace) -> int:
+    paths = _rig_paths(args)
+    if not paths:
+        print(f"no rig files in {args.rigs_dir}")
+        return 1
+    status = 0
+    for path in paths:
+        rig = _load(path)
+        if isinstance(rig, ConfigError):
+            print(f"{path.stem:<16} INVALID  {rig}")
+            status = 1
+            continue
+        parts = f"flasher={rig.flasher.kind} power={rig.power.kind} rf={rig.rf.kind}"
+        print(f"{rig.name:<16} {rig.board:<9} {rig.part_number:<15} {parts:<40} "
+              f"ota={rig.ota.service}  can: {' '.join(sorted(rig.capabilities))}")
+    return status
+
+
+def _check_part(rig: Rig, part: str, check: Callable[[], str]) -> bool:
+    try:
+        detail = check()
+    except (RigFault, OSError) as fault:
+        message = fault.message if isinstance(fault, RigFault) else str(fault)
+        print(f"{rig.name:<16} {part:<8} FAULT  {message}")
+        return False
+    print(f"{rig.name:<16} {part:<8} ok     {detail}")
+    return True
+
+
+def check_rig(rig: Rig) -> bool:
+    """Does each part of ``rig`` answer? One line per part; True when all do."""
+    from hil.rig.parts import RigParts
+
+    with RigParts(rig) as parts:
+        def console() -> str:
+            parts.console()
+            return rig.console.address
+
+        def flasher() -> str:
+            spec = rig.flasher
+            if spec.kind == "swd":
+                from hil.drivers.swd import list_probes
+
+                probes = [probe_id for probe_id, _ in list_probes()]
+                if spec.probe not in probes:
+                    raise RigFault("flasher", f"SWD probe {spec.probe} not found; probes "
+                                   f"connected: {', '.join(probes) or 'none'}")
+                return f"SWD probe {spec.probe} listed by pyocd"
+            port = spec.port if spec.kind == "esp" else None
+            return f"ESP32 bootloader on {port or rig.console.address} (checked at flash)"
+
+        def instrument(get: Callable[[], PowerProtocol | RfProtocol | None]) -> str:
+            driver = get()
+            assert driver is not None
+            return driver.identify()
+
+        ok = _check_part(rig, "console", console)
+        if rig.flasher.kind != "none":
+            ok = _check_part(rig, "flasher", flasher) and ok
+        if rig.power.kind != "none":
+            ok = _check_part(rig, "power", lambda: instrument(parts.power)) and ok
+        if rig.rf.kind != "none":
+            ok = _check_part(rig, "rf", lambda: instrument(parts.rf)) and ok
+    return ok
+
+
+def cmd_rigs_check(args: argparse.Namespace) -> int:
+    paths = _rig_paths(args)
+    if not paths:
+        print(f"no rig files in {args.rigs_dir}")
+        return 1
+    ok = True
+    for path in paths:
+        rig = _load(path)
+        if isinstance(rig, ConfigError):
+            print(f"{path.stem:<16} {'file':<8} FAULT  {rig}")
+            ok = False
+        else:
+            ok = check_rig(rig) and ok
+    return 0 if ok else 1
+
+
+def _one_rig(args: argparse.Namespace, prog: str) -> Rig:
+    from hil.rig.model import find_rig
+
+    rig = _load(find_rig(args.rig, args.rigs_dir))
+    if isinstance(rig, ConfigError):
+        _fail(prog, str(rig))
+    return rig
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from hil.rig.parts import RigParts
+
+    prog = "hil flash"
+    rig = _one_rig(args, prog)
+    if not args.image.is_file():
+        _fail(prog, f"no such image {args.image}")
+    try:
+        with RigParts(rig) as parts:
+            flasher = parts.flasher()
+            if flasher is None:
+                _fail(prog, f"rig {rig.name} has no flasher (flasher.kind: none)")
+            flasher.program(args.image)   # the tool prints its own progress
+            flasher.reset()
+    except RigFault as fault:
+        print(f"{prog}: {fault.for_rig(rig.name)}", file=sys.stderr)
+        return 1
+    print(f"flashed {args.image} on {rig.name}")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    import serial
+    from serial.tools.miniterm import Miniterm
+
+    prog = "hil console"
+    rig = _one_rig(args, prog)
+    spec = rig.console
+    address = spec.port or spec.url
+    if address is None:
+        from serial.tools import list_ports
+
+        found = [p.device for p in list_ports.comports() if p.serial_number == spec.serial_number]
+        if not found:
+            _fail(prog, f"no serial port with USB serial number {spec.serial_number}")
+        address = found[0]
+    try:
+        port = serial.serial_for_url(address, baudrate=spec.baudrate)
+    except (serial.SerialException, OSError) as error:
+        _fail(prog, f"rig {rig.name}: console: cannot open {address}: {error}")
+    terminal = Miniterm(port, echo=False, eol="lf")
+    terminal.set_rx_encoding("utf-8")
+    terminal.set_tx_encoding("utf-8")
+    print(f"--- {rig.name} console on {address} at {spec.baudrate} baud; quit with Ctrl-]",
+          file=sys.stderr)
+    terminal.start()
+    with contextlib.suppress(KeyboardInterrupt):
+        terminal.join(True)
+    terminal.join()
+    terminal.close()
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hil", description=__doc__,
@@ -216,6 +387,27 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the main job (now: the mock serving a demo device)")
     run.add_argument("--out", type=Path, default=Path(".hil/run"), help="where the timeline goes")
     run.set_defaults(run=cmd_run)
+
+    rigs_dir = _Parser(add_help=False)
+    rigs_dir.add_argument("--rigs-dir", type=Path, default=Path("rigs"),
+                          help="where rig names are looked up (default ./rigs)")
+    rigs = commands.add_parser("rigs", parents=[rigs_dir], help="list the rigs")
+    rigs.add_argument("rigs", nargs="*", metavar="RIG", help="names or paths (default: all)")
+    rigs.set_defaults(run=cmd_rigs)
+    checks = rigs.add_subparsers(dest="rigs_command", parser_class=_Parser)
+    check = checks.add_parser("check", parents=[rigs_dir],
+                              help="check rig files and that every part answers")
+    check.add_argument("rigs", nargs="*", metavar="RIG", help="names or paths (default: all)")
+    check.set_defaults(run=cmd_rigs_check)
+
+    flash = commands.add_parser("flash", parents=[rigs_dir], help="flash through a rig")
+    flash.add_argument("--rig", required=True)
+    flash.add_argument("image", type=Path)
+    flash.set_defaults(run=cmd_flash)
+
+    console = commands.add_parser("console", parents=[rigs_dir], help="a rig's console")
+    console.add_argument("--rig", required=True)
+    console.set_defaults(run=cmd_console)
     return parser
 
 

@@ -1,36 +1,341 @@
 """hil's pytest plugin (registered through the ``pytest11`` entry point).
 
-Thin over the library: the fixtures build, yield and tear down; the work is in ``hil.service``.
+Thin over the library: fixtures build, yield and tear down; the work is in ``hil.rig``,
+``hil.drivers`` and ``hil.service``.
 
-Fixtures:
-- ``mock_onenet``: the mock OneNET service on a loopback port, shared by the session and reset
-  before each test. A handler crash on the server thread fails the test that caused it.
+Options (group ``hil``; each has a pytest.ini twin, the command line wins):
 
-Options (``hil`` group; each has a pytest.ini twin):
-- ``--hil-timeline-dir DIR`` (ini ``hil_timeline_dir``): where each session's timeline JSON-lines
-  file is written (default: pytest's basetemp).
+=========================  ======================  ==========================================
+``--hil-rig NAME|PATH``    ``hil_rigs`` (lines)    rigs to run on (repeatable); a name is
+                                                   looked up as ``rigs/NAME.yaml``
+``--hil-firmware PATH``    ``hil_firmware``        base image flashed before each test
+``--hil-package PATH``     ``hil_package``         the build delivered over the air
+``--hil-target-version V`` ``hil_target_version``  the version that build reports
+``--hil-ota-service S``    ``hil_ota_service``     ``mock`` (default) or a OneNET base URL
+``--hil-timeline-dir DIR`` ``hil_timeline_dir``    where timelines are written
+``--hil-lease-dir DIR``    ``hil_lease_dir``       where rig lease locks live
+=========================  ======================  ==========================================
+
+Fixtures: ``rig``, ``board``, ``console``, ``flasher``, ``power``, ``rf``, ``ota_service``,
+``ota_task``, ``timeline``; ``mock_onenet`` is the mock with no rig. Tests that use a rig are
+parametrized over the selected rigs (ids: rig names); with no rig selected they skip.
+
+Markers: ``@pytest.mark.board("esp32", ...)`` runs a test only on those boards;
+``@pytest.mark.needs("power", "rf", "flasher", "power_cut", "space")`` skips it on rigs lacking one.
+
+A rig fault (probe missing, port gone, instrument silent) ends the test as an ERROR naming the rig
+and the part, also when it happens inside the test; a firmware fault is a FAILED test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
+from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, RfProtocol
+from hil.errors import ConfigError, RigFault
+from hil.onenet.tasks import Task
+from hil.rig.board import Board
+from hil.rig.lease import DEFAULT_LOCK_DIR, RigLease
+from hil.rig.model import Rig, find_rig, load_rig
+from hil.rig.parts import RigParts
+from hil.service.config import read_package
 from hil.service.server import MockOneNet
+from hil.service.timeline import Timeline
+
+CAPABILITIES = ("console", "flasher", "power", "power_cut", "rf", "space")
+
+
+@dataclass(frozen=True)
+class HilOptions:
+    rigs: tuple[Rig, ...]
+    firmware: Path | None
+    package: Path | None
+    target_version: str | None
+    ota_service: str
+    timeline_dir: Path | None
+    lease_dir: Path
+
+
+OPTIONS = pytest.StashKey[HilOptions]()
+
+
+# ---------------------------------------------------------------------------------- options
+def _option(parser: pytest.Parser, group: pytest.OptionGroup, flag: str, ini: str,
+            help: str, *, repeat: bool = False) -> None:
+    group.addoption(flag, dest=ini, action="append" if repeat else "store", default=None,
+                    help=f"{help} (ini: {ini})")
+    kind: Literal["linelist", "string"] = "linelist" if repeat else "string"
+    parser.addini(ini, help, type=kind)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hil", "hil: hardware-in-the-loop OTA testing")
-    group.addoption("--hil-timeline-dir", dest="hil_timeline_dir", default=None,
-                    help="directory for the mock service's timeline (JSON lines)")
-    parser.addini("hil_timeline_dir", "directory for the mock service's timeline (JSON lines)")
+    _option(parser, group, "--hil-rig", "hil_rigs",
+            "rig to run on, a name in rigs/ or a YAML path; repeatable", repeat=True)
+    _option(parser, group, "--hil-firmware", "hil_firmware",
+            "base firmware image flashed before each test")
+    _option(parser, group, "--hil-package", "hil_package", "OTA package: the build under test")
+    _option(parser, group, "--hil-target-version", "hil_target_version",
+            "the version the OTA package reports")
+    _option(parser, group, "--hil-ota-service", "hil_ota_service",
+            "mock (default) or the base URL of a OneNET OTA service")
+    _option(parser, group, "--hil-timeline-dir", "hil_timeline_dir",
+            "directory for the OTA timelines (JSON lines)")
+    _option(parser, group, "--hil-lease-dir", "hil_lease_dir",
+            f"directory of the rig lease locks (default {DEFAULT_LOCK_DIR})")
+
+
+def _value(config: pytest.Config, name: str) -> Any:
+    given = config.getoption(name)
+    return given if given else config.getini(name)
+
+
+def _existing(config: pytest.Config, name: str, flag: str) -> Path | None:
+    value = _value(config, name)
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_absolute() and not config.getoption(name):
+        path = config.rootpath / path   # ini paths are relative to the ini file's directory
+    if not path.is_file():
+        raise pytest.UsageError(f"{flag}: no such file {path}")
+    return path
+
+
+def _load_rigs(config: pytest.Config) -> tuple[Rig, ...]:
+    rigs: list[Rig] = []
+    for name in _value(config, "hil_rigs") or []:
+        try:
+            rig = load_rig(find_rig(name, config.rootpath / "rigs"))
+        except ConfigError as error:
+            raise pytest.UsageError(str(error)) from None
+        if any(known.name == rig.name for known in rigs):
+            raise pytest.UsageError(f"--hil-rig: rig {rig.name} is selected twice")
+        rigs.append(rig)
+    return tuple(rigs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "board(*names): run only on rigs with one of these boards "
+                            "(esp32, nrf52832, gd32)")
+    config.addinivalue_line("markers", "needs(*capabilities): skip on rigs lacking one of "
+                            f"{', '.join(CAPABILITIES)}")
+    service = _value(config, "hil_ota_service") or "mock"
+    if service != "mock" and not service.startswith(("http://", "https://")):
+        raise pytest.UsageError(f"--hil-ota-service: {service!r} is neither mock nor an "
+                                "http(s):// base URL")
+    timeline_dir = _value(config, "hil_timeline_dir")
+    lease_dir = _value(config, "hil_lease_dir")
+    config.stash[OPTIONS] = HilOptions(
+        rigs=_load_rigs(config),
+        firmware=_existing(config, "hil_firmware", "--hil-firmware"),
+        package=_existing(config, "hil_package", "--hil-package"),
+        target_version=_value(config, "hil_target_version") or None,
+        ota_service=service.rstrip("/"),
+        timeline_dir=Path(timeline_dir) if timeline_dir else None,
+        lease_dir=Path(lease_dir) if lease_dir else DEFAULT_LOCK_DIR)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    options = config.stash.get(OPTIONS, None)
+    if options is None or not options.rigs:
+        return None
+    rigs = ", ".join(f"{rig.name} ({rig.board})" for rig in options.rigs)
+    return f"hil: rigs {rigs}; OTA service {options.ota_service}"
+
+
+# ---------------------------------------------------------------------------------- collection
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "_hil_rig" not in metafunc.fixturenames:
+        return
+    rigs = metafunc.config.stash[OPTIONS].rigs
+    if rigs:
+        metafunc.parametrize("_hil_rig", rigs, ids=[rig.name for rig in rigs])
+    else:   # one unparametrized run that skips, saying how to select a rig
+        metafunc.parametrize("_hil_rig", [None], ids=["no-rig"])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        rig: Rig | None = callspec.params.get("_hil_rig") if callspec else None
+        needed = [cap for mark in item.iter_markers("needs") for cap in mark.args]
+        unknown = sorted(set(needed) - set(CAPABILITIES))
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.needs: unknown capability "
+                                    f"{unknown[0]!r}; known: {', '.join(CAPABILITIES)}")
+        if rig is None:
+            continue
+        boards = [name for mark in item.iter_markers("board") for name in mark.args]
+        if boards and rig.board not in boards:
+            item.add_marker(pytest.mark.skip(
+                reason=f"runs on {', '.join(boards)}; rig {rig.name} is a {rig.board}"))
+        missing = [cap for cap in needed if cap not in rig.capabilities]
+        if missing:
+            item.add_marker(pytest.mark.skip(
+                reason=f"rig {rig.name} lacks {', '.join(missing)}"))
+        # Under `pytest -n N --dist loadgroup` every test of a rig goes to one worker.
+        item.add_marker(pytest.mark.xdist_group(rig.name))
+
+
+# ---------------------------------------------------------------------------------- rig faults
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report: pytest.TestReport = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(RigFault):
+        report.hil_rig_fault = str(call.excinfo.value)  # type: ignore[attr-defined]
+    return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport,
+                             config: pytest.Config) -> tuple[str, str, str] | None:
+    # A rig fault inside the test body is the bench's failure, not the firmware's: count it
+    # with the errors, as pytest counts a fault while setting the rig up.
+    if report.when == "call" and report.failed and getattr(report, "hil_rig_fault", None):
+        return "error", "E", "ERROR"
+    return None
+
+
+# ---------------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def _hil_rig() -> Rig | None:
+    """The rig of this test; parametrized by pytest_generate_tests."""
+    return None
+
+
+@pytest.fixture
+def hil_options(pytestconfig: pytest.Config) -> HilOptions:
+    return pytestconfig.stash[OPTIONS]
+
+
+@pytest.fixture
+def rig(_hil_rig: Rig | None, hil_options: HilOptions) -> Iterator[Rig]:
+    """The rig this test runs on, leased for the length of the test."""
+    if _hil_rig is None:
+        pytest.skip("no rig selected: give --hil-rig NAME (or hil_rigs in pytest.ini)")
+    with RigLease(_hil_rig.name, hil_options.lease_dir):
+        yield _hil_rig
+
+
+@pytest.fixture
+def rig_parts(rig: Rig, request: pytest.FixtureRequest) -> Iterator[RigParts]:
+    with RigParts(rig) as parts:
+        yield parts
+        console = parts.opened("console")
+        if console is not None:   # the console log beside the test's report
+            request.node.add_report_section("call", f"console {rig.name}", console.log_text())
+
+
+@pytest.fixture
+def console(rig_parts: RigParts) -> ConsoleProtocol:
+    return rig_parts.console()
+
+
+def _part(rig: Rig, part: str, get: Callable[[], Any]) -> Any:
+    driver = get()
+    if driver is None:
+        pytest.skip(f"rig {rig.name} has no {part} (add @pytest.mark.needs({part!r}))")
+    return driver
+
+
+@pytest.fixture
+def flasher(rig: Rig, rig_parts: RigParts) -> FlasherProtocol:
+    flasher: FlasherProtocol = _part(rig, "flasher", rig_parts.flasher)
+    return flasher
+
+
+@pytest.fixture
+def power(rig: Rig, rig_parts: RigParts) -> PowerProtocol:
+    power: PowerProtocol = _part(rig, "power", rig_parts.power)
+    return power
+
+
+@pytest.fixture
+def rf(rig: Rig, rig_parts: RigParts) -> RfProtocol:
+    rf: RfProtocol = _part(rig, "rf", rig_parts.rf)
+    return rf
+
+
+@pytest.fixture
+def board(rig_parts: RigParts, hil_options: HilOptions) -> Board:
+    """The board, back in its base state: the base image flashed (rigs with a flasher, when
+    --hil-firmware is given), else the firmware's factory reset."""
+    board = Board(rig_parts)
+    board.restore_base(hil_options.firmware)
+    return board
+
+
+class _MockPool:
+    """One mock service per (product, key) for the session: rigs of one product share it."""
+
+    def __init__(self, timeline_dir: Path) -> None:
+        self._timeline_dir = timeline_dir
+        self._mocks: dict[tuple[str, str], MockOneNet] = {}
+
+    def get(self, product_id: str, access_key: str) -> MockOneNet:
+        key = (product_id, access_key)
+        if key not in self._mocks:
+            path = self._timeline_dir / f"ota-{product_id}-{len(self._mocks)}.timeline.jsonl"
+            self._mocks[key] = MockOneNet(product_id, access_key, timeline_path=path).start()
+        return self._mocks[key]
+
+    def close(self) -> None:
+        for mock in self._mocks.values():
+            mock.stop()
+
+
+@pytest.fixture(scope="session")
+def _hil_mocks(pytestconfig: pytest.Config,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[_MockPool]:
+    pool = _MockPool(_timeline_dir(pytestconfig, tmp_path_factory))
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def ota_service(rig: Rig, hil_options: HilOptions, _hil_mocks: _MockPool
+                ) -> Iterator[MockOneNet]:
+    """The OTA service the rig's board updates from, empty for this test."""
+    if hil_options.ota_service != "mock":
+        pytest.skip(f"--hil-ota-service {hil_options.ota_service}: the real-service mode runs "
+                    "through the gateway, which this version of hil does not have yet")
+    key = os.environ.get(rig.identity.access_key_env)
+    if not key:
+        raise RigFault("identity", f"{rig.identity.access_key_env} is not set: the mock must "
+                       "sign with the access key the board has", rig.name)
+    mock = _hil_mocks.get(rig.identity.product_id, key)
+    mock.service.reset()
+    yield mock
+    mock.service.raise_crashes()
+
+
+@pytest.fixture
+def ota_task(ota_service: MockOneNet, rig: Rig, hil_options: HilOptions) -> Task:
+    """An OTA task for the rig's device: --hil-package up to --hil-target-version."""
+    if hil_options.package is None or hil_options.target_version is None:
+        pytest.skip("no OTA build given: --hil-package and --hil-target-version")
+    ota_service.service.add_device(rig.identity.dev_id, name=rig.identity.device_name)
+    return ota_service.service.create_task(
+        rig.identity.dev_id, hil_options.target_version,
+        read_package(hil_options.package, "--hil-package"),
+        manuf=rig.family.manuf, model=rig.family.model)
+
+
+@pytest.fixture
+def timeline(ota_service: MockOneNet) -> Timeline:
+    return ota_service.timeline
 
 
 def _timeline_dir(config: pytest.Config, factory: pytest.TempPathFactory) -> Path:
-    chosen = config.getoption("hil_timeline_dir") or config.getini("hil_timeline_dir")
-    return Path(chosen) if chosen else factory.getbasetemp()
+    return config.stash[OPTIONS].timeline_dir or factory.getbasetemp()
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +348,7 @@ def _mock_onenet_session(pytestconfig: pytest.Config,
 
 @pytest.fixture
 def mock_onenet(_mock_onenet_session: MockOneNet) -> Iterator[MockOneNet]:
-    """The mock OneNET service, empty (no devices, no tasks, empty timeline) for this test."""
+    """The mock OneNET service with no rig, empty (no devices, no tasks, empty timeline)."""
     _mock_onenet_session.service.reset()
     yield _mock_onenet_session
     _mock_onenet_session.service.raise_crashes()

@@ -29,15 +29,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field
 
+from hil.configfile import STRICT, load_model
 from hil.errors import ConfigError
 from hil.onenet.codes import TaskType, is_valid_version
 from hil.onenet.tasks import Package
 from hil.service.mock import OtaService
 
-_STRICT = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 NonNegative = Annotated[int, Field(ge=0, strict=True)]
 
 
@@ -57,7 +56,7 @@ OptionalVersion = Annotated[str | None, BeforeValidator(_version)]
 
 
 class TaskEntry(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     type: TaskType = TaskType.SOTA
     target: Version
@@ -74,7 +73,7 @@ class TaskEntry(BaseModel):
 
 
 class DeviceEntry(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     dev_id: Annotated[str, Field(min_length=1)]
     name: str | None = None
@@ -84,34 +83,14 @@ class DeviceEntry(BaseModel):
 
 
 class TaskFile(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     product_id: str | None = None
     devices: Annotated[list[DeviceEntry], Field(min_length=1)]
 
 
-def _where(location: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
 def load_task_file(path: Path) -> TaskFile:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(str(path), f"cannot read: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(str(path), f"{line}not valid YAML") from None
-    try:
-        return TaskFile.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise ConfigError(f"{path}: {_where(first['loc'])}", first["msg"] + more) from None
+    return load_model(TaskFile, path)
 
 
 def read_package(path: Path, where: str) -> Package:

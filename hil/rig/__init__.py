@@ -1,0 +1,1 @@
+"""Rig descriptions (YAML -> typed, frozen, validated objects), rig parts, rig leasing."""

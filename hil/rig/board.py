@@ -1,0 +1,123 @@
+"""The board under test, as a test speaks to it: the console contract over the rig's parts.
+
+    board.point_at(gateway_url)        # ota server <url>
+    board.start_update()               # ota check
+    events = board.wait_update_end()   # every `ota ...` line up to `ota end`
+    board.reboot()                     # sys reboot, then the boot line's version
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hil.drivers.base import ConsoleProtocol, Progress
+from hil.errors import ExpectTimeout, RigFault
+from hil.rig.parts import RigParts
+
+_FIELD = re.compile(r"(\w+)=(\S*)")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One console event: its tag words and its key=value fields (``ota phase=download ...``)."""
+
+    tag: str
+    fields: dict[str, str]
+    line: str
+
+    @classmethod
+    def parse(cls, line: str) -> Event:
+        first = _FIELD.search(line)
+        tag = (line[:first.start()] if first else line).strip()
+        return cls(tag, dict(_FIELD.findall(line)), line)
+
+
+class Board:
+    def __init__(self, parts: RigParts) -> None:
+        self.parts = parts
+        self.rig = parts.rig
+        self.contract = parts.contract
+
+    @property
+    def console(self) -> ConsoleProtocol:
+        return self.parts.console()
+
+    def command(self, name: str, timeout: float = 10.0, **values: object) -> list[str]:
+        return self.console.command(self.contract.command(name, **values), timeout=timeout)
+
+    def version(self) -> str:
+        for line in self.command("version"):
+            match = self.contract.events["version"].search(line)
+            if match:
+                return match.group("version")
+        raise RigFault("console", f"{self.contract.command('version')!r} printed no version "
+                       "line before OK", self.rig.name)
+
+    def point_at(self, url: str) -> None:
+        self.command("server", url=url)
+
+    def start_update(self) -> None:
+        self.command("check")
+
+    def wait_update_end(self, timeout: float = 300.0) -> list[Event]:
+        """The attempt's events (``ota phase=...`` lines) until ``ota end``."""
+        end = self.contract.events["end"]
+        phase = self.contract.events["phase"]
+        events: list[Event] = []
+        while True:
+            match = self.console.expect(f"(?:{phase.pattern})|(?:{end.pattern})", timeout)
+            line = match.string
+            if end.search(line):
+                return events
+            events.append(Event.parse(line))
+
+    def reboot(self, timeout: float = 30.0) -> str:
+        """Reboot and return the version the boot line reports."""
+        self.command("reboot")
+        return self.wait_boot(timeout)
+
+    def wait_boot(self, timeout: float = 30.0) -> str:
+        return self.console.expect(self.contract.events["boot"], timeout).group("version")
+
+    # Fault hooks and rig instruments: the rig decides which one serves.
+    def set_power(self, percent: int) -> None:
+        power = self.parts.power()
+        if power is None:
+            raise RigFault("power", "the rig has no power part (power.kind: none)", self.rig.name)
+        power.set_level(percent)
+
+    def set_signal(self, level: int) -> None:
+        rf = self.parts.rf()
+        if rf is None:
+            raise RigFault("rf", "the rig has no rf part (rf.kind: none)", self.rig.name)
+        rf.set_signal(level)
+
+    def set_free_space(self, size: int) -> None:
+        self.command("space", bytes=size)
+
+    def restore_base(self, firmware: Path | None, progress: Progress | None = None) -> str:
+        """Back to the base state: flash ``firmware`` where the rig has a flasher, else the
+        firmware's factory reset. Returns the version the board boots."""
+        flasher = self.parts.flasher() if firmware is not None else None
+        if flasher is None or firmware is None:
+            self.command("factory")
+            return self.version()
+        if self.rig.flasher.kind == "esp":
+            # The ESP32 is flashed through its console's own serial port: let go of it first.
+            self.parts.release("console")
+        flasher.program(firmware, progress=progress)
+        flasher.reset()
+        if self.rig.flasher.kind != "esp":
+            return self.wait_boot()
+        # The boot line came while the flasher held the port; ask the booted firmware instead,
+        # again if the first command reached it before its shell was up.
+        self.parts.release("flasher")
+        for attempt in range(3):
+            try:
+                return self.version()
+            except ExpectTimeout:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")

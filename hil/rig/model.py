@@ -1,0 +1,284 @@
+"""Rig files: one YAML file describes one bench, loaded into a typed, frozen, validated ``Rig``.
+
+::
+
+    name: bench-01
+    board: nrf52832                   # esp32 | nrf52832 | gd32
+    chip: nrf52832_xxaa               # optional part number
+    identity:
+      product_id: "245528"
+      dev_id: "527776559"
+      access_key_env: HIL_ACCESS_KEY  # the name of the variable; the key never lives here
+    console: {port: /dev/ttyACM0, baudrate: 115200}   # or url: ..., or serial_number: ...
+    flasher: {kind: swd, probe: "000683xxxxxx", target: nrf52832}   # swd | esp | none
+    power: {kind: scpi, url: "socket://192.168.1.50:5025"}         # scpi | console | none
+    rf: {kind: console}                                             # attenuator | console | none
+    ota: {service: mock}              # mock or a base URL; gateway_host for lab networks
+
+A mistake is one ``ConfigError`` line naming the file and the key, raised at load, before any
+test runs. ``console`` as a power or rf kind means the firmware's ``test`` hooks.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
+
+from hil.boards import BOARDS, BoardFamily, FlasherKind
+from hil.configfile import STRICT, load_model
+from hil.drivers.contract import COMMANDS, EVENTS
+
+Positive = Annotated[float, Field(gt=0)]
+
+
+class Identity(BaseModel):
+    model_config = STRICT
+
+    product_id: Annotated[str, Field(min_length=1)]
+    dev_id: Annotated[str, Field(min_length=1)]
+    access_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "HIL_ACCESS_KEY"
+    device_name: str | None = None   # for device-level tokens; defaults to dev_id
+
+
+def _compile(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{pattern!r} is not a regular expression: {error}") from None
+
+
+def _known_keys(given: dict[str, str], known: dict[str, str], what: str) -> None:
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}")
+
+
+class Console(BaseModel):
+    """Where the firmware's test shell is, and how it speaks (every pattern overridable)."""
+
+    model_config = STRICT
+
+    port: str | None = None
+    url: str | None = None
+    serial_number: str | None = None
+    baudrate: Annotated[int, Field(gt=0, strict=True)] = 115200
+    ok: str = r"^OK$"
+    err: str = r"^ERR (?P<reason>.*)$"
+    # Contract commands and event patterns a firmware with another shell renames (DESIGN.md).
+    commands: dict[str, str] = {}
+    events: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _one_way_to_the_port(self) -> Console:
+        given = [key for key in ("port", "url", "serial_number") if getattr(self, key)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of port, url or serial_number"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    @field_validator("ok", "err")
+    @classmethod
+    def _a_regex(cls, value: str) -> str:
+        _compile(value)
+        return value
+
+    @field_validator("commands")
+    @classmethod
+    def _known_commands(cls, value: dict[str, str]) -> dict[str, str]:
+        _known_keys(value, COMMANDS, "command")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: dict[str, str]) -> dict[str, str]:
+        _known_keys(value, EVENTS, "event")
+        for pattern in value.values():
+            _compile(pattern)
+        return value
+
+    @property
+    def address(self) -> str:
+        """What the console is opened by, for messages."""
+        return self.port or self.url or f"serial number {self.serial_number}"
+
+
+class SwdFlasher(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["swd"]
+    probe: Annotated[str, Field(min_length=1)]   # the probe's unique id (pyocd list)
+    target: str | None = None                    # pyocd target; default from the board
+    pack: Path | None = None                     # a CMSIS pack for targets pyocd lacks
+    frequency: Annotated[int, Field(gt=0, strict=True)] = 4_000_000
+
+
+class EspFlasher(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["esp"]
+    port: str | None = None      # default: the console's port (the same USB serial bridge)
+    baudrate: Annotated[int, Field(gt=0, strict=True)] = 460800
+
+
+class NoFlasher(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["none"]
+
+
+class ScpiPower(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["scpi"]
+    url: Annotated[str, Field(min_length=1)]   # a serial device path or socket://host:port
+    channel: Annotated[int, Field(ge=1, strict=True)] = 1
+    current_limit: Positive = 1.0
+    empty_volts: Positive = 3.3    # the battery level 0 % maps to this voltage ...
+    full_volts: Positive = 4.2     # ... and 100 % to this one
+
+
+class HookPower(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["console"]
+
+
+class NoPower(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["none"]
+
+
+class AttenuatorRf(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["attenuator"]
+    url: Annotated[str, Field(min_length=1)]
+    dialect: Literal["scpi", "minicircuits"] = "scpi"
+    max_db: Positive = 95.0
+    step_db: Positive = 0.25
+    signal_at_0db: int = 31        # the signal level the board reports with no attenuation
+    db_per_level: Positive = 2.0
+
+
+class HookRf(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["console"]
+
+
+class NoRf(BaseModel):
+    model_config = STRICT
+
+    kind: Literal["none"]
+
+
+class Ota(BaseModel):
+    model_config = STRICT
+
+    service: str = "mock"            # "mock" or the base URL of a OneNET OTA service
+    gateway_host: str | None = None  # the address the board reaches this host at
+
+    @field_validator("service")
+    @classmethod
+    def _mock_or_url(cls, value: str) -> str:
+        if value != "mock" and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be mock or an http(s):// base URL")
+        return value
+
+
+def _kind(value: Any) -> str | None:
+    """The tag of a part's union: ``kind=swd``. A tag, not the bare value, so that an error's
+    location can be told from a key and dropped from messages (``flasher.probe``)."""
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return f"kind={kind}" if isinstance(kind, str) else None
+
+
+def _choice(kinds: str) -> Discriminator:
+    return Discriminator(_kind, custom_error_type="kind",
+                         custom_error_message=f"kind must be one of {kinds}")
+
+
+FlasherSpec = Annotated[
+    Annotated[SwdFlasher, Tag("kind=swd")] | Annotated[EspFlasher, Tag("kind=esp")]
+    | Annotated[NoFlasher, Tag("kind=none")], _choice("swd, esp, none")]
+PowerSpec = Annotated[
+    Annotated[ScpiPower, Tag("kind=scpi")] | Annotated[HookPower, Tag("kind=console")]
+    | Annotated[NoPower, Tag("kind=none")], _choice("scpi, console, none")]
+RfSpec = Annotated[
+    Annotated[AttenuatorRf, Tag("kind=attenuator")] | Annotated[HookRf, Tag("kind=console")]
+    | Annotated[NoRf, Tag("kind=none")], _choice("attenuator, console, none")]
+
+
+class Rig(BaseModel):
+    model_config = STRICT
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    board: str
+    chip: str | None = None
+    identity: Identity
+    console: Console
+    flasher: FlasherSpec = NoFlasher(kind="none")
+    power: PowerSpec = NoPower(kind="none")
+    rf: RfSpec = NoRf(kind="none")
+    ota: Ota = Ota()
+    tags: list[str] = []
+
+    @field_validator("board")
+    @classmethod
+    def _known_board(cls, value: str) -> str:
+        if value not in BOARDS:
+            raise ValueError(f"unknown board {value!r}; known: {', '.join(BOARDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _fits_the_board(self) -> Rig:
+        family = BOARDS[self.board]
+        if self.chip is not None and self.chip not in family.chips:
+            raise ValueError(f"chip: {self.chip!r} is not a {self.board} part "
+                             f"({', '.join(family.chips)})")
+        kind = self.flasher.kind
+        if kind == "swd" and family.flasher is not FlasherKind.SWD:
+            raise ValueError(f"flasher.kind: {self.board} has no SWD port; "
+                             f"use kind: {family.flasher.value}")
+        if kind == "esp" and family.flasher is not FlasherKind.ESP:
+            raise ValueError(f"flasher.kind: esp is the ESP32 serial bootloader; "
+                             f"a {self.board} is flashed with kind: {family.flasher.value}")
+        return self
+
+    @property
+    def family(self) -> BoardFamily:
+        return BOARDS[self.board]
+
+    @property
+    def part_number(self) -> str:
+        return self.chip or self.family.default_chip
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What tests may need (``@pytest.mark.needs``): flasher, power, power_cut, rf, space."""
+        caps = {"console", "space"}   # the console's `test space` hook is always there
+        if self.flasher.kind != "none":
+            caps.add("flasher")
+        if self.power.kind != "none":
+            caps.add("power")
+        if self.power.kind == "scpi":
+            caps.add("power_cut")
+        if self.rf.kind != "none":
+            caps.add("rf")
+        return frozenset(caps)
+
+
+def load_rig(path: Path) -> Rig:
+    return load_model(Rig, path)
+
+
+def find_rig(name_or_path: str, rigs_dir: Path) -> Path:
+    """``bench-01`` -> rigs_dir/bench-01.yaml; a path is taken as it is."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists() or "/" in name_or_path:
+        return candidate
+    return rigs_dir / f"{name_or_path}.yaml"
