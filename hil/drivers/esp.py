@@ -1,0 +1,268 @@
+"""The ESP32 flasher: the chip's serial ROM bootloader, through esptool's Python API.
+
+``open()`` takes the serial port (a device path or any pyserial URL), resets the board into its
+ROM bootloader with esptool's DTR/RTS sequence, detects the chip and checks it is the family the
+rig expects, loads esptool's flasher stub (as the esptool command does by default), switches to the
+working baud rate and attaches the SPI flash. ``program()`` writes the application image at the
+app partition offset, compressed, and esptool verifies the written region by MD5. ``reset()``
+pulses EN through RTS: the board leaves the bootloader and runs its application, so the next
+bootloader operation (``program()``, ``read_mac()``) connects again by itself.
+
+On most ESP32 boards the console and the bootloader share one USB serial bridge: the rig closes
+the console before it opens this flasher (``RigParts.release``), and this driver gives the port
+back on ``close()``.
+
+esptool prints to the console through one process-wide logger. While this driver runs an esptool
+call, that logger is replaced by one that turns esptool's lines into records of this module's
+``logging`` logger and its progress bar into the caller's ``progress(done, total)`` (bytes sent
+over the wire, as esptool counts them), and the previous logger is put back afterwards.
+
+Failures are ``RigFault("flasher", "<port>: ...")``, one line, esptool's own reason included:
+a port that cannot be opened, a bootloader that does not answer (the board is not in download
+mode, or DTR/RTS are not wired to EN/IO0), another chip than the rig says, a failed write.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import serial  # type: ignore[import-untyped, unused-ignore]   # pyserial ships no type hints
+from esp_pylib.logger import EspLog, EspLogBase
+from esptool.cmds import (  # type: ignore[import-untyped, unused-ignore]
+    attach_flash,
+    detect_chip,
+    reset_chip,
+    run_stub,
+    write_flash,
+)
+from esptool.loader import (  # type: ignore[import-untyped, unused-ignore]
+    DEFAULT_CONNECT_ATTEMPTS,
+    ESPLoader,
+)
+from esptool.reset import HardReset  # type: ignore[import-untyped, unused-ignore]
+from esptool.targets import CHIP_DEFS  # type: ignore[import-untyped, unused-ignore]
+from esptool.util import FatalError  # type: ignore[import-untyped, unused-ignore]
+from rich.errors import MarkupError
+from rich.text import Text
+
+from hil.drivers.base import DriverBase, Progress
+from hil.errors import ConfigError, RigFault
+
+log = logging.getLogger(__name__)
+
+PART = "flasher"
+ROM_BAUD: int = ESPLoader.ESP_ROM_BAUD   # the ROM bootloader talks at 115200 until told otherwise
+# esptool words the failure of its connect loop (reset, then SYNC) this way; anything else went
+# wrong after the bootloader answered.
+_NO_ANSWER_PREFIX = "Failed to connect"
+
+
+def _one_line(err: BaseException) -> str:
+    """An esptool message without its line breaks (it adds hints and URLs on further lines)."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
+def _plain(text: str) -> str:
+    """esptool's messages are Rich markup (``[bold]``, escaped ``\\[``): the text without it."""
+    try:
+        return Text.from_markup(text).plain
+    except MarkupError:
+        return text
+
+
+class _EsptoolLog(EspLogBase):
+    """esptool's output as ``logging`` records, its progress bar as the caller's callback."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._partial = ""   # esptool prints "Connecting..." and its dots without a line end
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        sep = kwargs.get("sep", " ")
+        end = kwargs.get("end", "\n")
+        text = self._partial + str(sep).join(str(arg) for arg in args) + str(end)
+        *lines, self._partial = text.split("\n")
+        for line in lines:
+            if line.strip():
+                log.info("esptool: %s", _plain(line))
+
+    def flush(self) -> None:
+        if self._partial.strip():
+            log.info("esptool: %s", _plain(self._partial))
+        self._partial = ""
+
+    def note(self, *args: Any) -> None:
+        log.info("esptool note: %s", _plain(" ".join(str(arg) for arg in args)))
+
+    def hint(self, *args: Any) -> None:
+        log.info("esptool hint: %s", _plain(" ".join(str(arg) for arg in args)))
+
+    def debug(self, *args: Any) -> None:
+        log.debug("esptool: %s", _plain("".join(str(arg) for arg in args)))
+
+    def warn(self, *args: Any, suggestion: str | None = None) -> None:
+        log.warning("esptool: %s", _plain(" ".join(str(arg) for arg in args)))
+
+    def err(self, *args: Any, suggestion: str | None = None) -> None:
+        log.error("esptool: %s", _plain(" ".join(str(arg) for arg in args)))
+
+    # esptool's own logger has these older names too; a few call sites still use them.
+    def warning(self, message: str, suggestion: str | None = None) -> None:
+        self.warn(message, suggestion=suggestion)
+
+    def error(self, message: str, suggestion: str | None = None) -> None:
+        self.err(message, suggestion=suggestion)
+
+    def set_verbosity(self, mode: int | str) -> None:
+        pass   # every line becomes a record; logging's levels decide what is shown
+
+    def progress_bar(self, cur_iter: int, total_iters: int, prefix: str = "", suffix: str = "",
+                     bar_length: int = 30) -> None:
+        if self._progress is not None:
+            self._progress(cur_iter, total_iters)
+
+
+@contextmanager
+def _esptool_output(progress: Progress | None = None) -> Iterator[None]:
+    """Route esptool's process-wide logger to ``_EsptoolLog`` for the duration of a call."""
+    previous = EspLog.instance
+    sink = _EsptoolLog(progress)
+    EspLog.set_logger(sink)
+    try:
+        yield
+    finally:
+        sink.flush()
+        EspLog.instance = previous
+
+
+class EspFlasher(DriverBase):
+    """An ESP32 board's ROM bootloader on a serial port, through esptool (see the module docstring).
+
+    ``port`` is a device path or a pyserial URL; ``baudrate`` the rate used after the stub is
+    loaded; ``app_offset`` where ``program()`` writes the application image; ``chip`` the esptool
+    chip name the board must be; ``connect_attempts`` how many reset-and-sync rounds esptool tries
+    before giving up (about 0.75 s each without an answer).
+    """
+
+    def __init__(self, port: str, baudrate: int = 460800, app_offset: int = 0x10000,
+                 chip: str = "esp32", connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS) -> None:
+        if chip not in CHIP_DEFS:
+            raise ConfigError("flasher.chip", f"esptool knows no chip {chip!r}; "
+                                              f"it knows: {', '.join(CHIP_DEFS)}")
+        if connect_attempts < 1:   # esptool reads 0 as "try forever"
+            raise ConfigError("flasher.connect_attempts",
+                              f"must be at least 1, not {connect_attempts}")
+        self.port = port
+        self.baudrate = baudrate
+        self.app_offset = app_offset
+        self.chip = chip
+        self.connect_attempts = connect_attempts
+        self.chip_name: str = str(CHIP_DEFS[chip].CHIP_NAME)   # "ESP32", as esptool reports it
+        self._serial: Any = None   # the open pyserial port; ours, lent to esptool
+        self._esp: Any = None      # esptool's loader while the board is in its bootloader
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def open(self) -> None:
+        if self._serial is not None:
+            return
+        try:
+            port = serial.serial_for_url(self.port, do_not_open=True, exclusive=True)
+            port.open()
+        except (OSError, ValueError) as err:   # SerialException is an OSError
+            raise RigFault(PART, f"{self.port}: cannot open: {err}") from err
+        self._serial = port
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        port, self._serial, self._esp = self._serial, None, None
+        if port is not None:
+            port.close()
+
+    # ----------------------------------------------------------------------------- FlasherProtocol
+    def program(self, image: Path, *, progress: Progress | None = None) -> None:
+        """Write ``image`` (an application .bin) at ``app_offset``; esptool verifies it by MD5.
+
+        The board stays in the flasher stub: ``reset()`` runs the new image. ``progress`` gets
+        (bytes sent, bytes to send) as esptool's progress bar counts them (compressed data).
+        """
+        if not image.is_file():
+            raise FileNotFoundError(f"{image}: no such image")
+        esp = self._loader()
+        with _esptool_output(progress), \
+                self._faults(f"writing {image.name} at {self.app_offset:#x}"):
+            write_flash(esp, [(self.app_offset, str(image))])
+        log.info("%s: wrote %s at %#x", self.port, image, self.app_offset)
+
+    def reset(self) -> None:
+        """Hard reset through RTS (EN): the board boots its application."""
+        port = self._require_open()
+        with _esptool_output(), self._faults("hard reset"):
+            if self._esp is not None:
+                reset_chip(self._esp, "hard-reset")
+            else:
+                HardReset(port)()
+        self._esp = None   # the board left the bootloader; the next bootloader call reconnects
+
+    # ----------------------------------------------------------------------------- queries
+    def read_mac(self) -> str:
+        """The chip's base MAC address (eFuse), as ``aa:bb:cc:dd:ee:ff``."""
+        esp = self._loader()
+        with _esptool_output(), self._faults("reading the MAC address"):
+            mac = esp.read_mac("BASE_MAC")
+        return ":".join(f"{octet:02x}" for octet in mac)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _connect(self) -> None:
+        """Reset into the bootloader, detect and check the chip, load the stub, attach flash."""
+        with _esptool_output():
+            try:
+                esp = detect_chip(self._serial, baud=ROM_BAUD, connect_mode="default-reset",
+                                  connect_attempts=self.connect_attempts)
+            except FatalError as err:
+                if str(err).startswith(_NO_ANSWER_PREFIX):
+                    raise RigFault(PART, f"{self.port}: no answer from the {self.chip_name} ROM "
+                                         "bootloader (is the board in download mode? DTR/RTS "
+                                         f"wired?); esptool: {_one_line(err)}") from err
+                raise RigFault(PART, f"{self.port}: {_one_line(err)}") from err
+            except OSError as err:
+                raise RigFault(PART, f"{self.port}: the port failed while connecting: "
+                                     f"{err}") from err
+            detected = str(esp.CHIP_NAME)
+            if detected != self.chip_name:
+                raise RigFault(PART, f"{self.port}: the board is an {detected}, "
+                                     f"the rig expects an {self.chip_name}")
+            with self._faults("loading the flasher stub"):
+                esp = run_stub(esp)
+            if self.baudrate != ROM_BAUD:
+                with self._faults(f"switching to {self.baudrate} Bd"):
+                    esp.change_baud(self.baudrate)
+            with self._faults("attaching the SPI flash"):
+                attach_flash(esp)
+        self._esp = esp
+        log.info("%s: %s in its bootloader, stub loaded", self.port, self.chip_name)
+
+    def _require_open(self) -> Any:
+        if self._serial is None:
+            raise RuntimeError(f"{self.port}: the flasher is not open")
+        return self._serial
+
+    def _loader(self) -> Any:
+        self._require_open()
+        if self._esp is None:
+            self._connect()
+        return self._esp
+
+    @contextmanager
+    def _faults(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (FatalError, OSError) as err:
+            raise RigFault(PART, f"{self.port}: {what} failed: {_one_line(err)}") from err
