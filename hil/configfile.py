@@ -25,7 +25,9 @@ def key_path(location: tuple[int | str, ...]) -> str:
     """pydantic's error location as a key path: ``devices[0].tasks[1].retry``."""
     text = ""
     for part in location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        # A YAML key may hold anything, a line break included: the message stays one line.
+        name = part if isinstance(part, str) and part.isprintable() else repr(part)
+        text += f"[{part}]" if isinstance(part, int) else (f".{name}" if text else name)
     return text or "(top level)"
 
 
@@ -38,6 +40,10 @@ def read_yaml(path: Path) -> Any:
         mark = getattr(error, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
         raise ConfigError(str(path), f"{line}not valid YAML") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {error.start})") from None
+    except ValueError as error:   # e.g. an integer past Python's 4300-digit conversion limit
+        raise ConfigError(str(path), f"not valid YAML: {str(error).splitlines()[0]}") from None
 
 
 def validate(model: type[Model], raw: Any, where: str) -> Model:

@@ -21,14 +21,18 @@ DEFAULT_LOCK_DIR = Path(tempfile.gettempdir()) / "hil-leases"
 
 
 class RigLease:
-    """Holds ``rig`` for this process; a context manager. Re-entrant within the process."""
+    """Holds ``rig`` for this process; a context manager. Re-entrant within the process: every
+    RigLease of one rig shares one lock (a fixture and a test may both lease the rig)."""
 
     def __init__(self, rig: str, lock_dir: Path = DEFAULT_LOCK_DIR, timeout: float = 600.0) -> None:
         self.rig = rig
         self.timeout = timeout
         self.path = lock_dir / f"{rig}.lock"
         self._holder = lock_dir / f"{rig}.holder"
-        self._lock = FileLock(self.path)
+        # One lock object per path in the process (is_singleton), held by the process rather
+        # than a thread, and never the soft, file-exists fallback that would outlive a SIGKILL.
+        self._lock = FileLock(self.path, is_singleton=True, thread_local=False,
+                              fallback_to_soft=False)
 
     @property
     def held(self) -> bool:
