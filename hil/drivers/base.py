@@ -9,8 +9,10 @@ protocol as the real one, so nothing above this layer knows which it drives.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
 
@@ -22,14 +24,14 @@ class Driver(Protocol):
     def close(self) -> None: ...
 
 
-class DriverBase:
+class DriverBase(ABC):
     """Context-manager plumbing for drivers: ``with Driver(...) as d:`` opens and closes."""
 
-    def open(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def open(self) -> None: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
     def __enter__(self) -> Self:
         self.open()
@@ -45,6 +47,15 @@ class LogLine:
 
     at: float
     text: str
+
+
+def format_log(lines: Iterable[LogLine]) -> str:
+    """One line per log line, stamped with local time to the millisecond and its UTC offset:
+    ``2025-03-01T14:02:07.123+01:00  boot version=1.2.0``. Every console's ``log_text``."""
+    return "".join(
+        f"{datetime.fromtimestamp(line.at).astimezone().isoformat(timespec='milliseconds')}"
+        f"  {line.text}\n"
+        for line in lines)
 
 
 @runtime_checkable

@@ -44,3 +44,27 @@ class Contract:
 
     def command(self, name: str, **values: object) -> str:
         return self.commands[name].format(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A contract event: ``ota phase=download offset=4096 status=206`` is tag ``ota`` and its
+    fields; ``ota end`` is tag ``ota end`` with none."""
+
+    tag: str
+    fields: dict[str, str]
+
+
+# Tag: lower-case words; then key=value pairs. Lower case keeps shell answers (``OK``,
+# ``ERR <reason>``) and ordinary log lines (``I (312) wifi: connected``) from passing as events.
+_EVENT = re.compile(
+    r"(?P<tag>[a-z][a-z0-9_]*(?: +[a-z][a-z0-9_]*)*)(?P<fields>(?: +[^\s=]+=\S*)*)")
+
+
+def parse_event(line: str) -> Event | None:
+    """The event a console line carries, or None when the line is not one."""
+    match = _EVENT.fullmatch(line.strip())
+    if match is None:
+        return None
+    fields = dict(pair.split("=", 1) for pair in match["fields"].split())
+    return Event(match["tag"], fields)

@@ -30,22 +30,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import serial  # type: ignore[import-untyped, unused-ignore]   # pyserial ships no type hints
+import serial
 from esp_pylib.logger import EspLog, EspLogBase
-from esptool.cmds import (  # type: ignore[import-untyped, unused-ignore]
+from esptool.cmds import (
     attach_flash,
     detect_chip,
     reset_chip,
     run_stub,
     write_flash,
 )
-from esptool.loader import (  # type: ignore[import-untyped, unused-ignore]
+from esptool.loader import (
     DEFAULT_CONNECT_ATTEMPTS,
     ESPLoader,
 )
-from esptool.reset import HardReset  # type: ignore[import-untyped, unused-ignore]
-from esptool.targets import CHIP_DEFS  # type: ignore[import-untyped, unused-ignore]
-from esptool.util import FatalError  # type: ignore[import-untyped, unused-ignore]
+from esptool.reset import HardReset
+from esptool.targets import CHIP_DEFS
+from esptool.util import FatalError
 from rich.errors import MarkupError
 from rich.text import Text
 

@@ -37,14 +37,14 @@ from typing import Any
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
-from pyocd.core import exceptions as pyocd_errors  # type: ignore[import-untyped, unused-ignore]
-from pyocd.core.helpers import ConnectHelper  # type: ignore[import-untyped, unused-ignore]
-from pyocd.core.session import Session  # type: ignore[import-untyped, unused-ignore]
-from pyocd.flash.file_programmer import FileProgrammer  # type: ignore[import-untyped, unused-ignore]
-from pyocd.target import normalise_target_type_name  # type: ignore[import-untyped, unused-ignore]
-from pyocd.target.builtin import BUILTIN_TARGETS  # type: ignore[import-untyped, unused-ignore]
-from pyocd.target.pack.cmsis_pack import CmsisPack  # type: ignore[import-untyped, unused-ignore]
-from pyocd.target.pack.pack_target import (  # type: ignore[import-untyped, unused-ignore]
+from pyocd.core import exceptions as pyocd_errors
+from pyocd.core.helpers import ConnectHelper
+from pyocd.core.session import Session
+from pyocd.flash.file_programmer import FileProgrammer
+from pyocd.target import normalise_target_type_name
+from pyocd.target.builtin import BUILTIN_TARGETS
+from pyocd.target.pack.cmsis_pack import CmsisPack
+from pyocd.target.pack.pack_target import (
     ManagedPacks,
 )
 

@@ -8,30 +8,13 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from hil.drivers.base import ConsoleProtocol, Progress
+from hil.drivers.contract import Event, parse_event
+from hil.drivers.hooks import ConsoleHookSpace
 from hil.errors import ExpectTimeout, RigFault
 from hil.rig.parts import RigParts
-
-_FIELD = re.compile(r"(\w+)=(\S*)")
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One console event: its tag words and its key=value fields (``ota phase=download ...``)."""
-
-    tag: str
-    fields: dict[str, str]
-    line: str
-
-    @classmethod
-    def parse(cls, line: str) -> Event:
-        first = _FIELD.search(line)
-        tag = (line[:first.start()] if first else line).strip()
-        return cls(tag, dict(_FIELD.findall(line)), line)
 
 
 class Board:
@@ -71,7 +54,8 @@ class Board:
             line = match.string
             if end.search(line):
                 return events
-            events.append(Event.parse(line))
+            # A shell whose phase lines are not key=value still yields its line, as a tag.
+            events.append(parse_event(line) or Event(line.strip(), {}))
 
     def reboot(self, timeout: float = 30.0) -> str:
         """Reboot and return the version the boot line reports."""
@@ -95,7 +79,7 @@ class Board:
         rf.set_signal(level)
 
     def set_free_space(self, size: int) -> None:
-        self.command("space", bytes=size)
+        ConsoleHookSpace(self.console, self.contract.commands["space"]).set_free_space(size)
 
     def restore_base(self, firmware: Path | None, progress: Progress | None = None) -> str:
         """Back to the base state: flash ``firmware`` where the rig has a flasher, else the

@@ -139,6 +139,13 @@ class ScpiPower(BaseModel):
     empty_volts: Positive = 3.3    # the battery level 0 % maps to this voltage ...
     full_volts: Positive = 4.2     # ... and 100 % to this one
 
+    @model_validator(mode="after")
+    def _empty_below_full(self) -> ScpiPower:
+        if self.empty_volts >= self.full_volts:
+            raise ValueError(f"empty_volts: {self.empty_volts} V is not below full_volts "
+                             f"({self.full_volts} V)")
+        return self
+
 
 class HookPower(BaseModel):
     model_config = STRICT
@@ -162,6 +169,12 @@ class AttenuatorRf(BaseModel):
     step_db: Positive = 0.25
     signal_at_0db: int = 31        # the signal level the board reports with no attenuation
     db_per_level: Positive = 2.0
+
+    @model_validator(mode="after")
+    def _step_within_range(self) -> AttenuatorRf:
+        if self.step_db > self.max_db:
+            raise ValueError(f"step_db: {self.step_db} dB is more than max_db ({self.max_db} dB)")
+        return self
 
 
 class HookRf(BaseModel):

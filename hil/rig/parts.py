@@ -107,10 +107,12 @@ class RigParts:
     def _build_power(self) -> Any:
         spec = self.rig.power
         if spec.kind == "scpi":
-            from hil.drivers.power import ScpiPower
+            from hil.drivers.power import ChannelScpiPower, ScpiPower
 
-            return ScpiPower(spec.url, channel=spec.channel, current_limit=spec.current_limit,
-                             empty_volts=spec.empty_volts, full_volts=spec.full_volts)
+            # Output 1 speaks the common subset; other outputs need per-channel commands.
+            supply = ScpiPower if spec.channel == 1 else ChannelScpiPower
+            return supply(spec.url, channel=spec.channel, current_limit=spec.current_limit,
+                          empty_volts=spec.empty_volts, full_volts=spec.full_volts)
         from hil.drivers.hooks import ConsoleHookPower
 
         return ConsoleHookPower(self.console(), command=self.contract.commands["power"])
