@@ -289,6 +289,17 @@ def _one_rig(args: argparse.Namespace, prog: str) -> Rig:
     return rig
 
 
+def _print_progress(tool: str) -> Callable[[int, int], None]:
+    """The tool's own progress (pyocd's erase and program passes, esptool's bytes sent) as one
+    line redrawn in place, finished with a newline at 100 %."""
+    def show(done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        bar = "#" * (percent // 4)
+        end = "\n" if done >= total else ""
+        print(f"\r{tool} {bar:<25} {percent:3d}%", end=end, flush=True)
+    return show
+
+
 def cmd_flash(args: argparse.Namespace) -> int:
     from hil.rig.parts import RigParts
 
@@ -301,7 +312,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
             flasher = parts.flasher()
             if flasher is None:
                 _fail(prog, f"rig {rig.name} has no flasher (flasher.kind: none)")
-            flasher.program(args.image)   # the tool prints its own progress
+            flasher.program(args.image, progress=_print_progress(rig.flasher.kind))
             flasher.reset()
     except RigFault as fault:
         print(f"{prog}: {fault.for_rig(rig.name)}", file=sys.stderr)

@@ -64,7 +64,8 @@ def console(device: ContractDevice) -> Iterator[SerialConsole]:
 
 
 def texts(console: SerialConsole) -> list[str]:
-    return [line.text for line in console.lines()]
+    """What the device printed (the log also holds what the host sent, marked as such)."""
+    return [line.text for line in console.lines() if not line.sent]
 
 
 # -- opening ----------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def test_expect_timeout_names_the_console_and_pattern_and_shows_the_tail(
     message = str(timeout.value)
     assert console.name in message
     assert r"^ota phase=\w+ result=(\d+)" in message
-    assert re.search(rf"^{STAMP}  line 29$", message, re.MULTILINE)
+    assert re.search(rf"^{STAMP}   line 29$", message, re.MULTILINE)
     assert "line 10" in message
     assert "line 09" not in message
 
@@ -308,6 +309,7 @@ def test_the_log_keeps_every_line_stamped_in_order(
 
     assert texts(console) == ["version=1.2.0", "OK", "crlf line", "bare line", "second batch",
                               "late line"]
+    assert [line.text for line in console.lines() if line.sent] == ["sys version"]
     stamps = [line.at for line in console.lines()]
     assert stamps == sorted(stamps)
     assert started <= stamps[0]
@@ -316,10 +318,11 @@ def test_the_log_keeps_every_line_stamped_in_order(
 
     text = console.log_text()
     rows = text.splitlines()
-    assert len(rows) == 6
-    assert all(re.fullmatch(rf"{STAMP}  .*", row) for row in rows)
-    assert rows[0].endswith("  version=1.2.0")
-    first = datetime.fromisoformat(rows[0].split("  ")[0]).timestamp()
+    assert len(rows) == 7
+    assert all(re.fullmatch(rf"{STAMP} [ >] .*", row) for row in rows)
+    assert rows[0].endswith(" > sys version")     # the command, before its answer
+    assert rows[1].endswith("   version=1.2.0")
+    first = datetime.fromisoformat(rows[0].split(" ")[0]).timestamp()
     assert abs(first - stamps[0]) < 0.001
 
     saved = console.save_log(tmp_path / "console.log")

@@ -443,7 +443,11 @@ class FakeConsole:
     def send(self, line: str) -> None:
         self.commands.append(line)
 
-    def expect(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+    def mark(self) -> int:
+        return len(self.commands)
+
+    def expect(self, pattern: str | re.Pattern[str], timeout: float = 10.0, *,
+               since: int | None = None) -> re.Match[str]:
         raise AssertionError("the hooks only use command()")
 
     def command(self, line: str, timeout: float = 10.0) -> list[str]:

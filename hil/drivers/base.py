@@ -43,39 +43,59 @@ class DriverBase(ABC):
 
 @dataclass(frozen=True, slots=True)
 class LogLine:
-    """One console line as received: when (Unix seconds) and what (without its line ending)."""
+    """One console line: when (Unix seconds), what (without its line ending), and whether the
+    host sent it (a command) rather than the device (``expect`` only ever matches the latter)."""
 
     at: float
     text: str
+    sent: bool = False
 
 
 def format_log(lines: Iterable[LogLine]) -> str:
-    """One line per log line, stamped with local time to the millisecond and its UTC offset:
-    ``2025-03-01T14:02:07.123+01:00  boot version=1.2.0``. Every console's ``log_text``."""
+    """One line per log line, stamped with local time to the millisecond and its UTC offset;
+    what the host sent is marked ``>``::
+
+        2025-03-01T14:02:07.101+01:00 > sys version
+        2025-03-01T14:02:07.123+01:00   version=1.2.0
+
+    Every console's ``log_text``."""
     return "".join(
         f"{datetime.fromtimestamp(line.at).astimezone().isoformat(timespec='milliseconds')}"
-        f"  {line.text}\n"
+        f" {'>' if line.sent else ' '} {line.text}\n"
         for line in lines)
 
 
 @runtime_checkable
 class ConsoleProtocol(Driver, Protocol):
-    """A line console: the firmware's test shell (../shared/DESIGN.md, the console contract)."""
+    """A line console: the firmware's test shell (../shared/DESIGN.md, the console contract).
+
+    The log keeps every line of the session, the host's own (``sent``) included. A cursor
+    marks how far ``expect`` has read: each device line is matched at most once, and lines
+    the host sent are never matched. A port that vanishes is a RigFault, never a timeout.
+    """
 
     name: str   # for messages: the port path, URL or serial number it was opened by
 
     def send(self, line: str) -> None:
-        """Write ``line`` and the line ending."""
+        """Write ``line`` and the line ending (and log it as sent)."""
         ...
 
-    def expect(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
-        """The first line after the cursor that matches; the cursor moves past it.
-        On timeout raises ExpectTimeout naming the console and showing the log's tail."""
+    def mark(self) -> int:
+        """A position in the log, for ``expect(..., since=mark)``."""
+        ...
+
+    def expect(self, pattern: str | re.Pattern[str], timeout: float = 10.0, *,
+               since: int | None = None) -> re.Match[str]:
+        """The first device line after the cursor (or after ``since``) that matches; the cursor
+        moves past it. On timeout raises ExpectTimeout naming the console and showing the
+        log's tail."""
         ...
 
     def command(self, line: str, timeout: float = 10.0) -> list[str]:
-        """Send a contract command and wait for its ``OK`` (the lines printed before it are
-        returned) or ``ERR <reason>`` (raises CommandRefused)."""
+        """Send a contract command and wait for its ``OK`` (the device lines printed before it
+        are returned) or ``ERR <reason>`` (raises CommandRefused). Earlier output is skipped;
+        the cursor is left where the answer began, so an event printed while answering is
+        still found by the next ``expect``."""
         ...
 
     def lines(self) -> list[LogLine]:

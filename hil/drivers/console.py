@@ -226,6 +226,10 @@ class SerialConsole(DriverBase):
         with self._changed:
             port = self._usable_port(f"sending {line!r}")
         data = (line + self.newline).encode(self.encoding, "replace")
+        with self._changed:
+            # Logged before it is written, so the answer can never come before its command.
+            at = self._last_at = max(time.time(), self._last_at)
+            self._log.append(LogLine(at, line, sent=True))
         try:
             with self._write_lock:   # lines from two threads must not interleave
                 port.write(data)
@@ -282,7 +286,7 @@ class SerialConsole(DriverBase):
             reason = match.groupdict().get("reason") or match.string
             raise CommandRefused(line, reason)
         with self._changed:
-            return [logged.text for logged in self._log[start:index]]
+            return [logged.text for logged in self._log[start:index] if not logged.sent]
 
     def _wait_for(self, start: int, test: Callable[[str], _T | None], timeout: float, *,
                   waiting_for: str) -> tuple[int, _T]:
@@ -294,6 +298,8 @@ class SerialConsole(DriverBase):
             while True:
                 # Lines that arrived before a cut still count: search first, then give up.
                 for index in range(scanned, len(self._log)):
+                    if self._log[index].sent:   # our own commands are not the device's output
+                        continue
                     result = test(self._log[index].text)
                     if result is not None:
                         return index, result
