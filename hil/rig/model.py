@@ -238,7 +238,7 @@ class Rig(BaseModel):
     power: PowerSpec = NoPower(kind="none")
     rf: RfSpec = NoRf(kind="none")
     ota: Ota = Ota()
-    tags: list[str] = []
+    tags: tuple[str, ...] = ()
 
     @field_validator("board")
     @classmethod
