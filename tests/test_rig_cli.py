@@ -175,3 +175,16 @@ rf: {{kind: console}}
     assert device.received[0] == "test factory"
     assert device.hooks == {"power": [30], "signal": [12], "space": [1024]}
     assert device.ota_server == "http://127.0.0.1:9999"
+
+
+def test_a_failing_test_shows_the_console_log_with_the_commands(pytester, device):
+    rig_file(pytester.path / "rigs", "bench-01", f"board: gd32\nconsole: {{port: {device.port}}}\n")
+    pytester.makepyfile(test_board="""
+        def test_wrong_version(board):
+            assert board.version() == "9.9.9"
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hil-rig", "bench-01",
+                                           "--hil-lease-dir", str(pytester.path / "leases"))
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Captured console bench-01 call*",
+                                 "* > test factory", "* > sys version", "*   version=1.0.0"])

@@ -189,6 +189,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item,
                               call: pytest.CallInfo[None]
                               ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    parts = getattr(item, "funcargs", {}).get("rig_parts")
+    if call.when == "call" and isinstance(parts, RigParts):
+        console = parts.opened("console")
+        if console is not None:
+            # Before the report is built, so a failure shows the board's side of the story.
+            item.add_report_section("call", f"console {parts.rig.name}", console.log_text())
     report: pytest.TestReport = yield
     if call.excinfo is not None and call.excinfo.errisinstance(RigFault):
         report.hil_rig_fault = str(call.excinfo.value)  # type: ignore[attr-defined]
@@ -226,12 +232,11 @@ def rig(_hil_rig: Rig | None, hil_options: HilOptions) -> Iterator[Rig]:
 
 
 @pytest.fixture
-def rig_parts(rig: Rig, request: pytest.FixtureRequest) -> Iterator[RigParts]:
+def rig_parts(rig: Rig) -> Iterator[RigParts]:
+    """The rig's drivers, opened as fixtures ask for them; the console log goes into the
+    test's report (pytest_runtest_makereport)."""
     with RigParts(rig) as parts:
         yield parts
-        console = parts.opened("console")
-        if console is not None:   # the console log beside the test's report
-            request.node.add_report_section("call", f"console {rig.name}", console.log_text())
 
 
 @pytest.fixture
