@@ -160,6 +160,18 @@ def test_silent_instrument_fails_open_within_the_timeout(
     power.close()
 
 
+@pytest.mark.parametrize("answer", ["HTTP/1.1 400 Bad Request", "OK", "RIGOL DP832"])
+def test_something_else_at_the_address_is_not_taken_for_the_instrument(answer: str) -> None:
+    # Seen on a lab network: a web server answering the supply's address passed as *IDN?.
+    with EmulatedSupply(idn=answer).on_tcp() as server:
+        power = ScpiPower(server.url, timeout=FAST)
+        with pytest.raises(RigFault) as caught:
+            power.open()
+    assert caught.value.message == (f"{server.url}: *IDN? answered {answer!r}: not a power "
+                                    "instrument's identity")
+    assert not power.link.is_open
+
+
 @pytest.mark.parametrize("transport", ["pty"])
 def test_silent_instrument_message_with_the_default_timeout(
     supply_server: Server, supply: EmulatedSupply

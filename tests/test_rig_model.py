@@ -29,7 +29,7 @@ NRF: dict[str, Any] = {
     "identity": {"product_id": "245528", "dev_id": "527776559", "access_key_env": "HIL_KEY"},
     "console": {"port": "/dev/ttyACM0", "baudrate": 115200},
     "flasher": {"kind": "swd", "probe": "000683000000", "target": "nrf52832"},
-    "power": {"kind": "scpi", "url": "socket://192.168.1.50:5025"},
+    "power": {"kind": "scpi", "url": "socket://127.0.0.1:5025"},
     "rf": {"kind": "console"},
     "ota": {"service": "mock"},
 }
@@ -127,7 +127,7 @@ def test_the_examples_in_detail():
     nrf = load_rig(RIGS_DIR / "lab-nrf52832.yaml")
     assert nrf.identity.dev_id == "527776559"
     assert (nrf.power.kind, nrf.power.url, nrf.power.channel) == \
-        ("scpi", "socket://192.168.1.50:5025", 1)
+        ("scpi", "socket://127.0.0.1:5025", 1)
     assert (nrf.power.empty_volts, nrf.power.full_volts) == (3.3, 4.2)
 
 
@@ -176,7 +176,7 @@ def test_a_minimal_rig_gets_the_defaults(tmp_path):
     assert (console.commands, console.events) == ({}, {})
     assert (rig.flasher.kind, rig.power.kind, rig.rf.kind) == ("none", "none", "none")
     assert (rig.ota.service, rig.ota.gateway_host) == ("mock", None)
-    assert rig.tags == []
+    assert rig.tags == ()
     assert rig.capabilities == frozenset({"console", "space"})
 
 
@@ -351,7 +351,7 @@ MISTAKES: dict[str, tuple[Any, str, str]] = {
     "access_key_env not a variable name": (edited(NRF, identity__access_key_env="MY-KEY"),
                                            "identity.access_key_env", "pattern"),
     "name with a space": (edited(NRF, name="bench 01"), "name", "pattern"),
-    "tags a string": (edited(NRF, tags="fast"), "tags", "valid list"),
+    "tags a string": (edited(NRF, tags="fast"), "tags", "valid tuple"),
     # missing keys
     "missing name": (edited(NRF, name=DROP), "name", "Field required"),
     "missing board": (edited(NRF, board=DROP), "board", "Field required"),

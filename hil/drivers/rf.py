@@ -17,6 +17,7 @@ signal.
 from __future__ import annotations
 
 import logging
+import re
 from typing import ClassVar
 
 from hil.drivers.scpi import ScpiInstrument
@@ -107,6 +108,7 @@ class MiniCircuitsAttenuator(Attenuator):
 
     IDENTIFY = ":MN?"
     IDENTITY_PREFIX = "MN="
+    IDENTITY_FORMAT = re.compile(r"\S+")   # a model name: RCDAT-6000-60
     SET = ":SETATT={db}"
     SET_ACK = "1"
     GET = ":ATT?"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import socket
 from typing import ClassVar, Protocol
 
@@ -187,6 +188,9 @@ class ScpiInstrument(DriverBase):
     part: ClassVar[str]                    # the rig part RigFaults name: "power", "rf"
     IDENTIFY: ClassVar[str] = "*IDN?"
     IDENTITY_PREFIX: ClassVar[str] = ""    # stripped from the answer (Mini-Circuits: "MN=")
+    # IEEE 488.2: maker,model,serial,firmware (some add a field). Anything else at the address
+    # (a web server's "HTTP/1.1 400 Bad Request", a console's prompt) is not this instrument.
+    IDENTITY_FORMAT: ClassVar[re.Pattern[str]] = re.compile(r"[^,]+(?:,[^,]*){2,}")
 
     def __init__(self, url: str, *, timeout: float, baudrate: int) -> None:
         self.url = url
@@ -198,9 +202,12 @@ class ScpiInstrument(DriverBase):
             return
         self.link.open()
         try:
-            identity = self.link.query(self.IDENTIFY).removeprefix(self.IDENTITY_PREFIX).strip()
-            if not identity:
-                raise self.link.fault(f"{self.IDENTIFY} answered an empty line")
+            answer = self.link.query(self.IDENTIFY).strip()
+            identity = answer.removeprefix(self.IDENTITY_PREFIX).strip()
+            if not answer.startswith(self.IDENTITY_PREFIX) \
+                    or not self.IDENTITY_FORMAT.fullmatch(identity):
+                raise self.link.fault(f"{self.IDENTIFY} answered {answer[:60]!r}: not a "
+                                      f"{self.part} instrument's identity")
             self._identity = identity
             self._prepare()
         except BaseException:

@@ -11,7 +11,7 @@
       access_key_env: HIL_ACCESS_KEY  # the name of the variable; the key never lives here
     console: {port: /dev/ttyACM0, baudrate: 115200}   # or url: ..., or serial_number: ...
     flasher: {kind: swd, probe: "000683xxxxxx", target: nrf52832}   # swd | esp | none
-    power: {kind: scpi, url: "socket://192.168.1.50:5025"}         # scpi | console | none
+    power: {kind: scpi, url: "socket://127.0.0.1:5025"}         # scpi | console | none
     rf: {kind: console}                                             # attenuator | console | none
     ota: {service: mock}              # mock or a base URL; gateway_host for lab networks
 
