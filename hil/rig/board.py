@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from hil.drivers.base import ConsoleProtocol, Progress
@@ -45,12 +46,16 @@ class Board:
         self.command("check")
 
     def wait_update_end(self, timeout: float = 300.0) -> list[Event]:
-        """The attempt's events (``ota phase=...`` lines) until ``ota end``."""
+        """The attempt's events (``ota phase=...`` lines) until ``ota end``, which must come
+        within ``timeout`` seconds in all (not per event: a board that trickles events forever
+        must still fail)."""
         end = self.contract.events["end"]
         phase = self.contract.events["phase"]
+        deadline = time.monotonic() + timeout
         events: list[Event] = []
         while True:
-            match = self.console.expect(f"(?:{phase.pattern})|(?:{end.pattern})", timeout)
+            remaining = max(deadline - time.monotonic(), 0.0)
+            match = self.console.expect(f"(?:{phase.pattern})|(?:{end.pattern})", remaining)
             line = match.string
             if end.search(line):
                 return events
