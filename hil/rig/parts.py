@@ -10,7 +10,7 @@ from typing import Any
 
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, RfProtocol
 from hil.drivers.contract import Contract
-from hil.errors import RigFault
+from hil.errors import ConfigError, RigFault
 from hil.rig.model import Rig
 
 
@@ -73,6 +73,9 @@ class RigParts:
                 driver.open()
             except RigFault as fault:
                 raise fault.for_rig(self.rig.name) from None
+            except (ConfigError, ValueError) as error:
+                # A setting the rig file let through but the driver refuses: still the rig's.
+                raise RigFault(part, str(error), self.rig.name) from None
             self._open[part] = driver
         return self._open[part]
 
