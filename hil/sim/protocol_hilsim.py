@@ -7,8 +7,8 @@ created on first use (``hil.sim.esp32``). No query options.
 
 pyserial finds this module because ``hil.sim`` is listed in ``serial.protocol_handler_packages``
 (done when ``hil.drivers`` is imported); pyserial then imports ``hil.sim.protocol_hilsim`` the
-first time it sees the scheme. So ``serial.serial_for_url("hilsim:///...")``, hil's drivers and esptool's Python API all
-open a simulated board the way they open a USB serial bridge.
+first time it sees the scheme. So ``serial.serial_for_url("hilsim:///...")``, hil's drivers and
+esptool's Python API all open a simulated board the way they open a USB serial bridge.
 
 The port behaves as a USB serial bridge wired to a DevKitC-style board: writes reach the chip's
 UART at once (no wire time), reads wait for what the chip sends up to the timeout, ``dtr``/``rts``
