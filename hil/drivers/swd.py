@@ -94,9 +94,12 @@ def _find_probe(unique_id: str) -> Any:
 
 
 # --------------------------------------------------------------------------------- targets
-def check_target_support(target: str, pack: Path | None = None) -> None:
-    """Raise RigFault unless pyocd can drive ``target``: builtin, described by ``pack``, or
-    described by a pack installed with ``pyocd pack install``. Reads files only, no probe."""
+def check_target_support(target: str, pack: Path | None = None,
+                         probe: str | None = None) -> None:
+    """Raise RigFault unless pyocd can drive ``target``: builtin, described by ``pack``,
+    described by a pack installed with ``pyocd pack install``, or, last, brought by the probe
+    ``probe`` itself (a simulated board's probe plugin defines its chip's target). Files are
+    read first; the probe is only asked when they do not know the target."""
     name = normalise_target_type_name(target)
     if pack is not None:
         parts = _pack_part_numbers(pack)
@@ -106,8 +109,17 @@ def check_target_support(target: str, pack: Path | None = None) -> None:
                              f"it describes: {', '.join(sorted(parts)) or 'no device'}")
     if name in BUILTIN_TARGETS or name in _installed_pack_part_numbers():
         return
+    if probe is not None and _probe_brings_target(probe, name):
+        return
     raise RigFault(PART, f"target {target} needs its CMSIS pack: `pyocd pack install {target}` "
                          "or name the .pack file in the rig (flasher.pack)")
+
+
+def _probe_brings_target(unique_id: str, name: str) -> bool:
+    for probe_id, _, probe in _connected_probes():
+        if probe_id.casefold() == unique_id.casefold():
+            return name in getattr(probe, "target_names", ())
+    return False
 
 
 def _pack_part_numbers(pack: Path) -> set[str]:
@@ -232,7 +244,7 @@ class SwdFlasher(DriverBase):
     def open(self) -> None:
         if self._session is not None:
             return
-        check_target_support(self.target, self.pack)
+        check_target_support(self.target, self.pack, self.probe)
         probe = _find_probe(self.probe)
         options: dict[str, Any] = {
             "target_override": self.target,
