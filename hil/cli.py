@@ -8,6 +8,7 @@
     hil rigs check    check rig files and that each part of each rig answers
     hil flash         flash an image through a rig's flasher
     hil console       an interactive terminal on a rig's console
+    hil sim image     write a firmware image for a simulated board, its version inside
 
 Bad arguments get one line on stderr and exit status 2; secrets are never echoed.
 """
@@ -353,6 +354,27 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- hil sim
+def cmd_sim_image(args: argparse.Namespace) -> int:
+    # Imported here: esptool and imgtool are only needed for images.
+    from hil.boards import BOARDS
+    from hil.sim.images import build_image, image_version
+
+    prog = "hil sim image"
+    try:
+        image = build_image(args.board, args.version, payload_size=args.size)
+    except ValueError as error:
+        _fail(prog, str(error))
+    try:
+        args.output.write_bytes(image)
+    except OSError as error:
+        _fail(prog, f"-o: cannot write {args.output}: {error.strerror}")
+    print(f"wrote {args.output}: {args.board} image, version "
+          f"{image_version(args.board, image)}, {len(image)} bytes, "
+          f"for {BOARDS[args.board].app_address:#x}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hil", description=__doc__,
@@ -419,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     console = commands.add_parser("console", parents=[rigs_dir], help="a rig's console")
     console.add_argument("--rig", required=True)
     console.set_defaults(run=cmd_console)
+
+    sim = commands.add_parser("sim", help="simulated boards' helpers")
+    sim_commands = sim.add_subparsers(dest="sim_command", metavar="COMMAND", required=True,
+                                     parser_class=_Parser)
+    image = sim_commands.add_parser("image", help="write a firmware image for a simulated board")
+    image.add_argument("--board", required=True, choices=["esp32", "nrf52832", "gd32"])
+    image.add_argument("--version", required=True,
+                       help="the version inside the image (MCUboot: MAJOR.MINOR.REVISION[+BUILD])")
+    image.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    image.add_argument("--size", type=_non_negative, metavar="BYTES",
+                       help="payload bytes (default 64 KiB; 16 KiB on gd32)")
+    image.set_defaults(run=cmd_sim_image)
     return parser
 
 

@@ -1,0 +1,259 @@
+"""Firmware images for the simulated boards, in the formats their real bootloaders take, with the
+version inside the image where the bootloader and the OTA client read it.
+
+- **esp32**: an ESP-IDF application image, written by esptool's own ``ESP32FirmwareImage``:
+  the 0xE9 header with an entry point in IRAM, the extended header (chip id 0, SHA-256
+  appended), a DROM segment at 0x3F400020 that starts with ``esp_app_desc_t`` (magic
+  0xABCD5432, the version in its 32-byte ``version`` field), IROM code (the payload), IRAM and
+  DRAM segments, the checksum byte and the SHA-256 of all of it. ``esptool image-info`` reads it.
+- **nrf52832**, **gd32**: an MCUboot image, written by imgtool's ``Image``: a 0x200-byte header
+  holding the version (major.minor.revision+build), the payload (a Cortex-M vector table, then
+  code-like bytes), and the TLV area with the SHA256 TLV; unsigned. ``imgtool verify`` accepts it.
+
+Payloads are pseudo-random but deterministic: the same (board, version, size) gives the same
+bytes, so a test image is rebuilt, not stored, and a misplaced byte always changes its hash.
+
+    image = build_image("nrf52832", "1.1.0")
+    assert image_version("nrf52832", image) == "1.1.0"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import struct
+import tempfile
+from pathlib import Path
+
+from esptool.bin_image import ELFSection, ESP32FirmwareImage
+from esptool.targets import ESP32ROM
+from esptool.util import FatalError
+
+from hil.boards import board_family
+
+ESP_APP_DESC_MAGIC = 0xABCD5432
+# esp_app_desc_t (ESP-IDF's esp_app_format.h), 256 bytes: magic_word, secure_version, reserv1[2],
+# version[32], project_name[32], time[16], date[16], idf_ver[32], app_elf_sha256[32],
+# min_efuse_blk_rev_full, max_efuse_blk_rev_full, mmu_page_size (log2), reserv3[3], reserv2[18].
+ESP_APP_DESC = struct.Struct("<II8s32s32s16s16s32s32sHHB3s72s")
+
+# ESP32 memory the segments load to (esptool's ESP32ROM memory map).
+ESP32_DROM = 0x3F400020     # flash-mapped rodata; the app descriptor comes first
+ESP32_IROM = 0x400D0020     # flash-mapped code
+ESP32_IRAM = 0x40080000     # code copied to IRAM by the bootloader; the entry point is here
+ESP32_DRAM = 0x3FFB0000     # initialised data
+
+MCUBOOT_HEADER_SIZE = 0x200
+# The slot an image must fit. ESP32: ESP-IDF's default 1 MiB factory partition. nRF52832: the
+# Zephyr nrf52dk layout (MCUboot 48 KiB, two 200 KiB slots). GD32F103C8: 64 KiB flash, MCUboot
+# 32 KiB, the rest one slot.
+SLOT_SIZE = {"esp32": 0x100000, "nrf52832": 0x32000, "gd32": 0x8000}
+# None asks for this payload size: 64 KiB, less where the slot is smaller.
+DEFAULT_PAYLOAD_SIZE = {"esp32": 64 * 1024, "nrf52832": 64 * 1024, "gd32": 16 * 1024}
+# Top of RAM, the initial stack pointer in a Cortex-M vector table.
+STACK_TOP = {"nrf52832": 0x20010000, "gd32": 0x20005000}
+MIN_PAYLOAD = 256
+
+_MCUBOOT_VERSION = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:\+([1-9]\d*))?")
+_ESP_VERSION = re.compile(r"[!-~]{1,31}")      # printable ASCII, no spaces; NUL-terminated in 32
+
+
+# ---------------------------------------------------------------------------------- payload
+def _stream(seed: bytes, size: int) -> bytes:
+    return hashlib.shake_256(seed).digest(size)
+
+
+def _seed(board: str, version: str, size: int, seed: int | str | bytes | None) -> bytes:
+    if seed is None:
+        return f"{board}|{version}|{size}".encode()
+    if isinstance(seed, bytes):
+        return seed
+    return str(seed).encode()
+
+
+def _check_board(board: str) -> None:
+    try:
+        board_family(board)
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None
+    if board not in SLOT_SIZE:
+        raise ValueError(f"no image format for board {board!r}")
+
+
+def _check_size(board: str, size: int) -> None:
+    if size < MIN_PAYLOAD or size % 4:
+        raise ValueError(f"payload size {size} is not a multiple of 4 of at least {MIN_PAYLOAD}")
+    if size > SLOT_SIZE[board]:
+        raise ValueError(f"payload size {size} does not fit {board}'s "
+                         f"{SLOT_SIZE[board]:#x}-byte slot")
+
+
+# ---------------------------------------------------------------------------------- build
+def build_image(board: str, version: str, *, payload_size: int | None = None,
+                seed: int | str | bytes | None = None) -> bytes:
+    """An application image for ``board`` carrying ``version``, with ``payload_size`` bytes of
+    code (None: ``DEFAULT_PAYLOAD_SIZE[board]``). Deterministic for (board, version, size)
+    unless ``seed`` is given. ValueError for an unknown board, a version the format cannot
+    hold (naming it), or a payload size that is not a multiple of 4 or does not fit the slot."""
+    _check_board(board)
+    size = DEFAULT_PAYLOAD_SIZE[board] if payload_size is None else payload_size
+    _check_size(board, size)
+    stream = _stream(_seed(board, version, size, seed), size)
+    image = _build_esp32(version, stream) if board == "esp32" else \
+        _build_mcuboot(board, version, stream)
+    if len(image) > SLOT_SIZE[board]:
+        raise ValueError(f"a {len(image)}-byte image does not fit {board}'s "
+                         f"{SLOT_SIZE[board]:#x}-byte slot; give a smaller payload size")
+    return image
+
+
+def _esp_version(version: str) -> bytes:
+    if not _ESP_VERSION.fullmatch(version):
+        raise ValueError(f"version {version!r} does not fit esp_app_desc_t.version: "
+                         "1 to 31 printable ASCII characters, no spaces")
+    return version.encode("ascii")
+
+
+def _build_esp32(version: str, code: bytes) -> bytes:
+    desc = ESP_APP_DESC.pack(
+        ESP_APP_DESC_MAGIC, 0, b"", _esp_version(version), b"hil-sim", b"00:00:00",
+        b"Jan  1 2025", b"v5.3.1", hashlib.sha256(code).digest(), 0, 99, 16, b"", b"")
+    rodata = _stream(b"rodata|" + code[:32], 0x400)
+    iram = _stream(b"iram|" + code[:32], 0x800)
+    dram = _stream(b"dram|" + code[:32], 0x100)
+    image = ESP32FirmwareImage()
+    image.flash_mode = 2                  # DIO
+    image.flash_size_freq = 0x20          # 4 MB, 40 MHz
+    image.entrypoint = ESP32_IRAM + 0x400
+    image.max_rev_full = 399              # ESP-IDF's default for the ESP32: up to v3.99
+    # Named like ESP-IDF's ELF sections: esptool's writer names its padding after them.
+    image.segments = [ELFSection(b".flash.rodata", ESP32_DROM, desc + rodata, 0),
+                      ELFSection(b".flash.text", ESP32_IROM, code, 0),
+                      ELFSection(b".iram0.text", ESP32_IRAM, iram, 0),
+                      ELFSection(b".dram0.data", ESP32_DRAM, dram, 0)]
+    data: bytes = image.save(None)
+    return data
+
+
+def _mcuboot_version(version: str) -> tuple[int, int, int, int]:
+    match = _MCUBOOT_VERSION.fullmatch(version)
+    parts = tuple(int(part or 0) for part in match.groups()) if match else ()
+    if len(parts) != 4 or parts[0] > 0xFF or parts[1] > 0xFF or parts[2] > 0xFFFF \
+            or parts[3] > 0xFFFFFFFF:
+        raise ValueError(f"version {version!r} is not an MCUboot version: MAJOR.MINOR.REVISION"
+                         "[+BUILD], major and minor < 256, revision < 65536, build 1 to 2**32-1")
+    major, minor, revision, build = parts
+    return major, minor, revision, build
+
+
+def _build_mcuboot(board: str, version: str, stream: bytes) -> bytes:
+    import click
+    from imgtool import image as imgtool_image
+    from imgtool.version import decode_version
+
+    _mcuboot_version(version)
+    family = board_family(board)
+    # A vector table: initial SP, then the reset handler (Thumb) right after the table.
+    reset = family.app_address + MCUBOOT_HEADER_SIZE + 0x100 + 1
+    code = struct.pack("<II", STACK_TOP[board], reset) + stream[8:]
+    image = imgtool_image.Image(version=decode_version(version), header_size=MCUBOOT_HEADER_SIZE,
+                                pad_header=True, slot_size=SLOT_SIZE[board])
+    with tempfile.TemporaryDirectory(prefix="hil-image-") as tmp:
+        source, target = Path(tmp, "app.bin"), Path(tmp, "app.signed.bin")
+        source.write_bytes(code)
+        image.load(str(source))
+        try:
+            image.create(None, "hash", None)
+        except click.ClickException as error:       # imgtool's way of saying no
+            raise ValueError(f"payload size {len(code)} does not fit {board}'s "
+                             f"{SLOT_SIZE[board]:#x}-byte slot: {error}") from None
+        image.save(str(target))
+        return target.read_bytes()
+
+
+# ---------------------------------------------------------------------------------- read
+def image_version(board: str, data: bytes) -> str:
+    """The version inside an image for ``board``, after checking the image: ValueError saying
+    what is wrong when it is not of the board's format or is corrupted (bad magic, bad
+    checksum, bad hash, truncated)."""
+    _check_board(board)
+    return _esp32_version(data) if board == "esp32" else _mcuboot_version_of(data)
+
+
+def _esp32_version(data: bytes) -> str:
+    if not data or data[0] != 0xE9:
+        found = f"{data[0]:#04x}" if data else "nothing"
+        raise ValueError(f"not an ESP32 application image: magic {found}, expected 0xe9")
+    try:
+        image = ESP32FirmwareImage(io.BytesIO(data))
+    except (FatalError, RuntimeError, struct.error, TypeError) as error:
+        raise ValueError(f"not a valid ESP32 application image: {error}") from None
+    if image.chip_id != ESP32ROM.IMAGE_CHIP_ID:
+        raise ValueError(f"an image for chip id {image.chip_id}, not the ESP32's "
+                         f"{ESP32ROM.IMAGE_CHIP_ID}")
+    if image.checksum != image.calculate_checksum():
+        raise ValueError(f"ESP32 image checksum {image.checksum:#04x} is wrong: the segments "
+                         f"give {image.calculate_checksum():#04x}")
+    if not image.append_digest:
+        raise ValueError("ESP32 image has no SHA-256 appended")
+    if image.stored_digest != image.calc_digest:
+        raise ValueError("ESP32 image SHA-256 does not match its contents")
+    drom = [s for s in image.segments if "DROM" in s.get_memory_type(image)]
+    if not drom or len(drom[0].data) < ESP_APP_DESC.size:
+        raise ValueError("ESP32 image has no DROM segment to hold esp_app_desc_t")
+    fields = ESP_APP_DESC.unpack(bytes(drom[0].data[:ESP_APP_DESC.size]))
+    if fields[0] != ESP_APP_DESC_MAGIC:
+        raise ValueError(f"ESP32 image's first DROM segment starts with {fields[0]:#010x}, "
+                         f"not esp_app_desc_t's magic {ESP_APP_DESC_MAGIC:#010x}")
+    raw: bytes = fields[3].split(b"\0", 1)[0]
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"esp_app_desc_t.version {raw!r} is not ASCII") from None
+
+
+# MCUboot's header (bootutil's struct image_header, imgtool's add_header), little-endian.
+_MCUBOOT_HEADER = struct.Struct("<IIHHIIBBHII")
+_TLV_HEADER = struct.Struct("<HH")      # magic, total size (info) / type, length (entries)
+
+
+def _mcuboot_version_of(data: bytes) -> str:
+    from imgtool.image import (
+        IMAGE_MAGIC,
+        TLV_INFO_MAGIC,
+        TLV_PROT_INFO_MAGIC,
+        TLV_VALUES,
+    )
+
+    if len(data) < _MCUBOOT_HEADER.size:
+        raise ValueError(f"not an MCUboot image: {len(data)} bytes, shorter than the header")
+    magic, _, header_size, _, image_size, _, major, minor, revision, build, _ = \
+        _MCUBOOT_HEADER.unpack_from(data)
+    if magic != IMAGE_MAGIC:
+        raise ValueError(f"not an MCUboot image: magic {magic:#010x}, expected {IMAGE_MAGIC:#010x}")
+    offset = header_size + image_size
+    hashed_end = offset
+    if len(data) >= offset + 4 and _TLV_HEADER.unpack_from(data, offset)[0] == TLV_PROT_INFO_MAGIC:
+        offset += _TLV_HEADER.unpack_from(data, offset)[1]
+        hashed_end = offset
+    if len(data) < offset + 4:
+        raise ValueError(f"MCUboot image truncated: {len(data)} bytes, the TLV area starts at "
+                         f"{offset:#x}")
+    tlv_magic, total = _TLV_HEADER.unpack_from(data, offset)
+    if tlv_magic != TLV_INFO_MAGIC:
+        raise ValueError(f"MCUboot image has no TLV area at {offset:#x}: magic {tlv_magic:#06x}, "
+                         f"expected {TLV_INFO_MAGIC:#06x}")
+    end, offset = offset + total, offset + 4
+    if len(data) < end:
+        raise ValueError(f"MCUboot image truncated: {len(data)} bytes, its TLVs end at {end:#x}")
+    while offset + 4 <= end:
+        kind, length = _TLV_HEADER.unpack_from(data, offset)
+        kind &= 0xFF                    # imgtool packs type as a byte, then a pad byte
+        if kind == TLV_VALUES["SHA256"]:
+            stored = data[offset + 4: offset + 4 + length]
+            if hashlib.sha256(data[:hashed_end]).digest() != stored:
+                raise ValueError("MCUboot image SHA256 does not match its contents")
+            return f"{major}.{minor}.{revision}" + (f"+{build}" if build else "")
+        offset += 4 + length
+    raise ValueError("MCUboot image has no SHA256 TLV")
