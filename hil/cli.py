@@ -331,12 +331,12 @@ def cmd_console(args: argparse.Namespace) -> int:
     spec = rig.console
     address = spec.port or spec.url
     if address is None:
-        from serial.tools import list_ports
+        from hil.drivers.console import find_port_by_serial_number
 
-        found = [p.device for p in list_ports.comports() if p.serial_number == spec.serial_number]
-        if not found:
-            _fail(prog, f"no serial port with USB serial number {spec.serial_number}")
-        address = found[0]
+        try:
+            address = find_port_by_serial_number(str(spec.serial_number))
+        except RigFault as fault:
+            _fail(prog, str(fault.for_rig(rig.name)))
     try:
         port = serial.serial_for_url(address, baudrate=spec.baudrate)
     except (serial.SerialException, OSError) as error:

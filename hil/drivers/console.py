@@ -60,6 +60,22 @@ def _compile(pattern: str | re.Pattern[str], what: str) -> re.Pattern[str]:
         raise ConfigError(what, f"not a regular expression: {pattern!r}: {error}") from None
 
 
+def find_port_by_serial_number(serial_number: str) -> str:
+    """The device path of the one USB serial port with this serial number (RigFault else)."""
+    ports = list(serial.tools.list_ports.comports())
+    found = [str(port.device) for port in ports if port.serial_number == serial_number]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        seen = ", ".join(f"{port.device} ({port.serial_number or 'no serial number'})"
+                         for port in ports) or "none"
+        raise RigFault(PART, f"no serial port with USB serial number {serial_number}; "
+                             f"ports seen: {seen}")
+    # Multi-channel adapters (FT2232 on an ESP-Prog) give every channel the same number.
+    raise RigFault(PART, f"USB serial number {serial_number} has {len(found)} ports "
+                         f"({', '.join(found)}); name the port by its path instead")
+
+
 class SerialConsole(DriverBase):
     """The firmware's test shell on a serial port (../shared/DESIGN.md, the console contract).
 
@@ -118,7 +134,8 @@ class SerialConsole(DriverBase):
         """Open the port and start logging. Reopening after ``close()`` continues the same log."""
         if self._serial is not None:
             return
-        target = self.url or self.port or self._find_by_serial_number()   # one is set
+        # One of the three is set; a serial number is looked up at each open (USB ports move).
+        target = self.url or self.port or find_port_by_serial_number(str(self.serial_number))
         options: dict[str, Any] = {}
         if self.url is None:
             # Lock device paths (flock) so a second session on this rig cannot open the console
@@ -156,20 +173,6 @@ class SerialConsole(DriverBase):
             self._serial = self._reader = None
             self._flush_pending()
             self._changed.notify_all()
-
-    def _find_by_serial_number(self) -> str:
-        ports = list(serial.tools.list_ports.comports())
-        found = [str(port.device) for port in ports if port.serial_number == self.serial_number]
-        if len(found) == 1:
-            return found[0]
-        if not found:
-            seen = ", ".join(f"{port.device} ({port.serial_number or 'no serial number'})"
-                             for port in ports) or "none"
-            raise RigFault(PART, f"no serial port with USB serial number {self.serial_number}; "
-                                 f"ports seen: {seen}")
-        # Multi-channel adapters (FT2232 on an ESP-Prog) give every channel the same number.
-        raise RigFault(PART, f"USB serial number {self.serial_number} has {len(found)} ports "
-                             f"({', '.join(found)}); name the port by its path instead")
 
     # -- the reader thread -------------------------------------------------------------------
     def _read_loop(self, port: Any) -> None:
