@@ -200,6 +200,9 @@ def _load(path: Path) -> Rig | ConfigError:
 
 
 def cmd_rigs(args: argparse.Namespace) -> int:
+    if args.rigs[:1] == ["check"]:
+        args.rigs = args.rigs[1:]
+        return cmd_rigs_check(args)
     paths = _rig_paths(args)
     if not paths:
         print(f"no rig files in {args.rigs_dir}")
@@ -234,8 +237,10 @@ def check_rig(rig: Rig) -> bool:
 
     with RigParts(rig) as parts:
         def console() -> str:
-            parts.console()
-            return rig.console.address
+            from hil.rig.board import Board
+
+            # The contract's version command: the port opens and the test shell answers.
+            return f"{rig.console.address}, firmware {Board(parts).version()}"
 
         def flasher() -> str:
             spec = rig.flasher
@@ -424,14 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     rigs_dir = _Parser(add_help=False)
     rigs_dir.add_argument("--rigs-dir", type=Path, default=Path("rigs"),
                           help="where rig names are looked up (default ./rigs)")
-    rigs = commands.add_parser("rigs", parents=[rigs_dir], help="list the rigs")
-    rigs.add_argument("rigs", nargs="*", metavar="RIG", help="names or paths (default: all)")
+    # `hil rigs [RIG...]` lists, `hil rigs check [RIG...]` checks. One positional list read by
+    # hand: argparse cannot put an optional sub-command before a variable-length positional.
+    rigs = commands.add_parser(
+        "rigs", parents=[rigs_dir], usage="hil rigs [check] [--rigs-dir DIR] [RIG ...]",
+        help="list the rigs; 'hil rigs check' checks that every part answers")
+    rigs.add_argument("rigs", nargs="*", metavar="RIG",
+                      help="names or paths (default: all); 'check' first checks them")
     rigs.set_defaults(run=cmd_rigs)
-    checks = rigs.add_subparsers(dest="rigs_command", parser_class=_Parser)
-    check = checks.add_parser("check", parents=[rigs_dir],
-                              help="check rig files and that every part answers")
-    check.add_argument("rigs", nargs="*", metavar="RIG", help="names or paths (default: all)")
-    check.set_defaults(run=cmd_rigs_check)
 
     flash = commands.add_parser("flash", parents=[rigs_dir], help="flash through a rig")
     flash.add_argument("--rig", required=True)
@@ -457,7 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `hil rigs check --rigs-dir D bench-01`: names after an option still belong to the list.
+    if args.command == "rigs" and not any(word.startswith("-") for word in extra):
+        args.rigs += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     status: int = args.run(args)
     return status
 

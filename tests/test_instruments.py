@@ -20,7 +20,9 @@ from scpi_instrument import (
     EmulatedAttenuator,
     EmulatedSupply,
     Server,
+    TcpServer,
     free_tcp_port,
+    serve,
 )
 from serial.urlhandler import protocol_socket
 
@@ -54,7 +56,7 @@ def supply() -> EmulatedSupply:
 
 @pytest.fixture
 def supply_server(supply: EmulatedSupply, transport: str) -> Iterator[Server]:
-    with supply.serve("pty" if transport == "pty" else "tcp") as server:
+    with serve(supply, "pty" if transport == "pty" else "tcp") as server:
         yield server
 
 
@@ -163,7 +165,7 @@ def test_silent_instrument_fails_open_within_the_timeout(
 @pytest.mark.parametrize("answer", ["HTTP/1.1 400 Bad Request", "OK", "RIGOL DP832"])
 def test_something_else_at_the_address_is_not_taken_for_the_instrument(answer: str) -> None:
     # Seen on a lab network: a web server answering the supply's address passed as *IDN?.
-    with EmulatedSupply(idn=answer).on_tcp() as server:
+    with TcpServer(EmulatedSupply(idn=answer)) as server:
         power = ScpiPower(server.url, timeout=FAST)
         with pytest.raises(RigFault) as caught:
             power.open()
@@ -306,7 +308,7 @@ def attenuator(request: pytest.FixtureRequest) -> EmulatedAttenuator:
 
 @pytest.fixture
 def attenuator_server(attenuator: EmulatedAttenuator, transport: str) -> Iterator[Server]:
-    with attenuator.serve("pty" if transport == "pty" else "tcp") as server:
+    with serve(attenuator, "pty" if transport == "pty" else "tcp") as server:
         yield server
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from contract_device import ContractDevice
-from scpi_instrument import EmulatedAttenuator, EmulatedSupply
+from scpi_instrument import EmulatedAttenuator, EmulatedSupply, PtyServer, TcpServer
 
 ROOT = Path(__file__).resolve().parents[1]
 HIL = [sys.executable, "-m", "hil.cli"]
@@ -37,11 +37,12 @@ def device():
         yield device
 
 
-def test_rigs_lists_the_lab_examples_with_board_and_capabilities():
+def test_rigs_lists_the_lab_examples_and_the_simulated_rigs():
     result = hil("rigs")
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
-    assert set(lines) == {"lab-esp32", "lab-gd32", "lab-nrf52832"}
+    assert set(lines) == {"lab-esp32", "lab-gd32", "lab-nrf52832",
+                          "sim-esp32", "sim-gd32", "sim-nrf52832"}
     assert "nrf52832" in lines["lab-nrf52832"]
     assert lines["lab-nrf52832"].endswith("can: console flasher power power_cut rf space")
     assert "flasher=esp" in lines["lab-esp32"]
@@ -59,7 +60,7 @@ def test_rigs_marks_an_invalid_file_and_fails(tmp_path):
 
 def test_rigs_check_passes_when_every_part_answers(tmp_path, device):
     supply, attenuator = EmulatedSupply(), EmulatedAttenuator("scpi", max_db=63.0)
-    with supply.on_tcp() as supply_port, attenuator.on_pty() as attenuator_port:
+    with TcpServer(supply) as supply_port, PtyServer(attenuator) as attenuator_port:
         rig_file(tmp_path / "rigs", "bench-01", f"""board: nrf52832
 console: {{port: {device.port}}}
 power: {{kind: scpi, url: "{supply_port.url}"}}
@@ -68,7 +69,7 @@ rf: {{kind: attenuator, url: "{attenuator_port.url}", max_db: 63}}
         result = hil("rigs", "check", "--rigs-dir", str(tmp_path / "rigs"), "bench-01")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [
-        f"bench-01         console  ok     {device.port}",
+        f"bench-01         console  ok     {device.port}, firmware 1.0.0",
         f"bench-01         power    ok     {supply.idn}",
         f"bench-01         rf       ok     {attenuator.idn}",
     ]

@@ -89,6 +89,9 @@ EXAMPLES = {
     "lab-gd32": ("gd32", "gd32f103c8", {"console", "space", "flasher"}),
     "lab-nrf52832": ("nrf52832", "nrf52832_xxaa",
                      {"console", "space", "flasher", "power", "power_cut", "rf"}),
+    **{f"sim-{board}": (board, chip, {"console", "space", "flasher", "power", "power_cut", "rf"})
+       for board, chip in [("esp32", "esp32-wroom-32"), ("gd32", "gd32f103c8"),
+                           ("nrf52832", "nrf52832_xxaa")]},
 }
 
 

@@ -14,6 +14,7 @@
     power: {kind: scpi, url: "socket://127.0.0.1:5025"}         # scpi | console | none
     rf: {kind: console}                                             # attenuator | console | none
     ota: {service: mock}              # mock or a base URL; gateway_host for lab networks
+    sim: {defects: [early-101]}       # a simulated rig: hil runs the board and its bench
 
 A mistake is one ``ConfigError`` line naming the file and the key, raised at load, before any
 test runs. ``console`` as a power or rf kind means the firmware's ``test`` hooks.
@@ -22,6 +23,7 @@ test runs. ``console`` as a power or rf kind means the firmware's ``test`` hooks
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +32,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, mode
 from hil.boards import BOARDS, BoardFamily, FlasherKind
 from hil.configfile import STRICT, load_model
 from hil.drivers.contract import COMMANDS, EVENTS
+from hil.onenet.codes import is_valid_version
 
 Positive = Annotated[float, Field(gt=0)]
 
@@ -203,6 +206,38 @@ class Ota(BaseModel):
         return value
 
 
+SIM_ROOT = Path(tempfile.gettempdir()) / "hil-sim"
+
+
+class Sim(BaseModel):
+    """A simulated rig (``hil.sim.bench``): hil starts the board, its console and instruments
+    with the rig and stops them with it. The other sections address them as they would real
+    ones (the console's pty, the probe's id, the instruments' ptys under ``state_dir``)."""
+
+    model_config = STRICT
+
+    state_dir: Path | None = None     # the board's flash and settings; default SIM_ROOT/<name>
+    factory_version: str = "1.0.0"    # the image a board with empty flash is given
+    defects: tuple[str, ...] = ()     # hil.sim.defects.Defect names
+    http_timeout: Positive = 5.0      # the firmware's HTTP timeout, seconds
+    chunk_size: Annotated[int, Field(gt=0, strict=True)] = 4096
+
+    @field_validator("defects")
+    @classmethod
+    def _known_defects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from hil.sim.defects import Defect
+
+        Defect.parse(value)
+        return value
+
+    @field_validator("factory_version")
+    @classmethod
+    def _a_version(cls, value: str) -> str:
+        if not is_valid_version(value):
+            raise ValueError(f"{value!r} is not a OneNET version ([a-zA-Z0-9_.-], 1..20)")
+        return value
+
+
 def _kind(value: Any) -> str | None:
     """The tag of a part's union: ``kind=swd``. A tag, not the bare value, so that an error's
     location can be told from a key and dropped from messages (``flasher.probe``)."""
@@ -238,6 +273,7 @@ class Rig(BaseModel):
     power: PowerSpec = NoPower(kind="none")
     rf: RfSpec = NoRf(kind="none")
     ota: Ota = Ota()
+    sim: Sim | None = None
     tags: tuple[str, ...] = ()
 
     @field_validator("board")
@@ -261,6 +297,13 @@ class Rig(BaseModel):
             raise ValueError(f"flasher.kind: esp is the ESP32 serial bootloader; "
                              f"a {self.board} is flashed with kind: {family.flasher.value}")
         return self
+
+    @property
+    def sim_state_dir(self) -> Path | None:
+        """Where a simulated rig's board keeps its state; None for a real rig."""
+        if self.sim is None:
+            return None
+        return self.sim.state_dir or SIM_ROOT / self.name
 
     @property
     def family(self) -> BoardFamily:

@@ -15,12 +15,17 @@ from hil.rig.model import Rig
 
 
 class RigParts:
-    """The open drivers of one rig. A RigFault raised by any of them names this rig."""
+    """The open drivers of one rig. A RigFault raised by any of them names this rig.
+
+    A simulated rig (``sim:`` in its file) brings its bench up before the first part opens and
+    takes it down after the last one closes (``hil.sim.bench``): the drivers then find a board,
+    a console and instruments where the rig file says they are, as on a real bench."""
 
     def __init__(self, rig: Rig) -> None:
         self.rig = rig
         self.contract = Contract.with_overrides(rig.console.commands, rig.console.events)
         self._open: dict[str, Any] = {}
+        self.bench: Any = None   # the SimBench of a simulated rig, while it runs
 
     # Each accessor opens its part once; a fault on opening names the rig and the part.
     def console(self) -> ConsoleProtocol:
@@ -56,10 +61,24 @@ class RigParts:
             driver.close()
 
     def close(self) -> None:
-        for part in reversed(list(self._open)):
-            self.release(part)
+        try:
+            for part in reversed(list(self._open)):
+                self.release(part)
+        finally:
+            bench, self.bench = self.bench, None
+            if bench is not None:
+                bench.stop()
+
+    def start_sim(self) -> None:
+        """Bring a simulated rig's bench up (once); nothing for a real rig."""
+        if self.rig.sim is None or self.bench is not None:
+            return
+        from hil.sim.bench import SimBench
+
+        self.bench = SimBench(self.rig).start()
 
     def __enter__(self) -> RigParts:
+        self.start_sim()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -68,6 +87,7 @@ class RigParts:
     # ------------------------------------------------------------------------------ building
     def _get(self, part: str, build: Any) -> Any:
         if part not in self._open:
+            self.start_sim()
             try:
                 driver = build()
                 driver.open()
@@ -95,8 +115,9 @@ class RigParts:
             target = spec.target or (self.rig.part_number if family.needs_pack
                                      else family.pyocd_target)
             assert target is not None
+            # A raw .bin has no address: it is the application, so it goes to the app slot.
             return SwdFlasher(probe=spec.probe, target=target, pack=spec.pack,
-                              frequency=spec.frequency)
+                              frequency=spec.frequency, base_address=family.app_address)
         if spec.kind == "esp":
             from hil.drivers.esp import EspFlasher
 

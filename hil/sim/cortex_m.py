@@ -883,7 +883,12 @@ class DebugPort:
 # ================================================================================ the chip
 class Chip:
     """A whole simulated chip: bus, core, debug port, flash banks; one lock for all of it, since
-    a probe and the board's firmware model may poke it from different threads."""
+    a probe and the board's firmware model may poke it from different threads.
+
+    Flash files are open while anyone holds the chip (``attach``/``detach`` count: a probe, the
+    simulated rig). Power: a probe attaching to a chip nobody powers switches it on, as a probe
+    that supplies its target does; a simulated rig that wires the chip to its bench supply sets
+    ``external_power`` and switches it with ``set_power``."""
 
     def __init__(self, *, dp: DebugPort, core: CortexM, banks: Iterable[FlashBank],
                  mem_ap: MemAp) -> None:
@@ -892,32 +897,61 @@ class Chip:
         self.banks = list(banks)
         self.mem_ap = mem_ap
         self.lock = threading.RLock()
+        self.external_power = False
         self._powered = False
+        self._holders = 0
         self._reset_asserted = False
 
     @property
     def reset_asserted(self) -> bool:
         return self._reset_asserted
 
+    @property
+    def powered(self) -> bool:
+        return self._powered
+
     def attach(self) -> None:
-        """Open the flash files; the first time, power the chip on (it boots what flash holds)."""
+        """Open the flash files; power the chip on unless a rig powers it (it boots what flash
+        holds)."""
         with self.lock:
+            self._holders += 1
             for bank in self.banks:
                 bank.open()
-            if not self._powered:
-                self._powered = True
-                self.core.power_on()
+            if not self._powered and not self.external_power:
+                self.set_power(True)
 
     def detach(self) -> None:
         with self.lock:
-            for bank in self.banks:
-                bank.close()
+            self._holders = max(self._holders - 1, 0)
+            if self._holders == 0:
+                for bank in self.banks:
+                    bank.close()
+
+    def set_power(self, on: bool) -> None:
+        """Supply on: a power-on reset, then the chip runs what flash holds (unless nRESET is
+        held). Supply off: everything stops; flash keeps its contents."""
+        with self.lock:
+            if on == self._powered:
+                return
+            self._powered = on
+            if not on:
+                self.core.hold_in_reset()
+                if self.core.on_reset is not None:
+                    self.core.on_reset()       # the firmware stops with the core
+            elif self._reset_asserted:
+                self.core.hold_in_reset()
+            else:
+                self.core.power_on()
 
     def assert_reset(self, asserted: bool) -> None:
         """The nRESET pin: held low the chip stays in reset; releasing it resets the system."""
         with self.lock:
             was, self._reset_asserted = self._reset_asserted, asserted
+            if not self._powered:
+                return
             if asserted:
                 self.core.hold_in_reset()
+                if self.core.on_reset is not None:
+                    self.core.on_reset()
             elif was:
                 self.core.system_reset()

@@ -371,8 +371,8 @@ class _FlashRead:
 
 
 class Hardware:
-    """What the loaders act on: the flash (present only while a host port is attached, which is
-    the only time commands can arrive), the registers, and the RAM code was uploaded to."""
+    """What the loaders act on: the flash (open while a host port or the firmware model holds
+    it), the registers, and the RAM code was uploaded to."""
 
     def __init__(self, registers: Esp32Registers) -> None:
         self.registers = registers
@@ -857,23 +857,64 @@ class Esp32Board:
         self._timer: threading.Timer | None = None
         self._uart_baud = ROM_BAUD
         self._autobaud = False
+        self._powered = True
+        self._flash_holders = 0
 
     # ----------------------------------------------------------------------------- host port
     def attach(self, sink: Sink) -> None:
-        """Wire the host port: the flash file is open while one is attached."""
+        """Wire the host port (one at a time); the flash file is open while it is attached."""
         with self._step():
             if self._sink is not None:
                 raise BoardBusy(f"{self.state_dir}: the board's serial port is already open")
-            self._hw.flash = SimFlash(self.flash_path, size=self.flash_size, base=0,
-                                      sector_size=SECTOR_SIZE)
+            self._hold_flash()
             self._sink = sink
 
     def detach(self) -> None:
         with self._step():
-            self._sink = None
+            if self._sink is not None:
+                self._sink = None
+                self._release_flash()
+
+    def open_flash(self) -> SimFlash:
+        """The flash, held open for the firmware model until ``close_flash()``."""
+        with self._step():
+            return self._hold_flash()
+
+    def close_flash(self) -> None:
+        with self._step():
+            self._release_flash()
+
+    def _hold_flash(self) -> SimFlash:
+        if self._hw.flash is None:
+            self._hw.flash = SimFlash(self.flash_path, size=self.flash_size, base=0,
+                                      sector_size=SECTOR_SIZE)
+        self._flash_holders += 1
+        return self._hw.flash
+
+    def _release_flash(self) -> None:
+        self._flash_holders = max(self._flash_holders - 1, 0)
+        if self._flash_holders == 0:
             flash, self._hw.flash = self._hw.flash, None
             if flash is not None:
                 flash.close()
+
+    def set_power(self, on: bool) -> None:
+        """The board's supply. Off: the chip stops (the application with it). On: a power-on
+        reset, into the application or the bootloader as EN and IO0 say."""
+        with self._step():
+            self._settle(self._clock())
+            if not on and self._powered:
+                self._enter_reset()
+                self._powered = False
+            elif on and not self._powered:
+                self._powered = True
+                if self._en_high:
+                    self._released_at = self._clock() - STRAP_SAMPLE_DELAY
+                    self._settle(self._clock())
+
+    @property
+    def powered(self) -> bool:
+        return self._powered
 
     def set_lines(self, dtr: bool, rts: bool) -> None:
         """The host's modem lines (pyserial's ``dtr``/``rts``: True = asserted = pin low)."""
@@ -926,7 +967,7 @@ class Esp32Board:
         stays, so a chip that was reset into download mode comes back to the bootloader."""
         with self._step():
             self._settle(self._clock())
-            if self._mode in (Mode.RESET,):
+            if self._mode is Mode.RESET or not self._powered:
                 return
             self._restart(ResetReason.SW_CPU)
 
@@ -996,7 +1037,8 @@ class Esp32Board:
     def _settle(self, now: float) -> None:
         """If EN was released long enough ago, the chip has sampled IO0 and booted. Called
         before every change, so the IO0 level sampled is the one that held at that moment."""
-        if self._released_at is None or now < self._released_at + STRAP_SAMPLE_DELAY:
+        if not self._powered or self._released_at is None \
+                or now < self._released_at + STRAP_SAMPLE_DELAY:
             return
         self._released_at = None
         self._hw.registers.strap = STRAP_FLASH_BOOT if self._io0_high else STRAP_DOWNLOAD_BOOT

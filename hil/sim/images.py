@@ -31,6 +31,7 @@ from esptool.targets import ESP32ROM
 from esptool.util import FatalError
 
 from hil.boards import board_family
+from hil.sim.layout import LAYOUTS
 
 ESP_APP_DESC_MAGIC = 0xABCD5432
 # esp_app_desc_t (ESP-IDF's esp_app_format.h), 256 bytes: magic_word, secure_version, reserv1[2],
@@ -45,10 +46,8 @@ ESP32_IRAM = 0x40080000     # code copied to IRAM by the bootloader; the entry p
 ESP32_DRAM = 0x3FFB0000     # initialised data
 
 MCUBOOT_HEADER_SIZE = 0x200
-# The slot an image must fit. ESP32: ESP-IDF's default 1 MiB factory partition. nRF52832: the
-# Zephyr nrf52dk layout (MCUboot 48 KiB, two 200 KiB slots). GD32F103C8: 64 KiB flash, MCUboot
-# 32 KiB, the rest one slot.
-SLOT_SIZE = {"esp32": 0x100000, "nrf52832": 0x32000, "gd32": 0x8000}
+# The slot an image must fit (hil.sim.layout).
+SLOT_SIZE = {board: layout.primary.size for board, layout in LAYOUTS.items()}
 # None asks for this payload size: 64 KiB, less where the slot is smaller.
 DEFAULT_PAYLOAD_SIZE = {"esp32": 64 * 1024, "nrf52832": 64 * 1024, "gd32": 16 * 1024}
 # Top of RAM, the initial stack pointer in a Cortex-M vector table.

@@ -1,0 +1,40 @@
+"""Named firmware defects for the simulated boards: ways real firmware gets an OTA update wrong.
+
+Each is one switch in the firmware model (``hil.sim.firmware``), off by default, chosen per board
+instance (a rig file's ``sim.defects``). They exist so that the conformance suite's power to catch
+defects can be measured: a suite that passes on a defective board has a hole.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+
+class Defect(enum.StrEnum):
+    """Ways real firmware gets OTA wrong, one switch each."""
+
+    EARLY_101 = "early-101"                        # reports 101 after the first chunk
+    IGNORES_POWER = "ignores-power"                # no 105 on a low battery
+    IGNORES_SIGNAL = "ignores-signal"              # no 106 on a weak signal
+    IGNORES_SPACE = "ignores-space"                # no 102, downloads what cannot fit
+    RESTARTS_DOWNLOAD = "restarts-download"        # from byte 0 after a reboot or power cut
+    REPORTS_201_BEFORE_REBOOT = "201-before-reboot"
+    REPORTS_201_ON_OLD_IMAGE = "201-on-old-image"  # 201 whatever it booted
+    RETRIES_FOREVER = "retries-forever"            # ignores the task's retry count
+    SILENT_AFTER_FAILURE = "silent-after-failure"  # never reports a failure code
+    SKIPS_MD5 = "skips-md5"                        # installs whatever arrived
+    TRUSTS_ANY_2XX = "trusts-any-2xx"              # no Content-Range or length check
+    FLASHES_ON_LOW_POWER = "flashes-on-low-power"  # no 202
+    REPORTS_AFTER_TOKEN_END = "reports-after-token-end"  # reports 107 on token 12/20/22
+    NO_BOOT_REPORT = "no-boot-report"              # never reports after the reboot
+
+    @classmethod
+    def parse(cls, names: Iterable[str]) -> frozenset[Defect]:
+        known = {defect.value: defect for defect in cls}
+        chosen = set()
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown defect {name!r}; known: {', '.join(known)}")
+            chosen.add(known[name])
+        return frozenset(chosen)

@@ -1,0 +1,654 @@
+"""The firmware of a simulated board: a test build with the console contract's shell, the OneNET
+OTA agent a well-behaved device runs, the bootloader that installs what it downloads, and the
+state it keeps in flash. The same model runs on every simulated board; the board (``Platform``)
+gives it a console, flash, a reset line, a battery and a radio.
+
+One OTA attempt (``ota check``), as ONENET.md has real devices do it:
+
+1. ``POST /ota/device/version`` with the version running now (answer not needed to go on);
+2. detect (``type=2``, SOTA: the MCU application) with the board's manuf/model, its version, its
+   signal and battery level; anything but errno 0 ends the attempt (there is no token to report
+   with);
+3. the task's thresholds, checked by the device (``meets_threshold``: strictly above): battery
+   105, signal 106; then free package storage 102;
+4. token check: 12 (expired), 20 (finished), 22 (cancelled) end the attempt without a report, any
+   other errno is reported 107;
+5. ranged download in ``chunk_size`` pieces straight into the secondary slot, every answer checked
+   (206, ``Content-Length`` present, ``Content-Range`` exactly the range asked for, the body that
+   long); the offset and token are persisted after every chunk, so a reboot or power cut resumes
+   where it stopped (detect hands a live task's token back). A one-byte error body ``1``, ``2``,
+   ``3`` or ``5`` is final (107); a timeout, a connection error, a wrong answer or error body
+   ``4``/``6`` is retried up to the task's ``retry`` times, ``interval`` seconds apart; when no
+   try is left the device reports 207 (maximum retries reached) if it had retries, else the
+   cause: 104 for a timeout, 107 otherwise;
+6. md5 of the downloaded package: a mismatch is 205, else 101;
+7. flash: the battery is checked again (202 below the task's threshold), the image is marked
+   for installation, the board reboots; the bootloader copies a valid image from the secondary
+   slot over the primary (MCUboot's overwrite-only upgrade) and starts the primary;
+8. after the boot, 201 if the image the board booted carries the target version, 204 otherwise
+   (not installed, or installed but of another version).
+
+Every step is narrated on the console as contract events (``ota phase=...``, ``boot
+version=V``, ``ota end`` once the attempt is over, after the post-boot report when there was one).
+
+Persistence: ``<state_dir>/nvs.json`` is the firmware's settings partition (the OTA server, the
+attempt in progress), written atomically after each change; the flash files are the board's.
+The attempt in progress is bound to the image that started it (a digest of the primary slot): a
+board that was reflashed with a debugger since forgets it instead of resuming someone else's
+update. Fault-hook values (``test power/signal/space``) live in RAM and are gone after a reset.
+
+Defects (``Defect``), off by default and chosen per board, make the firmware misbehave the way
+real firmware does, so the conformance suite's power to catch them can be measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import requests
+
+from hil.boards import board_family
+from hil.onenet.auth import Authorization, product_res
+from hil.onenet.codes import Errno, ResultCode, TaskType, meets_threshold
+from hil.onenet.messages import DetectAnswer
+from hil.sim.defects import Defect
+from hil.sim.flash import SimFlash
+from hil.sim.images import image_version
+from hil.sim.layout import Layout, Slot, layout_of
+
+NVS_FILE = "nvs.json"
+FACTORY_FILE = "factory.bin"
+CHUNK_SIZE = 4096
+HTTP_TIMEOUT_S = 5.0
+TOKEN_LIFETIME_S = 3600          # how far ahead the firmware dates its Authorization
+_RETRY_FLOOR_S = 0.05            # a "retries forever" board still does not spin flat out
+
+# Token check answers after which a device ends the attempt without a report (ONENET.md).
+END_WITHOUT_REPORT = frozenset({Errno.TOKEN_EXPIRED, Errno.TASK_FINISHED, Errno.TASK_CANCELLED})
+# One-byte download error bodies that no retry can fix (not found, size, token, parameters).
+FINAL_DOWNLOAD_ERRORS = frozenset({b"1", b"2", b"3", b"5"})
+
+
+class Platform(Protocol):
+    """What the board gives its firmware."""
+
+    @property
+    def board(self) -> str:
+        """The board family (``hil.boards``)."""
+
+    def console_write(self, data: bytes) -> None: ...
+
+    def reset(self) -> None:
+        """A software reset: the firmware stops (``Firmware.stop``) and boots again."""
+
+    def flash(self, chip: str) -> SimFlash:
+        """The flash chip named in the layout (``internal``, ``spi``)."""
+
+    def battery_percent(self) -> int:
+        """What the battery gauge reads now (the bench supply's voltage, on a simulated rig)."""
+
+    def signal(self) -> int:
+        """The signal level the radio reports now (after the rig's attenuator)."""
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    product_id: str
+    dev_id: str
+    access_key: str = ""
+
+    def __repr__(self) -> str:        # the key never reaches a log through a repr
+        return f"DeviceIdentity(product_id={self.product_id!r}, dev_id={self.dev_id!r})"
+
+
+class _Stopped(Exception):
+    """The board reset or lost power under a running thread: it unwinds without a word."""
+
+
+class _Failed(Exception):
+    """An attempt ends with this result code reported (or none, for ``None``)."""
+
+    def __init__(self, result: ResultCode | None) -> None:
+        super().__init__(result)
+        self.result = result
+
+
+class Nvs:
+    """The settings partition: a JSON object written atomically (a power cut never tears it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[str, Any]:
+        with self._lock:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return {}
+            return data if isinstance(data, dict) else {}
+
+    def update(self, **values: Any) -> None:
+        with self._lock:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                data = {}
+            data.update(values)
+            data = {key: value for key, value in data.items() if value is not None}
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+            os.replace(temporary, self.path)
+
+    def erase(self) -> None:
+        with self._lock:
+            self.path.unlink(missing_ok=True)
+
+
+def slot_digest(flash: SimFlash, slot: Slot) -> str:
+    return hashlib.sha256(flash.read(slot.address, slot.size)).hexdigest()
+
+
+class Firmware:
+    """The firmware running on ``platform`` (see the module docstring).
+
+    The board calls ``boot()`` when the chip starts the firmware (power-on, reset released, a
+    software reset), ``stop()`` when it stops running it (reset held, power lost, a debugger's
+    halt) and ``console_input(data)`` with what the host sends; each returns at once. Work runs
+    on the firmware's own threads, which a ``stop()`` strands: they unwind at their next step
+    without touching the console, the flash or the network again. ``shutdown()`` stops and
+    waits for them (the simulation's end)."""
+
+    def __init__(self, platform: Platform, state_dir: Path, identity: DeviceIdentity, *,
+                 defects: frozenset[Defect] = frozenset(), http_timeout: float = HTTP_TIMEOUT_S,
+                 chunk_size: int = CHUNK_SIZE, clock: Callable[[], float] = time.time) -> None:
+        self.platform = platform
+        self.board = platform.board
+        self.family = board_family(platform.board)
+        self.layout: Layout = layout_of(platform.board)
+        self.state_dir = state_dir
+        self.identity = identity
+        self.defects = defects
+        self.http_timeout = http_timeout
+        self.chunk_size = chunk_size
+        self.clock = clock
+        self.nvs = Nvs(state_dir / NVS_FILE)
+        self.version: str | None = None      # of the image running now; None: not running
+        self._lock = threading.Lock()
+        self._generation = 0                 # one per boot; a thread of an older one is stranded
+        self._running = False
+        self._halt = threading.Event()       # set on stop(): wakes a stranded thread's waits
+        self._threads: list[threading.Thread] = []
+        self._busy: threading.Thread | None = None   # the OTA attempt (or post-boot report)
+        self._line = bytearray()
+        self._power_override: int | None = None
+        self._signal_override: int | None = None
+        self._space_override: int | None = None
+
+    # =========================================================================== board events
+    def boot(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._running = True
+            self._halt = threading.Event()
+            self._line.clear()
+            self._power_override = self._signal_override = self._space_override = None
+            self._busy = None
+            generation = self._generation
+        self._spawn(self._main, generation, "main")
+
+    def stop(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._running = False
+            self.version = None
+            self._halt.set()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop and wait for every thread (at most an HTTP timeout: a request in flight is let
+        finish, as the radio would)."""
+        self.stop()
+        limit = timeout if timeout is not None else self.http_timeout + 2
+        for thread in list(self._threads):
+            if thread is not threading.current_thread():
+                thread.join(limit)
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+
+    def console_input(self, data: bytes) -> None:
+        with self._lock:
+            if not self._running or self.version is None:
+                return            # the shell is not up: the UART drops what it hears
+            generation = self._generation
+            self._line += data
+            lines = []
+            while True:
+                end = min((i for i in (self._line.find(b"\n"), self._line.find(b"\r"))
+                           if i >= 0), default=-1)
+                if end < 0:
+                    break
+                lines.append(bytes(self._line[:end]))
+                del self._line[:end + 1]
+        for line in lines:
+            text = line.decode("ascii", errors="replace").strip()
+            if text:
+                with contextlib.suppress(_Stopped):
+                    self._command(generation, text)
+
+    # =========================================================================== threads
+    def _spawn(self, target: Callable[[int], None], generation: int, name: str
+               ) -> threading.Thread:
+        def run() -> None:
+            with contextlib.suppress(_Stopped):
+                target(generation)
+
+        thread = threading.Thread(target=run, name=f"hil-sim {self.board} {name}", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def _alive(self, generation: int) -> None:
+        if generation != self._generation:
+            raise _Stopped
+
+    def _say(self, generation: int, line: str) -> None:
+        with self._lock:
+            self._alive(generation)
+            self.platform.console_write(line.encode("ascii", errors="replace") + b"\r\n")
+
+    def _sleep(self, generation: int, seconds: float) -> None:
+        halt = self._halt
+        self._alive(generation)
+        if halt.wait(seconds):
+            raise _Stopped
+        self._alive(generation)
+
+    # =========================================================================== boot
+    def _main(self, generation: int) -> None:
+        self._bootloader(generation)
+        primary = self.platform.flash(self.layout.primary.chip)
+        try:
+            version = image_version(self.board, primary.read(self.layout.primary.address,
+                                                             self.layout.primary.size))
+        except ValueError as error:
+            self._say(generation, f"E: no bootable image in the primary slot: {error}")
+            return            # a board with no firmware: no shell, no boot line
+        with self._lock:
+            self._alive(generation)
+            self.version = version
+        self._say(generation, f"boot version={version}")
+        ota = self.nvs.load().get("ota")
+        if not isinstance(ota, dict):
+            return
+        if ota.get("running") not in (None, slot_digest(primary, self.layout.primary)) \
+                and not self._booted_package(ota):
+            # Someone flashed another image: this attempt belongs to a firmware that is gone.
+            self.nvs.update(ota=None)
+            return
+        if ota.get("stage") == "install":
+            with self._lock:
+                self._alive(generation)
+                self._busy = threading.current_thread()
+            self._after_install(generation, ota)
+
+    def _bootloader(self, generation: int) -> None:
+        """MCUboot (overwrite-only) or the ESP32's bootloader: install a pending image."""
+        self._say(generation, "I: bootloader: starting" if self.layout.boot_region
+                  else "I (31) boot: ESP-IDF bootloader")
+        ota = self.nvs.load().get("ota")
+        if not isinstance(ota, dict) or ota.get("stage") != "install":
+            return
+        layout = self.layout
+        primary = self.platform.flash(layout.primary.chip)
+        secondary = self.platform.flash(layout.secondary.chip)
+        if ota.get("running") != slot_digest(primary, layout.primary):
+            return                      # installed already, or reflashed since: nothing to do
+        size = int(ota["size"])
+        image = secondary.read(layout.secondary.address, size)
+        try:
+            image_version(self.board, image)
+        except ValueError as error:
+            self._say(generation, f"E: bootloader: secondary slot image rejected: {error}")
+            return
+        self._say(generation, "I: bootloader: copying the secondary slot to the primary slot")
+        self._alive(generation)
+        primary.erase(layout.primary.address, layout.primary.size)
+        primary.program(layout.primary.address, image)
+        primary.flush()
+
+    def _booted_package(self, ota: dict[str, Any]) -> bool:
+        """Whether the primary slot holds the package this attempt downloaded."""
+        primary = self.platform.flash(self.layout.primary.chip)
+        size = int(ota.get("size", 0))
+        if not 0 < size <= self.layout.primary.size:
+            return False
+        data = primary.read(self.layout.primary.address, size)
+        return hashlib.md5(data, usedforsecurity=False).hexdigest() == ota.get("md5")
+
+    def _after_install(self, generation: int, ota: dict[str, Any]) -> None:
+        """Step 8: report what was booted, then end the attempt."""
+        try:
+            if ota.get("reported") or Defect.NO_BOOT_REPORT in self.defects:
+                return
+            upgraded = self._booted_package(ota) and self.version == ota.get("target")
+            if Defect.REPORTS_201_ON_OLD_IMAGE in self.defects:
+                upgraded = True
+            server = self.nvs.load().get("server")
+            if isinstance(server, str):
+                with self._session() as http:
+                    self._report(generation, http, server, ota["token"],
+                                 ResultCode.UPGRADED if upgraded
+                                 else ResultCode.UPGRADE_VERSION_MISMATCH)
+        finally:
+            self._alive(generation)
+            self.nvs.update(ota=None)
+            self._say(generation, "ota end")
+
+    # =========================================================================== shell
+    def _command(self, generation: int, line: str) -> None:
+        words = line.split()
+        match words:
+            case ["ota", "server", url]:
+                if not url.startswith(("http://", "https://")):
+                    self._say(generation, "ERR ota server takes an http(s):// base URL")
+                    return
+                self.nvs.update(server=url.rstrip("/"))
+                self._say(generation, "OK")
+            case ["ota", "check"]:
+                self._start_attempt(generation)
+            case ["sys", "version"]:
+                self._say(generation, f"version={self.version}")
+                self._say(generation, "OK")
+            case ["sys", "reboot"]:
+                self._say(generation, "OK")
+                self.platform.reset()
+            case ["test", ("power" | "signal" | "space") as hook, value]:
+                self._hook(generation, hook, value)
+            case ["test", "factory"]:
+                self._factory(generation)
+            case _:
+                self._say(generation, f"ERR unknown command: {line[:40]}")
+
+    def _hook(self, generation: int, hook: str, text: str) -> None:
+        try:
+            value = int(text)
+        except ValueError:
+            self._say(generation, f"ERR test {hook}: {text[:20]!r} is not an integer")
+            return
+        if hook == "power" and not 0 <= value <= 100:
+            self._say(generation, f"ERR test power: {value} is outside 0..100")
+            return
+        if hook == "space" and value < 0:
+            self._say(generation, f"ERR test space: {value} is negative")
+            return
+        with self._lock:
+            if hook == "power":
+                self._power_override = value
+            elif hook == "signal":
+                self._signal_override = value
+            else:
+                self._space_override = value
+        self._say(generation, "OK")
+
+    def _factory(self, generation: int) -> None:
+        factory = self.state_dir / FACTORY_FILE
+        if self._attempt_running():
+            self._say(generation, "ERR busy: an OTA attempt is running")
+            return
+        if not factory.is_file():
+            self._say(generation, "ERR no factory image on this board")
+            return
+        image = factory.read_bytes()
+        slot = self.layout.primary
+        flash = self.platform.flash(slot.chip)
+        self.nvs.erase()
+        flash.erase(slot.address, slot.size)
+        flash.program(slot.address, image[:slot.size])
+        flash.flush()
+        self._say(generation, "OK")
+        self.platform.reset()
+
+    def _attempt_running(self) -> bool:
+        busy = self._busy
+        return busy is not None and busy.is_alive()
+
+    def _start_attempt(self, generation: int) -> None:
+        server = self.nvs.load().get("server")
+        with self._lock:
+            self._alive(generation)
+        if self._attempt_running():
+            self._say(generation, "ERR busy: an OTA attempt is running")
+            return
+        if not isinstance(server, str):
+            self._say(generation, "ERR no OTA server: give ota server <url> first")
+            return
+        self._say(generation, "OK")
+        with self._lock:
+            self._alive(generation)
+            self._busy = self._spawn(lambda g: self._attempt(g, server), generation, "ota")
+
+    # =========================================================================== the attempt
+    def _attempt(self, generation: int, server: str) -> None:
+        ended = True
+        try:
+            with self._session() as http:
+                ended = self._run_attempt(generation, http, server)
+        finally:
+            if ended:
+                self._say(generation, "ota end")
+
+    def _run_attempt(self, generation: int, http: requests.Session, server: str) -> bool:
+        """Steps 1..7. False when the board rebooted to install (the attempt goes on there)."""
+        version_key = "s_version"   # type 2, SOTA: the MCU application is what is updated
+        self._call(generation, http, "POST", server,
+                   f"/ota/device/version?dev_id={self.identity.dev_id}",
+                   json={version_key: self.version})
+        power, signal = self._power(), self._signal()
+        query: dict[str, str | int] = {
+            "dev_id": self.identity.dev_id, "manuf": self.family.manuf,
+            "model": self.family.model, "type": int(TaskType.SOTA), "version": str(self.version),
+            "cdn": "true", "signal": signal, "power": power}
+        detect = self._call(generation, http, "GET", server, "/ota/south/check", params=query)
+        errno = detect.get("errno") if detect is not None else None
+        if errno != Errno.OK:
+            self._say(generation, f"ota phase=detect errno={errno}")
+            return True
+        try:
+            task = DetectAnswer.from_data(detect.get("data") if detect else None)
+        except Exception as error:      # ProtocolError: a detect answer that makes no sense
+            self._say(generation, f"ota phase=detect errno=0 error={type(error).__name__}")
+            return True
+        self._say(generation, f"ota phase=detect errno=0 target={task.target} size={task.size}")
+        try:
+            return self._run_task(generation, http, server, task, power, signal)
+        except _Failed as failed:
+            self.nvs.update(ota=None)
+            if failed.result is not None and Defect.SILENT_AFTER_FAILURE not in self.defects:
+                self._report(generation, http, server, task.token, failed.result)
+            return True
+
+    def _run_task(self, generation: int, http: requests.Session, server: str,
+                  task: DetectAnswer, power: int, signal: int) -> bool:
+        primary = self.platform.flash(self.layout.primary.chip)
+        running = slot_digest(primary, self.layout.primary)
+        saved = self.nvs.load().get("ota")
+        resumed = isinstance(saved, dict) and saved.get("token") == task.token \
+            and saved.get("md5") == task.md5 and saved.get("size") == task.size \
+            and saved.get("running") == running
+        ota: dict[str, Any] = dict(saved) if resumed and isinstance(saved, dict) else {
+            "token": task.token, "target": task.target, "size": task.size, "md5": task.md5,
+            "running": running, "offset": 0, "stage": "download"}
+        if Defect.RESTARTS_DOWNLOAD in self.defects and ota["stage"] == "download":
+            ota["offset"] = 0
+        # Step 3: the task's conditions, checked by the device.
+        if not meets_threshold(power, task.power) and Defect.IGNORES_POWER not in self.defects:
+            raise _Failed(ResultCode.DOWNLOAD_LOW_BATTERY)
+        if not meets_threshold(signal, task.signal) and Defect.IGNORES_SIGNAL not in self.defects:
+            raise _Failed(ResultCode.DOWNLOAD_BAD_SIGNAL)
+        if task.size > self._free_space() and Defect.IGNORES_SPACE not in self.defects:
+            raise _Failed(ResultCode.DOWNLOAD_NO_SPACE)
+        if ota["stage"] == "download":
+            self._token_check(generation, http, server, task)
+            self.nvs.update(ota=ota)
+            self._download(generation, http, server, task, ota)
+            self._verify(generation, task)
+            if Defect.EARLY_101 not in self.defects:
+                answer = self._report(generation, http, server, task.token,
+                                      ResultCode.DOWNLOADED)
+                if answer != Errno.OK:
+                    raise _Failed(None)     # refused (cancelled, finished): nothing to install
+            ota["stage"] = "downloaded"
+            self.nvs.update(ota=ota)
+        # Step 7: install.
+        if not meets_threshold(self._power(), task.power) \
+                and Defect.FLASHES_ON_LOW_POWER not in self.defects:
+            raise _Failed(ResultCode.UPGRADE_LOW_BATTERY)
+        self._say(generation, f"ota phase=flash bytes={task.size}")
+        ota["stage"] = "install"
+        if Defect.REPORTS_201_BEFORE_REBOOT in self.defects:
+            self._report(generation, http, server, task.token, ResultCode.UPGRADED)
+            ota["reported"] = True
+        self._alive(generation)
+        self.nvs.update(ota=ota)
+        self.platform.reset()
+        return False
+
+    def _token_check(self, generation: int, http: requests.Session, server: str,
+                     task: DetectAnswer) -> None:
+        answer = self._call(generation, http, "GET", server,
+                            f"/ota/south/download/{task.token}/check"
+                            f"?dev_id={self.identity.dev_id}")
+        errno = answer.get("errno") if answer is not None else None
+        self._say(generation, f"ota phase=token errno={errno}")
+        if errno == Errno.OK:
+            return
+        if errno in END_WITHOUT_REPORT and Defect.REPORTS_AFTER_TOKEN_END not in self.defects:
+            raise _Failed(None)
+        raise _Failed(ResultCode.DOWNLOAD_UNKNOWN)
+
+    def _download(self, generation: int, http: requests.Session, server: str,
+                  task: DetectAnswer, ota: dict[str, Any]) -> None:
+        """Step 5, into the secondary slot, from ``ota["offset"]``."""
+        slot = self.layout.secondary
+        flash = self.platform.flash(slot.chip)
+        if ota["offset"] == 0:
+            self._alive(generation)
+            flash.erase(slot.address, max(task.size, 1))
+        failures = 0
+        early_reported = False
+        while ota["offset"] < task.size:
+            start = ota["offset"]
+            end = min(start + self.chunk_size, task.size) - 1
+            chunk, cause = self._fetch(generation, http, server, task, start, end)
+            if chunk is None:
+                if cause in FINAL_DOWNLOAD_ERRORS:
+                    raise _Failed(ResultCode.DOWNLOAD_UNKNOWN)
+                failures += 1
+                if failures > task.retry and Defect.RETRIES_FOREVER not in self.defects:
+                    raise _Failed(ResultCode.MAX_RETRIES if task.retry else
+                                  ResultCode.DOWNLOAD_TIMEOUT if cause == "timeout"
+                                  else ResultCode.DOWNLOAD_UNKNOWN)
+                self._sleep(generation, max(task.interval, _RETRY_FLOOR_S))
+                continue
+            self._alive(generation)
+            flash.program(slot.address + start, chunk[:task.size - start])
+            ota["offset"] = start + len(chunk)
+            self.nvs.update(ota=ota)
+            if Defect.EARLY_101 in self.defects and not early_reported:
+                early_reported = True
+                self._report(generation, http, server, task.token, ResultCode.DOWNLOADED)
+        flash.flush()
+
+    def _fetch(self, generation: int, http: requests.Session, server: str, task: DetectAnswer,
+               start: int, end: int) -> tuple[bytes | None, str | bytes]:
+        """One chunk: its bytes, or None and why (``timeout``, ``answer``, an error body)."""
+        self._alive(generation)
+        try:
+            answer = http.get(f"{server}/ota/south/download/{task.token}",
+                              headers={"Authorization": self._authorization(),
+                                       "Range": f"bytes={start}-{end}"},
+                              timeout=self.http_timeout)
+            body = answer.content
+        except requests.Timeout:
+            self._say(generation, f"ota phase=download offset={start} error=timeout")
+            return None, "timeout"
+        except requests.RequestException as error:
+            self._say(generation, f"ota phase=download offset={start} "
+                      f"error={type(error).__name__}")
+            return None, "connection"
+        self._alive(generation)
+        self._say(generation, f"ota phase=download offset={start} status={answer.status_code}")
+        if "Content-Length" not in answer.headers and len(body) == 1:
+            return None, body            # OneNET's one-byte error answer
+        if Defect.TRUSTS_ANY_2XX in self.defects and 200 <= answer.status_code < 300:
+            return body or None, "answer"
+        if answer.status_code != 206 or "Content-Length" not in answer.headers \
+                or answer.headers.get("Content-Range") != f"bytes {start}-{end}/{task.size}" \
+                or len(body) != end - start + 1:
+            return None, "answer"
+        return body, ""
+
+    def _verify(self, generation: int, task: DetectAnswer) -> None:
+        slot = self.layout.secondary
+        data = self.platform.flash(slot.chip).read(slot.address, task.size)
+        good = hashlib.md5(data, usedforsecurity=False).hexdigest() == task.md5
+        self._say(generation, f"ota phase=verify md5={'ok' if good else 'bad'}")
+        if not good and Defect.SKIPS_MD5 not in self.defects:
+            raise _Failed(ResultCode.UPGRADE_MD5_MISMATCH)
+
+    # =========================================================================== HTTP
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[requests.Session]:
+        with requests.Session() as http:
+            http.trust_env = False       # a simulated board has no proxy settings
+            yield http
+
+    def _authorization(self) -> str:
+        et = int(self.clock()) + TOKEN_LIFETIME_S
+        return Authorization.build(self.identity.access_key, product_res(self.identity.product_id),
+                                   et).header()
+
+    def _call(self, generation: int, http: requests.Session, method: str, server: str,
+              path: str, **kwargs: Any) -> dict[str, Any] | None:
+        """A JSON call; None when it failed on the way (no answer, not JSON)."""
+        self._alive(generation)
+        try:
+            answer = http.request(method, server + path, timeout=self.http_timeout,
+                                  headers={"Authorization": self._authorization()}, **kwargs)
+            body = answer.json()
+        except (requests.RequestException, ValueError):
+            body = None
+        self._alive(generation)
+        return body if isinstance(body, dict) else None
+
+    def _report(self, generation: int, http: requests.Session, server: str, token: str,
+                result: ResultCode) -> int | None:
+        answer = self._call(generation, http, "POST", server,
+                            f"/ota/south/report?dev_id={self.identity.dev_id}&token={token}",
+                            json={"result": int(result)})
+        errno = answer.get("errno") if answer is not None else None
+        self._say(generation, f"ota phase=report result={int(result)} errno={errno}")
+        return errno if isinstance(errno, int) else None
+
+    # =========================================================================== sensors
+    def _power(self) -> int:
+        override = self._power_override
+        return override if override is not None else self.platform.battery_percent()
+
+    def _signal(self) -> int:
+        override = self._signal_override
+        return override if override is not None else self.platform.signal()
+
+    def _free_space(self) -> int:
+        override = self._space_override
+        size = self.layout.secondary.size
+        return size if override is None else min(size, override)
