@@ -109,8 +109,10 @@ def test_every_example_rig_loads(name):
     assert rig.family is BOARDS[board]
     assert rig.part_number == part
     assert rig.capabilities == frozenset(capabilities)
-    assert rig.identity.access_key_env == "HIL_ACCESS_KEY"
+    # Simulated rigs sign with their own variable, set to a fresh key when unset.
+    assert rig.identity.access_key_env == ("HIL_SIM_ACCESS_KEY" if rig.sim else "HIL_ACCESS_KEY")
     assert rig.ota.service == "mock"
+    assert (rig.sim is not None) == name.startswith("sim-")
 
 
 def test_the_examples_in_detail():

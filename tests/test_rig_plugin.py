@@ -73,7 +73,7 @@ def test_with_no_rig_selected_rig_tests_skip_with_a_reason(pytester):
     pytester.makepyfile(test_x="def test_rig(board): pass")
     result = run(pytester, "-rs")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*no rig selected: give --hil-rig NAME*"])
+    result.stdout.fnmatch_lines(["*no rig selected and no rigs/sim-*.yaml: give --hil-rig*"])
 
 
 def test_a_bad_rig_file_stops_the_run_with_one_line(pytester):

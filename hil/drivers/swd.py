@@ -26,6 +26,8 @@ cable, target power), not the firmware, failed.
 
 from __future__ import annotations
 
+import importlib.resources as importlib_resources
+import io
 import logging
 import xml.etree.ElementTree as ET
 import zipfile
@@ -40,6 +42,7 @@ from elftools.elf.sections import SymbolTableSection
 from pyocd.core import exceptions as pyocd_errors
 from pyocd.core.helpers import ConnectHelper
 from pyocd.core.session import Session
+from pyocd.debug.svd import loader as svd_loader
 from pyocd.flash.file_programmer import FileProgrammer
 from pyocd.target import normalise_target_type_name
 from pyocd.target.builtin import BUILTIN_TARGETS
@@ -52,6 +55,18 @@ from hil.drivers.base import DriverBase, Progress
 from hil.errors import RigFault
 
 log = logging.getLogger(__name__)
+
+
+def _read_builtin_svd(cls: Any, svd_name: str) -> Any:
+    """pyocd 0.46's ``SVDFile.from_builtin`` opens its ``svd_data.zip`` for every nRF52 target it
+    builds and never closes it (a ResourceWarning each time, an error under warnings-as-errors).
+    The same SVD, read into memory with the archive closed."""
+    archive_path = importlib_resources.files("pyocd").joinpath(svd_loader.BUILTIN_SVD_DATA_PATH)
+    with archive_path.open("rb") as stream, zipfile.ZipFile(stream) as archive:
+        return cls(io.BytesIO(archive.read(svd_name)))
+
+
+svd_loader.SVDFile.from_builtin = classmethod(_read_builtin_svd)
 
 PART = "flasher"
 IMAGE_FORMATS = ("hex", "bin", "elf", "axf")   # what pyocd's FileProgrammer reads, by suffix
@@ -259,6 +274,11 @@ class SwdFlasher(DriverBase):
         session: Any = None
         try:
             session = Session(probe, auto_open=False, options=options)
+            # pyocd parses the part's SVD (register names, for its debugger) on a background
+            # thread per connect; flashing and resetting need none of it, so skip the parse (a
+            # private attribute of CoreSightTarget; pyocd is pinned).
+            if hasattr(session.target, "_svd_location"):
+                session.target._svd_location = None
             session.open()
         except _PROBE_ERRORS as err:
             if session is not None:

@@ -18,7 +18,9 @@ Options (group ``hil``; each has a pytest.ini twin, the command line wins):
 
 Fixtures: ``rig``, ``board``, ``console``, ``flasher``, ``power``, ``rf``, ``ota_service``,
 ``ota_task``, ``timeline``; ``mock_onenet`` is the mock with no rig. Tests that use a rig are
-parametrized over the selected rigs (ids: rig names); with no rig selected they skip.
+parametrized over the selected rigs (ids: rig names); with no ``--hil-rig`` they run on the
+simulated rigs in ``rigs/sim-*.yaml`` (under the root directory), and skip if there are none.
+A simulated rig's board, console and instruments run for the length of each test.
 
 Markers: ``@pytest.mark.board("esp32", ...)`` runs a test only on those boards;
 ``@pytest.mark.needs("power", "rf", "flasher", "power_cut", "space")`` skips it on rigs lacking one.
@@ -49,6 +51,7 @@ from hil.service.server import MockOneNet
 from hil.service.timeline import Timeline
 
 CAPABILITIES = ("console", "flasher", "power", "power_cut", "rf", "space")
+SIM_RIGS = "sim-*.yaml"     # the rigs a run without --hil-rig uses
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,11 @@ def _existing(config: pytest.Config, name: str, flag: str) -> Path | None:
 
 
 def _load_rigs(config: pytest.Config) -> tuple[Rig, ...]:
+    """The selected rigs; with none selected, the simulated ones (``rigs/sim-*.yaml``)."""
     rigs: list[Rig] = []
-    for name in _value(config, "hil_rigs") or []:
+    names = _value(config, "hil_rigs") or [
+        str(path) for path in sorted((config.rootpath / "rigs").glob(SIM_RIGS))]
+    for name in names:
         try:
             rig = load_rig(find_rig(name, config.rootpath / "rigs"))
         except ConfigError as error:
@@ -226,7 +232,8 @@ def hil_options(pytestconfig: pytest.Config) -> HilOptions:
 def rig(_hil_rig: Rig | None, hil_options: HilOptions) -> Iterator[Rig]:
     """The rig this test runs on, leased for the length of the test."""
     if _hil_rig is None:
-        pytest.skip("no rig selected: give --hil-rig NAME (or hil_rigs in pytest.ini)")
+        pytest.skip("no rig selected and no rigs/sim-*.yaml: give --hil-rig NAME (or hil_rigs "
+                    "in pytest.ini)")
     with RigLease(_hil_rig.name, hil_options.lease_dir):
         yield _hil_rig
 
@@ -312,6 +319,10 @@ def ota_service(rig: Rig, hil_options: HilOptions, _hil_mocks: _MockPool
     if hil_options.ota_service != "mock":
         pytest.skip(f"--hil-ota-service {hil_options.ota_service}: the real-service mode runs "
                     "through the gateway, which this version of hil does not have yet")
+    if rig.sim is not None:
+        from hil.sim.bench import sim_access_key
+
+        sim_access_key(rig)    # a simulated board and the mock share a fresh key
     key = os.environ.get(rig.identity.access_key_env)
     if not key:
         raise RigFault("identity", f"{rig.identity.access_key_env} is not set: the mock must "

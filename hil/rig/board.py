@@ -89,13 +89,14 @@ class Board:
     def restore_base(self, firmware: Path | None, progress: Progress | None = None) -> str:
         """Back to the base state: flash ``firmware`` where the rig has a flasher, else the
         firmware's factory reset. Returns the version the board boots."""
-        flasher = self.parts.flasher() if firmware is not None else None
-        if flasher is None or firmware is None:
+        if firmware is None or self.rig.flasher.kind == "none":
             self.command("factory")
             return self.version()
         if self.rig.flasher.kind == "esp":
             # The ESP32 is flashed through its console's own serial port: let go of it first.
             self.parts.release("console")
+        flasher = self.parts.flasher()
+        assert flasher is not None
         flasher.program(firmware, progress=progress)
         flasher.reset()
         if self.rig.flasher.kind != "esp":

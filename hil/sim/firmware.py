@@ -225,10 +225,17 @@ class Firmware:
 
     def console_input(self, data: bytes) -> None:
         with self._lock:
-            if not self._running or self.version is None:
-                return            # the shell is not up: the UART drops what it hears
+            if not self._running:
+                return            # powered off or held in reset: the UART hears nothing
+            self._line += data    # the UART driver buffers what comes before the shell is up
             generation = self._generation
-            self._line += data
+        self._serve_shell(generation)
+
+    def _serve_shell(self, generation: int) -> None:
+        """Run the complete command lines received so far, once the shell is up."""
+        with self._lock:
+            if generation != self._generation or self.version is None:
+                return
             lines = []
             while True:
                 end = min((i for i in (self._line.find(b"\n"), self._line.find(b"\r"))
@@ -286,6 +293,7 @@ class Firmware:
             self._alive(generation)
             self.version = version
         self._say(generation, f"boot version={version}")
+        self._serve_shell(generation)      # what the host typed while the board booted
         ota = self.nvs.load().get("ota")
         if not isinstance(ota, dict):
             return
