@@ -43,7 +43,7 @@ from esptool.loader import (
     DEFAULT_CONNECT_ATTEMPTS,
     ESPLoader,
 )
-from esptool.reset import HardReset
+from esptool.reset import ClassicReset, HardReset
 from esptool.targets import CHIP_DEFS
 from esptool.util import FatalError
 from rich.errors import MarkupError
@@ -223,8 +223,16 @@ class EspFlasher(DriverBase):
     def _connect(self) -> None:
         """Reset into the bootloader, detect and check the chip, load the stub, attach flash."""
         with _esptool_output():
+            connect_mode = "default-reset"
+            if not _has_file_descriptor(self._serial):
+                # esptool's default reset starts with an ioctl on the port's descriptor; a URL
+                # port (rfc2217, a simulated board) has none, which costs two failed connect
+                # attempts before esptool falls back to DTR/RTS. Go straight to DTR/RTS.
+                with self._faults("resetting into the bootloader"):
+                    ClassicReset(self._serial)()
+                connect_mode = "no-reset"
             try:
-                esp = detect_chip(self._serial, baud=ROM_BAUD, connect_mode="default-reset",
+                esp = detect_chip(self._serial, baud=ROM_BAUD, connect_mode=connect_mode,
                                   connect_attempts=self.connect_attempts)
             except FatalError as err:
                 if str(err).startswith(_NO_ANSWER_PREFIX):
@@ -266,3 +274,11 @@ class EspFlasher(DriverBase):
             yield
         except (FatalError, OSError) as err:
             raise RigFault(PART, f"{self.port}: {what} failed: {_one_line(err)}") from err
+
+
+def _has_file_descriptor(port: Any) -> bool:
+    try:
+        port.fileno()
+    except (OSError, AttributeError, NotImplementedError):
+        return False
+    return True

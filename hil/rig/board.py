@@ -18,6 +18,9 @@ from hil.errors import ExpectTimeout, RigFault
 from hil.rig.parts import RigParts
 
 
+BOOT_TIMEOUT_S = 30.0
+
+
 class Board:
     def __init__(self, parts: RigParts) -> None:
         self.parts = parts
@@ -31,8 +34,8 @@ class Board:
     def command(self, name: str, timeout: float = 10.0, **values: object) -> list[str]:
         return self.console.command(self.contract.command(name, **values), timeout=timeout)
 
-    def version(self) -> str:
-        for line in self.command("version"):
+    def version(self, timeout: float = 10.0) -> str:
+        for line in self.command("version", timeout=timeout):
             match = self.contract.events["version"].search(line)
             if match:
                 return match.group("version")
@@ -62,12 +65,12 @@ class Board:
             # A shell whose phase lines are not key=value still yields its line, as a tag.
             events.append(parse_event(line) or Event(line.strip(), {}))
 
-    def reboot(self, timeout: float = 30.0) -> str:
+    def reboot(self, timeout: float = BOOT_TIMEOUT_S) -> str:
         """Reboot and return the version the boot line reports."""
         self.command("reboot")
         return self.wait_boot(timeout)
 
-    def wait_boot(self, timeout: float = 30.0) -> str:
+    def wait_boot(self, timeout: float = BOOT_TIMEOUT_S) -> str:
         return self.console.expect(self.contract.events["boot"], timeout).group("version")
 
     # Fault hooks and rig instruments: the rig decides which one serves.
@@ -102,12 +105,12 @@ class Board:
         if self.rig.flasher.kind != "esp":
             return self.wait_boot()
         # The boot line came while the flasher held the port; ask the booted firmware instead,
-        # again if the first command reached it before its shell was up.
+        # again while it is still in reset or booting (a UART in reset drops what it hears).
         self.parts.release("flasher")
-        for attempt in range(3):
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while True:
             try:
-                return self.version()
+                return self.version(timeout=1.0)
             except ExpectTimeout:
-                if attempt == 2:
+                if time.monotonic() > deadline:
                     raise
-        raise AssertionError("unreachable")
