@@ -17,7 +17,6 @@ from hil.drivers.hooks import ConsoleHookSpace
 from hil.errors import ExpectTimeout, RigFault
 from hil.rig.parts import RigParts
 
-
 BOOT_TIMEOUT_S = 30.0
 
 
