@@ -1,7 +1,8 @@
 """The ``hil`` command.
 
-    hil run           the main job on its default: for now the mock service serving a demo
-                      package to a demo device, every exchange printed, PASS or FAIL at the end
+    hil run           the main job on its default, the simulated rigs: each board flashed with
+                      its base image and updated over the air from the mock service, every
+                      exchange printed, PASS or FAIL at the end
     hil serve         the mock OneNET OTA service for one device (or a --tasks file of several)
     hil token         print an Authorization value (the seed's Python snippet, as a command)
     hil rigs          list the rigs in rigs/ with their board and capabilities
@@ -29,11 +30,11 @@ from typing import TYPE_CHECKING, NoReturn
 
 from hil import __version__
 from hil.drivers.base import PowerProtocol, RfProtocol
-from hil.errors import ConfigError, RigFault
+from hil.errors import ConfigError, HilError, RigFault
 from hil.onenet.auth import Authorization, SignMethod, decode_access_key, device_res, product_res
-from hil.onenet.codes import CHIP_CODES, Chip, TaskState, TaskType, is_valid_version
+from hil.onenet.codes import TaskState, TaskType, is_valid_version
 from hil.service.config import apply_task_file, read_package
-from hil.service.server import DEMO_PRODUCT_ID, MockOneNet
+from hil.service.server import MockOneNet
 
 if TYPE_CHECKING:
     from hil.rig.model import Rig
@@ -142,7 +143,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- hil run
-DEMO_DEV_ID = "527776559"     # the seed's device
 
 
 def demo_package(size: int = 64 * 1024) -> bytes:
@@ -152,33 +152,85 @@ def demo_package(size: int = 64 * 1024) -> bytes:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Imported here: requests (under the agent) is not needed by `hil token` or `hil serve`.
-    from hil.onenet.tasks import Package
-    from hil.sim.agent import OtaAgent
+    """Each simulated rig (or the rigs named), from its flashed base image through a whole OTA
+    update against the mock service; every exchange printed; PASS when every board reported
+    [101, 201] and booted the new version."""
+    from hil.rig.model import find_rig
+    from hil.sim.bench import sim_access_key
 
-    manuf, model = CHIP_CODES[Chip.NRF52832]
+    names = args.rigs or [str(path) for path in sorted(args.rigs_dir.glob("sim-*.yaml"))]
+    if not names:
+        _fail("hil run", f"no rigs given and no sim-*.yaml in {args.rigs_dir}")
+    rigs: list[Rig] = []
+    for name in names:
+        rig = _load(find_rig(name, args.rigs_dir))
+        if isinstance(rig, ConfigError):
+            _fail("hil run", str(rig))
+        if rig.sim is None:
+            _fail("hil run", f"rig {rig.name} is not simulated: hil run builds its images with "
+                  "hil.sim.images, which only simulated boards boot")
+        sim_access_key(rig)
+        rigs.append(rig)
+    args.out.mkdir(parents=True, exist_ok=True)
     timeline_path = args.out / "timeline.jsonl"
     timeline_path.unlink(missing_ok=True)
-    with MockOneNet(DEMO_PRODUCT_ID, timeline_path=timeline_path) as onenet:
-        service = onenet.service
-        service.create_task(DEMO_DEV_ID, "1.1.0", Package(demo_package(), "demo-app-1.1.0.bin"),
-                            manuf=manuf, model=model, retry=2, interval=1)
-        service.set_device_version(DEMO_DEV_ID, "1.0.0")
-        print(f"mock OneNET on {onenet.url}: device {DEMO_DEV_ID} (nRF52832), "
-              "task 1.0.0 -> 1.1.0, 64 KiB package")
-        service.timeline.subscribe(lambda e: print("  service |", e.summary(), flush=True))
-        agent = OtaAgent(onenet.url, DEMO_DEV_ID, "1.0.0", onenet.authorization,
-                         manuf=manuf, model=model,
-                         on_event=lambda line: print("  device  |", line, flush=True))
-        attempt = agent.run_once()
-        codes = service.timeline.reported_codes(DEMO_DEV_ID)
-        task = service.task(DEMO_DEV_ID)
-    passed = codes == [101, 201] and task.state is TaskState.SUCCEEDED \
-        and attempt.version == task.target
-    print(f"reported codes {codes}, task {task.state}, device runs {attempt.version}")
+    keys = {(rig.identity.product_id, os.environ[rig.identity.access_key_env]) for rig in rigs}
+    if len(keys) != 1:
+        _fail("hil run", "the rigs must share one product and access key (one mock service)")
+    ((product_id, key),) = keys
+    with MockOneNet(product_id, key, timeline_path=timeline_path) as onenet:
+        onenet.service.timeline.subscribe(
+            lambda e: print(f"  service | {e.summary()}", flush=True))
+        verdicts = [(rig.name, _run_update(rig, onenet, args.out)) for rig in rigs]
     print(f"timeline: {timeline_path}")
-    print("PASS" if passed else "FAIL: expected codes [101, 201] and a succeeded task")
+    for name, verdict in verdicts:
+        print(f"{name:<16} {verdict}")
+    passed = all(verdict.startswith("PASS") for _, verdict in verdicts)
+    print("PASS" if passed else "FAIL")
     return 0 if passed else 1
+
+
+def _run_update(rig: Rig, onenet: MockOneNet, out: Path) -> str:
+    """One rig's update (``hil run``): its verdict line."""
+    from hil.onenet.tasks import Package
+    from hil.rig.board import Board
+    from hil.rig.parts import RigParts
+    from hil.sim.images import build_image
+
+    dev_id = rig.identity.dev_id
+    base = out / f"{rig.board}-1.0.0.bin"
+    base.write_bytes(build_image(rig.board, "1.0.0"))
+    print(f"{rig.name}: flashing {base.name} through {rig.flasher.kind}", flush=True)
+    try:
+        with RigParts(rig) as parts:
+            board = Board(parts)
+            base_version = board.restore_base(base)
+            service = onenet.service
+            service.add_device(dev_id)
+            service.create_task(dev_id, "1.1.0", Package(build_image(rig.board, "1.1.0"),
+                                                          f"{rig.board}-1.1.0.bin"),
+                                manuf=rig.family.manuf, model=rig.family.model)
+            print(f"{rig.name}: runs {base_version}; task {base_version} -> 1.1.0", flush=True)
+            board.point_at(onenet.url)
+            since = board.console.mark()
+            board.start_update()
+            events = board.wait_update_end(timeout=120)
+            downloads = sum(1 for event in events if event.fields.get("phase") == "download")
+            for event in events:
+                if event.fields.get("phase") != "download":
+                    print(f"  {rig.name:<7} | ota " + " ".join(
+                        f"{k}={v}" for k, v in event.fields.items()), flush=True)
+            print(f"  {rig.name:<7} | ({downloads} download chunks)", flush=True)
+            booted = board.console.expect(board.contract.events["boot"], 5, since=since)
+            running = board.version()
+    except HilError as error:
+        return f"FAIL: {error}"
+    codes = service.timeline.reported_codes(dev_id)
+    state = service.task(dev_id).state
+    verdict = f"codes {codes}, task {state}, boot line {booted.group('version')}, runs {running}"
+    ok = codes == [101, 201] and state is TaskState.SUCCEEDED and running == "1.1.0" \
+        and booted.group("version") == "1.1.0"
+    return ("PASS  " if ok else "FAIL  ") + verdict
 
 
 # ---------------------------------------------------------------------------------- rigs
@@ -422,13 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="append every exchange to FILE as JSON lines")
     serve.set_defaults(run=cmd_serve)
 
-    run = commands.add_parser("run", help="the main job (now: the mock serving a demo device)")
-    run.add_argument("--out", type=Path, default=Path(".hil/run"), help="where the timeline goes")
-    run.set_defaults(run=cmd_run)
-
     rigs_dir = _Parser(add_help=False)
     rigs_dir.add_argument("--rigs-dir", type=Path, default=Path("rigs"),
                           help="where rig names are looked up (default ./rigs)")
+
+    run = commands.add_parser("run", parents=[rigs_dir],
+                              help="update each simulated rig from its base image (the main job)")
+    run.add_argument("rigs", nargs="*", metavar="RIG",
+                     help="simulated rigs (default: rigs/sim-*.yaml)")
+    run.add_argument("--out", type=Path, default=Path(".hil/run"),
+                     help="where the timeline and images go (default .hil/run)")
+    run.set_defaults(run=cmd_run)
     # `hil rigs [RIG...]` lists, `hil rigs check [RIG...]` checks. One positional list read by
     # hand: argparse cannot put an optional sub-command before a variable-length positional.
     rigs = commands.add_parser(

@@ -193,9 +193,27 @@ devices:
     assert wrong_type["errno"] == 11
 
 
-def test_run_walks_the_demo_device_through_an_update(tmp_path: Path):
+def test_run_updates_each_simulated_rig_from_its_flashed_base_image(tmp_path: Path):
     result = hil("run", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("PASS")
-    assert "reported codes [101, 201], task succeeded, device runs 1.1.0" in result.stdout
-    assert (tmp_path / "timeline.jsonl").read_text().count("\n") == 21
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "PASS"
+    for rig in ("sim-esp32", "sim-gd32", "sim-nrf52832"):
+        assert f"{rig:<16} PASS  codes [101, 201], task succeeded, boot line 1.1.0, " \
+            "runs 1.1.0" in lines
+    # The service's side, as recorded: each device's two reports, in order.
+    reports = [json.loads(line) for line in (tmp_path / "timeline.jsonl").read_text().splitlines()]
+    for dev_id in ("sim-esp32", "sim-gd32", "sim-nrf52832"):
+        codes = [entry["result"] for entry in reports
+                 if entry.get("dev_id") == dev_id and entry.get("result") is not None]
+        assert codes == [101, 201], dev_id
+
+
+def test_run_refuses_a_rig_that_is_not_simulated(tmp_path: Path):
+    result = hil("run", "--out", str(tmp_path), "lab-nrf52832")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("hil run: error: rig lab-nrf52832 is not simulated: hil run "
+                                     "builds its images with hil.sim.images, which only "
+                                     "simulated boards boot")
+
+

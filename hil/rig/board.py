@@ -97,12 +97,17 @@ class Board:
         if self.rig.flasher.kind == "esp":
             # The ESP32 is flashed through its console's own serial port: let go of it first.
             self.parts.release("console")
+        else:
+            console = self.console    # open before the reset, or the boot line is missed
         flasher = self.parts.flasher()
         assert flasher is not None
         flasher.program(firmware, progress=progress)
-        flasher.reset()
         if self.rig.flasher.kind != "esp":
-            return self.wait_boot()
+            since = console.mark()
+            flasher.reset()
+            return console.expect(self.contract.events["boot"], BOOT_TIMEOUT_S,
+                                  since=since).group("version")
+        flasher.reset()
         # The boot line came while the flasher held the port; ask the booted firmware instead,
         # again while it is still in reset or booting (a UART in reset drops what it hears).
         self.parts.release("flasher")
