@@ -3,10 +3,23 @@ agent (ONENET.md) step by step, the console contract, persistence across power c
 
 from __future__ import annotations
 
+import os
+import re
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
-from sim_board import Answer, SimSetup
+from sim_board import Answer, SimBoard, SimSetup, wait_for
+
+from hil.errors import CommandRefused
+from hil.onenet.messages import Endpoint
+from hil.service.timeline import Exchange
+from hil.sim.firmware import CHUNK_SIZE
+from hil.sim.images import build_image
+
+BASE = "1.0.0"       # the factory image every simulated board starts on
+TARGET = "1.1.0"
 
 
 @pytest.fixture
@@ -22,3 +35,465 @@ def test_a_whole_update_through_the_proxy(setup):
     assert events[0] == "ota phase=detect errno=0 target=1.1.0 size=66088"
     assert setup.codes(sim) == [101, 201]
     assert sim.board.version() == "1.1.0"
+
+
+# ------------------------------------------------------------------------------------ helpers
+def exchanges(setup: SimSetup, sim: SimBoard, phase: Endpoint) -> list[Exchange]:
+    return setup.mock.service.timeline.exchanges(sim.dev_id, phase)
+
+
+def state(setup: SimSetup, sim: SimBoard) -> str:
+    return str(setup.mock.service.task(sim.dev_id).state)
+
+
+def chunks(size: int) -> int:
+    return -(-size // CHUNK_SIZE)
+
+
+def download_offsets(events: list[str]) -> list[int]:
+    return [int(m.group(1)) for event in events
+            if (m := re.match(r"ota phase=download offset=(\d+)", event))]
+
+
+def phases(events: list[str]) -> list[str]:
+    """The attempt's events without the download lines (one per chunk)."""
+    return [event for event in events if not event.startswith("ota phase=download ")]
+
+
+def detect_line(size: int, target: str = TARGET) -> str:
+    return f"ota phase=detect errno=0 target={target} size={size}"
+
+
+def whole_update(size: int, target: str = TARGET) -> list[str]:
+    """The events of an update that goes right, from the first chunk, download lines aside."""
+    return [detect_line(size, target), "ota phase=token errno=0", "ota phase=verify md5=ok",
+            "ota phase=report result=101 errno=0", f"ota phase=flash bytes={size}",
+            "ota phase=report result=201 errno=0"]
+
+
+def last_chunk_range(size: int) -> str:
+    start = (chunks(size) - 1) * CHUNK_SIZE
+    return f"bytes={start}-{size - 1}"
+
+
+# --------------------------------------------------------------------------- 1. thresholds
+@pytest.mark.parametrize(("level", "codes"), [(50, [105]), (51, [101, 201])],
+                         ids=["at-threshold", "above"])
+def test_battery_must_be_strictly_above_the_power_threshold(setup, level, codes):
+    sim = setup.board()
+    task = setup.task(sim, power=50)
+    sim.board.set_power(level)              # the bench supply's voltage is the battery level
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == codes
+    detect = exchanges(setup, sim, Endpoint.DETECT)
+    assert f"power={level}" in detect[0].target        # what the device told the service
+    if codes == [105]:
+        assert events == [detect_line(task.package.size), "ota phase=report result=105 errno=0"]
+        assert exchanges(setup, sim, Endpoint.TOKEN_CHECK) == []
+        assert state(setup, sim) == "failed"
+        assert sim.board.version() == BASE
+    else:
+        assert phases(events) == whole_update(task.package.size)
+        assert state(setup, sim) == "succeeded"
+        assert sim.board.version() == TARGET
+
+
+@pytest.mark.parametrize(("level", "codes"), [(20, [106]), (21, [101, 201])],
+                         ids=["at-threshold", "above"])
+def test_signal_must_be_strictly_above_the_signal_threshold(setup, level, codes):
+    sim = setup.board()
+    task = setup.task(sim, signal=20)
+    sim.board.set_signal(level)             # the rig's attenuator
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == codes
+    assert f"signal={level}" in exchanges(setup, sim, Endpoint.DETECT)[0].target
+    if codes == [106]:
+        assert events == [detect_line(task.package.size), "ota phase=report result=106 errno=0"]
+        assert state(setup, sim) == "failed"
+        assert sim.board.version() == BASE
+    else:
+        assert phases(events) == whole_update(task.package.size)
+        assert sim.board.version() == TARGET
+
+
+def test_power_hook_overrides_the_supply_until_the_next_reset(setup):
+    sim = setup.board()
+    setup.task(sim, power=50)               # the supply is at full charge
+    sim.board.command("power", percent=10)
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == [105]
+    assert events[-1] == "ota phase=report result=105 errno=0"
+    assert "power=10" in exchanges(setup, sim, Endpoint.DETECT)[0].target
+    # Hook values live in RAM: after a reboot the supply speaks again.
+    assert sim.board.reboot() == BASE
+    setup.task(sim, power=50)
+    setup.update(sim)
+    assert setup.codes(sim) == [105, 101, 201]
+    assert "power=100" in exchanges(setup, sim, Endpoint.DETECT)[1].target
+
+
+def test_power_hook_hides_a_low_supply(setup):
+    sim = setup.board()
+    setup.task(sim, power=50)
+    sim.board.set_power(20)
+    sim.board.command("power", percent=90)
+
+    setup.update(sim)
+
+    assert setup.codes(sim) == [101, 201]
+    assert "power=90" in exchanges(setup, sim, Endpoint.DETECT)[0].target
+
+
+# --------------------------------------------------------------------------- 2. free space
+@pytest.mark.parametrize(("short", "codes"), [(1, [102]), (0, [101, 201])],
+                         ids=["one-byte-short", "exactly-enough"])
+def test_free_space_must_hold_the_package(setup, short, codes):
+    sim = setup.board()
+    task = setup.task(sim)
+    sim.board.set_free_space(task.package.size - short)
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == codes
+    if codes == [102]:
+        assert events == [detect_line(task.package.size), "ota phase=report result=102 errno=0"]
+        assert exchanges(setup, sim, Endpoint.DOWNLOAD) == []
+        assert state(setup, sim) == "failed"
+    else:
+        assert state(setup, sim) == "succeeded"
+
+
+# --------------------------------------------------------------------- 3, 4. ends, no report
+def test_expired_token_ends_the_attempt_without_a_report(setup):
+    sim = setup.board()
+    task = setup.task(sim)
+    setup.mock.service.expire_token(sim.dev_id)
+
+    events = setup.update(sim)       # returns at `ota end`
+
+    assert events == [detect_line(task.package.size), "ota phase=token errno=12"]
+    assert setup.codes(sim) == []
+    assert exchanges(setup, sim, Endpoint.REPORT) == []
+    assert exchanges(setup, sim, Endpoint.DOWNLOAD) == []
+    assert state(setup, sim) == "pending"
+    assert sim.board.version() == BASE
+
+
+@pytest.mark.parametrize(("situation", "errno"),
+                         [("unknown-device", 1), ("no-task", 11), ("paused", 19)])
+def test_detect_errors_end_the_attempt_without_a_report(setup, situation, errno):
+    sim = setup.board()
+    if situation == "no-task":
+        setup.mock.service.add_device(sim.dev_id)
+    elif situation == "paused":
+        setup.task(sim)
+        setup.mock.service.pause(sim.dev_id)
+
+    events = setup.update(sim)
+
+    assert events == [f"ota phase=detect errno={errno}"]
+    assert setup.codes(sim) == []
+    timeline = setup.mock.service.timeline
+    assert [e.phase for e in timeline.exchanges()] == [Endpoint.VERSION, Endpoint.DETECT]
+    assert timeline.exchanges()[-1].errno == errno
+    if situation == "paused":
+        assert state(setup, sim) == "paused"
+
+
+# ------------------------------------------------------------------------------ 5. retries
+def test_failed_chunks_are_retried_within_the_task_retry_budget(setup):
+    sim = setup.board()
+    task = setup.task(sim, retry=2)
+    setup.proxy.on_download = lambda n, rng, fwd: Answer(200, b"x" * 10) if n <= 2 else None
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == [101, 201]
+    assert events[1:4] == ["ota phase=download offset=0 status=200"] * 2 \
+        + ["ota phase=download offset=0 status=206"]
+    assert setup.proxy.downloads == chunks(task.package.size) + 2
+    assert sim.board.version() == TARGET
+
+
+def test_retries_are_the_task_interval_apart(setup):
+    sim = setup.board()
+    setup.task(sim, retry=1, interval=1)
+    setup.proxy.on_download = lambda n, rng, fwd: Answer(200, b"x" * 10) if n == 1 else None
+
+    setup.update(sim)
+
+    assert setup.codes(sim) == [101, 201]
+    first, second = exchanges(setup, sim, Endpoint.DOWNLOAD)[:2]
+    assert second.at - first.at >= 1.0
+
+
+def _wrong_content_range(n, rng, fwd):
+    if n == 1:
+        fwd.headers["Content-Range"] = fwd.headers["Content-Range"].replace("bytes 0-", "bytes 1-")
+
+
+@pytest.mark.parametrize(("hook", "retry", "board", "codes", "requests", "line"), [
+    (lambda n, rng, fwd: Answer(200, b"x" * 10), 1, {}, [207], 2, "status=200"),
+    (lambda n, rng, fwd: Answer(200, b"x" * 10), 0, {}, [107], 1, "status=200"),
+    (lambda n, rng, fwd: time.sleep(1.0), 0, {"http_timeout": 0.5}, [104], 1, "error=timeout"),
+    (lambda n, rng, fwd: time.sleep(1.0), 1, {"http_timeout": 0.5}, [207], 2, "error=timeout"),
+    (lambda n, rng, fwd: Answer(200, b"3", length=False), 3, {}, [107], 1, "status=200"),
+    (lambda n, rng, fwd: Answer(200, b"1", length=False), 3, {}, [107], 1, "status=200"),
+    (lambda n, rng, fwd: Answer(200, b"4", length=False), 1, {}, [207], 2, "status=200"),
+    (lambda n, rng, fwd: Answer(200, b"6", length=False), 0, {}, [107], 1, "status=200"),
+], ids=["bad-answer-retry-1", "bad-answer-no-retry", "timeout-no-retry", "timeout-retry-1",
+        "error-3-final", "error-1-final", "error-4-retried", "error-6-no-retry"])
+def test_download_failures_end_in_the_right_code(setup, hook, retry, board, codes, requests,
+                                                 line):
+    sim = setup.board(**board)
+    task = setup.task(sim, retry=retry)
+    setup.proxy.on_download = hook
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == codes
+    assert setup.proxy.downloads == requests
+    assert events == [detect_line(task.package.size), "ota phase=token errno=0",
+                      *[f"ota phase=download offset=0 {line}"] * requests,
+                      f"ota phase=report result={codes[0]} errno=0"]
+    assert state(setup, sim) == "failed"
+    assert sim.board.version() == BASE
+
+
+def test_a_wrong_content_range_is_retried(setup):
+    sim = setup.board()
+    task = setup.task(sim, retry=1)
+    setup.proxy.on_download = _wrong_content_range
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == [101, 201]
+    assert download_offsets(events)[:2] == [0, 0]
+    assert setup.proxy.downloads == chunks(task.package.size) + 1
+
+
+def test_a_cancel_mid_download_stops_the_board(setup):
+    sim = setup.board()
+    task = setup.task(sim, retry=3)
+
+    def cancel_at_third(n, rng, fwd):
+        if n == 3:
+            setup.mock.service.cancel(sim.dev_id)
+
+    setup.proxy.on_download = cancel_at_third
+
+    events = setup.update(sim)
+
+    # The 4th chunk gets the error byte 3 (final: no retry); the 107 is refused (cancelled).
+    assert setup.proxy.downloads == 4
+    assert exchanges(setup, sim, Endpoint.DOWNLOAD)[-1].error_byte == 3
+    assert events[-1] == "ota phase=report result=107 errno=22"
+    assert setup.codes(sim) == []
+    assert state(setup, sim) == "cancelled"
+    assert task.package.size > 4 * CHUNK_SIZE
+    assert sim.board.version() == BASE
+
+
+# ------------------------------------------------------------------- 6, 7. bad packages
+def test_a_corrupted_chunk_fails_the_md5_check(setup):
+    sim = setup.board()
+    task = setup.task(sim)
+
+    def flip_a_byte(n, rng, fwd):
+        if n == 3:
+            fwd.body = fwd.body[:100] + bytes([fwd.body[100] ^ 0x01]) + fwd.body[101:]
+
+    setup.proxy.on_download = flip_a_byte
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == [205]
+    assert phases(events) == [detect_line(task.package.size), "ota phase=token errno=0",
+                              "ota phase=verify md5=bad", "ota phase=report result=205 errno=0"]
+    assert state(setup, sim) == "failed"
+    assert sim.board.version() == BASE
+
+
+def test_an_image_of_another_version_is_installed_and_reported_204(setup):
+    sim = setup.board()
+    task = setup.task(sim, TARGET, image=build_image("nrf52832", "1.2.0"))
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == [101, 204]
+    assert phases(events)[-1] == "ota phase=report result=204 errno=0"
+    assert f"ota phase=flash bytes={task.package.size}" in events
+    assert state(setup, sim) == "failed"
+    assert sim.board.version() == "1.2.0"
+
+
+def test_a_package_that_is_no_image_is_refused_by_the_bootloader(setup):
+    sim = setup.board()
+    package = os.urandom(8192)              # md5 right (it is the package), no image header
+    setup.task(sim, TARGET, image=package)
+    mark = sim.board.console.mark()
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == [101, 204]
+    assert "ota phase=flash bytes=8192" in events
+    assert events[-1] == "ota phase=report result=204 errno=0"
+    assert sim.board.version() == BASE
+    log = [line.text for line in sim.board.console.lines()[mark:]]
+    assert any(text.startswith("E: bootloader: secondary slot image rejected") for text in log)
+    assert "boot version=1.0.0" in log
+
+
+# ------------------------------------------------------------- 8, 10. power cuts, reflash
+def _cut_mid_download(setup: SimSetup, sim: SimBoard, cut) -> int:
+    """Start an update, let a few chunks in, then ``cut()`` (the board must boot again after
+    it). Returns the chunks requested before the cut."""
+    setup.proxy.on_download = lambda n, rng, fwd: time.sleep(0.02)
+    sim.board.start_update()
+    wait_for(lambda: setup.proxy.downloads >= 6)
+    cut()
+    before = setup.proxy.downloads
+    setup.proxy.on_download = None
+    return before
+
+
+def _power_cycle(sim: SimBoard) -> None:
+    supply = sim.parts.power()
+    supply.output(False)
+    supply.output(True)
+    assert sim.board.wait_boot() == BASE
+
+
+@pytest.mark.parametrize("how", ["supply", "restart"])
+def test_a_download_cut_by_power_loss_resumes(setup, how):
+    sim = setup.board()
+    task = setup.task(sim)
+    before = _cut_mid_download(setup, sim, lambda: _power_cycle(sim) if how == "supply"
+                               else sim.restart())
+    assert setup.codes(sim) == []
+    assert state(setup, sim) == "downloading"
+
+    events = setup.update(sim)
+
+    offsets = download_offsets(events)
+    assert offsets[0] > 0
+    assert offsets[0] % CHUNK_SIZE == 0
+    assert offsets == list(range(offsets[0], task.package.size, CHUNK_SIZE))
+    assert setup.codes(sim) == [101, 201]
+    assert setup.proxy.downloads < 2 * chunks(task.package.size)
+    assert before + len(offsets) <= chunks(task.package.size) + 1   # at most one chunk twice
+    assert sim.board.version() == TARGET
+
+
+def test_a_reflashed_board_forgets_an_interrupted_download(setup, tmp_path):
+    sim = setup.board()
+    setup.task(sim)
+    base = tmp_path / "base.bin"
+    base.write_bytes(build_image("nrf52832", BASE))
+    _cut_mid_download(setup, sim, lambda: _power_cycle(sim))
+
+    assert sim.board.restore_base(base) == BASE
+    events = setup.update(sim)
+
+    assert download_offsets(events)[0] == 0
+    assert setup.codes(sim) == [101, 201]
+
+
+# ------------------------------------------------------------------------ 9. flash battery
+def test_a_battery_drop_before_the_flash_is_reported_202(setup):
+    sim = setup.board()
+    task = setup.task(sim, power=30)
+    channel = sim.bench.supply.channels[1]
+    last = last_chunk_range(task.package.size)
+
+    def drop_battery_on_last_chunk(n, rng, fwd):
+        if rng == last:
+            channel.volts = 3.4             # ~11 %: the board still runs, the battery is low
+
+    setup.proxy.on_download = drop_battery_on_last_chunk
+
+    events = setup.update(sim)
+
+    assert setup.codes(sim) == [101, 202]
+    assert phases(events) == [detect_line(task.package.size), "ota phase=token errno=0",
+                              "ota phase=verify md5=ok", "ota phase=report result=101 errno=0",
+                              "ota phase=report result=202 errno=0"]
+    assert state(setup, sim) == "failed"
+    assert sim.board.version() == BASE
+
+
+# ------------------------------------------------------------------- 11. console contract
+def test_reboot_prints_the_boot_line_with_the_version(setup):
+    sim = setup.board()
+    assert sim.board.reboot() == BASE
+    setup.task(sim)
+    setup.update(sim)
+    assert sim.board.reboot() == TARGET
+
+
+def test_the_shell_refuses_what_it_cannot_do(setup):
+    sim = setup.board()
+    with pytest.raises(CommandRefused, match="unknown command"):
+        sim.board.console.command("sys frobnicate")
+    with pytest.raises(CommandRefused, match="outside 0..100"):
+        sim.board.command("power", percent=101)
+    with pytest.raises(CommandRefused, match="not an integer"):
+        sim.board.command("signal", value="strong")
+    with pytest.raises(CommandRefused, match="negative"):
+        sim.board.command("space", bytes=-1)
+    with pytest.raises(CommandRefused, match="http"):
+        sim.board.command("server", url="ftp://example.com")
+    assert sim.board.version() == BASE          # the shell still answers
+
+
+def test_ota_check_is_refused_while_an_attempt_runs(setup):
+    sim = setup.board()
+    setup.task(sim)
+    release = threading.Event()
+    setup.proxy.on_download = lambda n, rng, fwd: release.wait(10) and None
+    sim.board.start_update()
+    wait_for(lambda: setup.proxy.downloads >= 1)
+
+    with pytest.raises(CommandRefused, match="busy"):
+        sim.board.start_update()
+    release.set()
+
+    events = [f"{e.tag} " + " ".join(f"{k}={v}" for k, v in e.fields.items())
+              for e in sim.board.wait_update_end(30)]
+    assert events[-1] == "ota phase=report result=201 errno=0"
+    assert setup.codes(sim) == [101, 201]
+    assert len(exchanges(setup, sim, Endpoint.DETECT)) == 1
+
+
+def test_ota_check_needs_a_server_first(setup):
+    sim = setup.board()
+    assert sim.board.restore_base(None) == BASE     # test factory: settings erased
+    with pytest.raises(CommandRefused, match="no OTA server"):
+        sim.board.start_update()
+    assert len(setup.mock.service.timeline) == 0
+    sim.board.point_at(setup.proxy.url)
+    setup.task(sim)
+    setup.update(sim)
+    assert setup.codes(sim) == [101, 201]
+
+
+# ------------------------------------------------------------------------- 12. every board
+@pytest.mark.parametrize("board", ["gd32", "esp32"])
+def test_a_whole_update_on_every_board(setup, board):
+    sim = setup.board(board)
+    task = setup.task(sim)
+
+    events = setup.update(sim, timeout=60)
+
+    assert phases(events) == whole_update(task.package.size)
+    assert download_offsets(events) == list(range(0, task.package.size, CHUNK_SIZE))
+    assert setup.codes(sim) == [101, 201]
+    assert state(setup, sim) == "succeeded"
+    assert setup.mock.service.device_version(sim.dev_id) == TARGET
+    assert sim.board.version() == TARGET

@@ -1,0 +1,409 @@
+"""Every firmware defect of the simulated boards (``hil.sim.defects.Defect``) does what its name
+says: one scenario per defect, run on a good board and on a board with that defect switched on,
+and both outcomes asserted as a QA engineer sees them: the result codes the service accepted,
+what it was sent, the task's state, the console's ``ota ...`` lines and the version the board
+runs afterwards.
+
+``DEFECT_SCENARIOS`` is the single table the test is parametrized from (one test id per defect);
+``test_every_defect_has_a_scenario`` fails when a defect is added without one."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from sim_board import Answer, Forwarded, SimBoard, SimSetup, wait_for
+
+from hil.onenet.messages import Endpoint
+from hil.sim.defects import Defect
+
+PACKAGE_SIZE = 66088                   # a default nrf52832 1.1.0 image: 17 chunks of 4096
+CHUNK = 4096
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch) -> Iterator[SimSetup]:
+    with SimSetup(tmp_path, monkeypatch) as setup:
+        yield setup
+
+
+# ------------------------------------------------------------------------------ observations
+@dataclass
+class Outcome:
+    """What one scenario left behind, on the service's side and on the board's console."""
+
+    codes: list[int]            # result codes the service accepted, in order
+    sent: list[int]             # every result code the board reported (accepted or not)
+    state: str                  # the task's state on the service afterwards
+    downloads: list[str]        # the Range of every download request the service answered
+    events: list[str]           # the (last) attempt's `ota ...` lines, as printed
+    console: list[str]          # everything the board printed
+    ended: bool                 # the attempt printed `ota end`
+    version: str | None         # what the board runs afterwards (None: left powered off)
+
+
+def observe(setup: SimSetup, sim: SimBoard, events: list[str], *, ended: bool = True,
+            version: bool = True) -> Outcome:
+    timeline = setup.mock.service.timeline
+    return Outcome(
+        codes=setup.codes(sim),
+        sent=[e.result for e in timeline.exchanges(sim.dev_id, Endpoint.REPORT)
+              if e.result is not None],
+        state=str(setup.mock.service.task(sim.dev_id).state),
+        downloads=[e.range or "" for e in timeline.exchanges(sim.dev_id, Endpoint.DOWNLOAD)],
+        events=events,
+        console=[line.text for line in sim.board.console.lines() if not line.sent],
+        ended=ended,
+        version=sim.board.version() if version else None)
+
+
+def as_text(events: list) -> list[str]:
+    """Contract events as ``setup.update`` prints them."""
+    return [f"{event.tag} " + " ".join(f"{k}={v}" for k, v in event.fields.items())
+            for event in events]
+
+
+def index_of(lines: list[str], prefix: str) -> int:
+    """The index of the first line starting with ``prefix`` (-1: none)."""
+    return next((i for i, line in enumerate(lines) if line.startswith(prefix)), -1)
+
+
+def on_download(setup: SimSetup,
+                hook: Callable[[int, str, Forwarded], Answer | None] | None) -> None:
+    """Break this scenario's downloads: ``hook(n, range, answer)`` with n counted from 1 for the
+    scenario (the proxy is shared by both boards of a test)."""
+    base = setup.proxy.downloads
+    setup.proxy.on_download = None if hook is None else \
+        lambda n, rng, fwd: hook(n - base, rng, fwd)
+
+
+# ------------------------------------------------------------------------------ scenarios
+def plain_update(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """A good 1.1.0 package, nothing in the way."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0")
+    return observe(setup, sim, setup.update(sim))
+
+
+def low_battery(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The task wants more than 50 % battery; the bench supply shows 20 %."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0", power=50)
+    sim.board.set_power(20)
+    return observe(setup, sim, setup.update(sim))
+
+
+def weak_signal(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The task wants a signal above 10; the attenuator leaves 5."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0", signal=10)
+    sim.board.set_signal(5)
+    return observe(setup, sim, setup.update(sim))
+
+
+def no_space(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """1000 bytes of package storage for a 66 KB package."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0")
+    sim.board.set_free_space(1000)
+    return observe(setup, sim, setup.update(sim))
+
+
+def corrupted_package(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """One byte of the 5th chunk flipped on the way: the package's md5 no longer matches."""
+    def corrupt(n: int, _: str, answer: Forwarded) -> None:
+        if n == 5:
+            answer.body = bytes([answer.body[0] ^ 0xFF]) + answer.body[1:]
+
+    on_download(setup, corrupt)
+    setup.task(sim, "1.1.0")
+    return observe(setup, sim, setup.update(sim))
+
+
+def garbage_answer(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The 3rd download is answered ``200 garbage`` (no Content-Range, the wrong length); the
+    task allows one retry."""
+    on_download(setup, lambda n, _, __: Answer(200, b"garbage") if n == 3 else None)
+    setup.task(sim, "1.1.0", retry=1, interval=0)
+    return observe(setup, sim, setup.update(sim))
+
+
+def unbootable_package(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The package's md5 matches, but it is no image: the bootloader refuses it."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0", image=os.urandom(8192))
+    return observe(setup, sim, setup.update(sim))
+
+
+def expired_token(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The operator's task token expired before the device came (token check: errno 12)."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0")
+    setup.mock.service.expire_token(sim.dev_id)
+    return observe(setup, sim, setup.update(sim))
+
+
+def power_cut_mid_download(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The power goes while the 5th chunk is in flight (4 chunks are in flash); back on, the
+    board is asked to update again. The outcome's events are the second attempt's."""
+    in_flight = threading.Event()
+    release = threading.Event()
+
+    def hold_fifth(n: int, _: str, __: Forwarded) -> None:
+        if n == 5:
+            in_flight.set()
+            release.wait(10)
+
+    on_download(setup, hold_fifth)
+    setup.task(sim, "1.1.0")
+    sim.board.start_update()
+    assert in_flight.wait(10), "the 5th download request never came"
+    supply = sim.parts.power()
+    supply.output(False)
+    supply.output(True)
+    release.set()
+    assert sim.board.wait_boot() == "1.0.0"
+    return observe(setup, sim, setup.update(sim))
+
+
+def battery_drops_during_download(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The task wants more than 50 % battery; there is 100 % at the start, but while the 10th
+    chunk is in flight the supply drops to 20 %, so the battery is low when it is time to
+    flash."""
+    in_flight = threading.Event()
+    release = threading.Event()
+
+    def hold_tenth(n: int, _: str, __: Forwarded) -> None:
+        if n == 10:
+            in_flight.set()
+            release.wait(10)
+
+    on_download(setup, hold_tenth)
+    setup.task(sim, "1.1.0", power=50)
+    sim.board.start_update()
+    assert in_flight.wait(10), "the 10th download request never came"
+    sim.board.set_power(20)
+    release.set()
+    return observe(setup, sim, as_text(sim.board.wait_update_end(30)))
+
+
+def download_always_fails(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """Every download is answered 500; the task allows one retry. A board still downloading
+    after 6 requests is stopped by cutting its power."""
+    on_download(setup, lambda n, _, __: Answer(500, b"busy"))
+    setup.task(sim, "1.1.0", retry=1, interval=0)
+    console = sim.board.console
+    start = len(console.lines())
+    sim.board.start_update()
+
+    def printed() -> list[str]:
+        return [line.text for line in console.lines()[start:] if not line.sent]
+
+    downloads = setup.mock.service.timeline.exchanges
+    wait_for(lambda: "ota end" in printed()
+             or len(downloads(sim.dev_id, Endpoint.DOWNLOAD)) >= 6)
+    ended = "ota end" in printed()
+    if not ended:
+        sim.parts.power().output(False)
+    events = [line for line in printed() if line.startswith("ota phase=")]
+    return observe(setup, sim, events, ended=ended, version=ended)
+
+
+# ------------------------------------------------------------------------------ expectations
+@dataclass(frozen=True)
+class Expect:
+    """What the service and the board must show after a scenario (None: not checked)."""
+
+    codes: list[int]
+    version: str | None = "1.0.0"
+    state: str | None = None
+    ended: bool = True
+
+    def check(self, outcome: Outcome) -> None:
+        assert outcome.codes == self.codes, outcome.events
+        assert outcome.ended == self.ended, outcome.events
+        if self.version is not None:
+            assert outcome.version == self.version
+        if self.state is not None:
+            assert outcome.state == self.state
+
+
+@dataclass(frozen=True)
+class Case:
+    scenario: Callable[[SimSetup, SimBoard], Outcome]
+    good: Expect
+    defective: Expect
+    # The defect's own evidence, beyond the codes: (good outcome, defective outcome).
+    evidence: Callable[[Outcome, Outcome], None] = field(default=lambda good, bad: None)
+
+
+def early_101(good: Outcome, bad: Outcome) -> None:
+    # A good board reports 101 only after the whole package verified; this one after the first
+    # chunk, even though the package later turns out to be corrupt.
+    assert "ota phase=verify md5=bad" in good.events
+    assert index_of(good.events, "ota phase=report result=101") == -1
+    assert bad.events[1:4] == ["ota phase=token errno=0",
+                               "ota phase=download offset=0 status=206",
+                               "ota phase=report result=101 errno=0"]
+    assert index_of(bad.events, "ota phase=report result=101") \
+        < index_of(bad.events, "ota phase=verify md5=bad")
+
+
+def no_download(good: Outcome, bad: Outcome) -> None:
+    # The good board gives up before the token check; the defective one downloads it all.
+    assert index_of(good.events, "ota phase=token") == -1
+    assert good.downloads == []
+    assert len(bad.downloads) == PACKAGE_SIZE // CHUNK + 1
+
+
+def resumes_or_restarts(good: Outcome, bad: Outcome) -> None:
+    # Four chunks were in flash when the power went: a good board asks for the fifth next.
+    assert index_of(good.events, "ota phase=download") \
+        == index_of(good.events, f"ota phase=download offset={4 * CHUNK} status=206")
+    assert index_of(bad.events, "ota phase=download") \
+        == index_of(bad.events, "ota phase=download offset=0 status=206")
+    chunks = PACKAGE_SIZE // CHUNK + 1
+    assert len(good.downloads) == chunks + 1           # the one lost in the power cut
+    assert len(bad.downloads) == chunks + 5            # the first four, fetched again
+
+
+def upgraded_after_boot(good: Outcome, bad: Outcome) -> None:
+    # 201 is what the new image says once it runs: after the boot line of 1.1.0, not before.
+    for outcome, before in ((good, False), (bad, True)):
+        boot = index_of(outcome.console, "boot version=1.1.0")
+        report = index_of(outcome.console, "ota phase=report result=201")
+        assert boot >= 0 and report >= 0
+        assert (report < boot) is before, outcome.console
+
+
+def flashes_refused_image(good: Outcome, bad: Outcome) -> None:
+    # Both boards flash it and the bootloader refuses it; only the good one tells the service.
+    for outcome in (good, bad):
+        assert any(line.startswith("E: bootloader: secondary slot image rejected")
+                   for line in outcome.console)
+
+
+def keeps_retrying(good: Outcome, bad: Outcome) -> None:
+    assert len(good.downloads) == 2                    # the try and its one retry
+    assert good.events[-1] == "ota phase=report result=207 errno=0"
+    assert len(bad.downloads) >= 6
+    assert bad.sent == []
+
+
+def silent(good: Outcome, bad: Outcome) -> None:
+    assert good.sent == [105]
+    assert good.events[-1] == "ota phase=report result=105 errno=0"
+    assert bad.sent == []
+    assert index_of(bad.events, "ota phase=report") == -1
+
+
+def installs_bad_md5(good: Outcome, bad: Outcome) -> None:
+    # Both see the bad md5; the good board stops there, the defective one flashes the package.
+    assert "ota phase=verify md5=bad" in good.events
+    assert "ota phase=verify md5=bad" in bad.events
+    assert index_of(good.events, "ota phase=flash") == -1
+    assert f"ota phase=flash bytes={PACKAGE_SIZE}" in bad.events
+
+
+def trusts_2xx(good: Outcome, bad: Outcome) -> None:
+    # The garbage answer to the 3rd request: the good board asks for the same chunk again; the
+    # defective one takes the 7 bytes as the chunk and goes on from the wrong offset.
+    garbage = f"ota phase=download offset={2 * CHUNK} status=200"
+    for outcome, after in ((good, 2 * CHUNK), (bad, 2 * CHUNK + len(b"garbage"))):
+        at = outcome.events.index(garbage)
+        assert outcome.events[at + 1] == f"ota phase=download offset={after} status=206"
+    assert "ota phase=verify md5=ok" in good.events
+    assert "ota phase=verify md5=bad" in bad.events
+
+
+def flashes_on_low_battery(good: Outcome, bad: Outcome) -> None:
+    assert good.events[-1] == "ota phase=report result=202 errno=0"
+    assert index_of(good.events, "ota phase=flash") == -1
+    assert f"ota phase=flash bytes={PACKAGE_SIZE}" in bad.events
+
+
+def reports_after_token_end(good: Outcome, bad: Outcome) -> None:
+    # Errno 12 ends the attempt: no report is due (ONENET.md); the defective board sends 107.
+    for outcome in (good, bad):
+        assert outcome.events[:2] == ["ota phase=detect errno=0 target=1.1.0 "
+                                      f"size={PACKAGE_SIZE}", "ota phase=token errno=12"]
+        assert outcome.downloads == []
+    assert good.sent == [] and len(good.events) == 2
+    assert bad.sent == [107]
+
+
+def no_boot_report(good: Outcome, bad: Outcome) -> None:
+    # Both boot the new image; only the good board says so.
+    for outcome in (good, bad):
+        assert "boot version=1.1.0" in outcome.console
+    assert index_of(bad.console, "ota phase=report result=201") == -1
+
+
+UPGRADED = Expect([101, 201], version="1.1.0", state="succeeded")
+
+DEFECT_SCENARIOS: dict[Defect, Case] = {
+    Defect.EARLY_101: Case(
+        corrupted_package, good=Expect([205], state="failed"),
+        defective=Expect([101, 205], state="failed"), evidence=early_101),
+    Defect.IGNORES_POWER: Case(
+        low_battery, good=Expect([105], state="failed"),
+        # It downloads on 20 % and is only stopped by the second check, before flashing.
+        defective=Expect([101, 202], state="failed"), evidence=no_download),
+    Defect.IGNORES_SIGNAL: Case(
+        weak_signal, good=Expect([106], state="failed"), defective=UPGRADED,
+        evidence=no_download),
+    Defect.IGNORES_SPACE: Case(
+        no_space, good=Expect([102], state="failed"), defective=UPGRADED,
+        evidence=no_download),
+    Defect.RESTARTS_DOWNLOAD: Case(
+        power_cut_mid_download, good=UPGRADED, defective=UPGRADED,
+        evidence=resumes_or_restarts),
+    Defect.REPORTS_201_BEFORE_REBOOT: Case(
+        plain_update, good=UPGRADED, defective=UPGRADED, evidence=upgraded_after_boot),
+    Defect.REPORTS_201_ON_OLD_IMAGE: Case(
+        # The service is told 1.1.0 runs while the board runs 1.0.0.
+        unbootable_package, good=Expect([101, 204], state="failed"),
+        defective=Expect([101, 201], state="succeeded"), evidence=flashes_refused_image),
+    Defect.RETRIES_FOREVER: Case(
+        download_always_fails, good=Expect([207], state="failed"),
+        defective=Expect([], version=None, state="downloading", ended=False),
+        evidence=keeps_retrying),
+    Defect.SILENT_AFTER_FAILURE: Case(
+        # The task is left pending on the service, for ever.
+        low_battery, good=Expect([105], state="failed"),
+        defective=Expect([], state="pending"), evidence=silent),
+    Defect.SKIPS_MD5: Case(
+        # The corrupt image is flashed; the bootloader refuses it and the board reports 204.
+        corrupted_package, good=Expect([205], state="failed"),
+        defective=Expect([101, 204], state="failed"), evidence=installs_bad_md5),
+    Defect.TRUSTS_ANY_2XX: Case(
+        garbage_answer, good=UPGRADED, defective=Expect([205], state="failed"),
+        evidence=trusts_2xx),
+    Defect.FLASHES_ON_LOW_POWER: Case(
+        battery_drops_during_download, good=Expect([101, 202], state="failed"),
+        defective=UPGRADED, evidence=flashes_on_low_battery),
+    Defect.REPORTS_AFTER_TOKEN_END: Case(
+        expired_token, good=Expect([], state="pending"),
+        defective=Expect([107], state="failed"), evidence=reports_after_token_end),
+    Defect.NO_BOOT_REPORT: Case(
+        # The board runs 1.1.0; the service waits for ever in "upgrading".
+        plain_update, good=UPGRADED,
+        defective=Expect([101], version="1.1.0", state="upgrading"), evidence=no_boot_report),
+}
+
+
+def test_every_defect_has_a_scenario():
+    assert set(DEFECT_SCENARIOS) == set(Defect)
+
+
+@pytest.mark.parametrize("defect", list(DEFECT_SCENARIOS), ids=str)
+def test_defect_changes_the_boards_behaviour(setup, defect):
+    case = DEFECT_SCENARIOS[defect]
+    good = case.scenario(setup, setup.board())
+    bad = case.scenario(setup, setup.board())
+    case.good.check(good)
+    case.defective.check(bad)
+    case.evidence(good, bad)
