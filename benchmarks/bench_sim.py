@@ -49,9 +49,9 @@ from hil.sim.images import build_image  # noqa: E402
 CHUNK = 4096
 
 
-def timed(action: Callable[[], object]) -> float:
+def timed(action: Callable[..., object], *args: object) -> float:
     start = time.perf_counter()
-    action()
+    action(*args)
     return time.perf_counter() - start
 
 
@@ -107,7 +107,7 @@ def bench_update(rig: Rig, runs: int, package_kib: int) -> tuple[list[float], li
             codes = service.timeline.reported_codes(dev_id)
             if codes != [101, 201] or board.version() != "1.1.0":
                 raise SystemExit(f"run {run}: the update ended with {codes}")
-            downloads.append(timed(lambda: _bare_download(onenet, task.token, len(package))))
+            downloads.append(timed(_bare_download, onenet, task.token, len(package)))
     return updates, downloads
 
 
@@ -131,12 +131,12 @@ def bench_flash(rig: Rig, runs: int, size: int) -> tuple[list[float], list[float
             data = os.urandom(size)
             image = Path(tmp) / f"image{run}.bin"
             image.write_bytes(data)
-            flashes.append(timed(lambda: flasher.program(image)))
+            flashes.append(timed(flasher.program, image))
             address = rig.family.app_address
             if flasher.read_memory(address, 64) != data[:64]:  # type: ignore[attr-defined]
                 raise SystemExit(f"run {run}: flash does not read back")
             with SimFlash(Path(tmp) / "floor.bin", size=0x80000) as floor:
-                floors.append(timed(lambda: floor.write(address, data)))
+                floors.append(timed(floor.write, address, data))
         flasher.reset()
     return flashes, floors
 
