@@ -380,9 +380,6 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    import serial
-    from serial.tools.miniterm import Miniterm
-
     prog = "hil console"
     rig = _one_rig(args, prog)
     spec = rig.console
@@ -394,10 +391,26 @@ def cmd_console(args: argparse.Namespace) -> int:
             address = find_port_by_serial_number(str(spec.serial_number))
         except RigFault as fault:
             _fail(prog, str(fault.for_rig(rig.name)))
+    from hil.rig.parts import RigParts
+
+    try:
+        # A simulated rig's board runs while the terminal is open (no driver opens here).
+        with RigParts(rig):
+            _terminal(rig, address)
+    except RigFault as fault:
+        _fail(prog, str(fault.for_rig(rig.name)))
+    return 0
+
+
+def _terminal(rig: Rig, address: str) -> None:
+    import serial
+    from serial.tools.miniterm import Miniterm
+
+    spec = rig.console
     try:
         port = serial.serial_for_url(address, baudrate=spec.baudrate)
     except (serial.SerialException, OSError) as error:
-        _fail(prog, f"rig {rig.name}: console: cannot open {address}: {error}")
+        _fail("hil console", f"rig {rig.name}: console: cannot open {address}: {error}")
     terminal = Miniterm(port, echo=False, eol="lf")
     terminal.set_rx_encoding("utf-8")
     terminal.set_tx_encoding("utf-8")
@@ -408,7 +421,6 @@ def cmd_console(args: argparse.Namespace) -> int:
         terminal.join(True)
     terminal.join()
     terminal.close()
-    return 0
 
 
 # ---------------------------------------------------------------------------------- hil sim

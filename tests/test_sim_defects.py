@@ -403,7 +403,7 @@ def test_every_defect_has_a_scenario():
 def test_defect_changes_the_boards_behaviour(setup, defect):
     case = DEFECT_SCENARIOS[defect]
     good = case.scenario(setup, setup.board())
-    bad = case.scenario(setup, setup.board())
+    bad = case.scenario(setup, setup.board(defects=(defect.value,)))
     case.good.check(good)
     case.defective.check(bad)
     case.evidence(good, bad)

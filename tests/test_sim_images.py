@@ -249,3 +249,21 @@ def test_cli_sim_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == \
         "hil sim: error: the following arguments are required: COMMAND\n"
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "images"
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.bin")), ids=lambda path: path.name)
+def test_the_fixture_images_are_what_hil_sim_image_builds(path: Path) -> None:
+    board, version = path.stem.split("-", 1)
+    data = path.read_bytes()
+    assert image_version(board, data) == version
+    assert data == build_image(board, version), f"rebuild it: hil sim image --board {board} " \
+        f"--version {version} -o {path}"
+
+
+def test_every_board_has_a_base_and_an_update_fixture() -> None:
+    assert sorted(path.name for path in FIXTURES.glob("*.bin")) == sorted(
+        f"{board}-{version}.bin" for board in ("esp32", "nrf52832", "gd32")
+        for version in ("1.0.0", "1.1.0"))
