@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sim_board import Answer, Forwarded, SimBoard, SimSetup, wait_for
 
+from hil.drivers.base import PowerProtocol
+from hil.drivers.contract import Event
 from hil.onenet.messages import Endpoint
 from hil.sim.defects import Defect
 
@@ -25,7 +28,7 @@ CHUNK = 4096
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch) -> Iterator[SimSetup]:
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimSetup]:
     with SimSetup(tmp_path, monkeypatch) as setup:
         yield setup
 
@@ -60,7 +63,7 @@ def observe(setup: SimSetup, sim: SimBoard, events: list[str], *, ended: bool = 
         version=sim.board.version() if version else None)
 
 
-def as_text(events: list) -> list[str]:
+def as_text(events: list[Event]) -> list[str]:
     """Contract events as ``setup.update`` prints them."""
     return [f"{event.tag} " + " ".join(f"{k}={v}" for k, v in event.fields.items())
             for event in events]
@@ -69,6 +72,13 @@ def as_text(events: list) -> list[str]:
 def index_of(lines: list[str], prefix: str) -> int:
     """The index of the first line starting with ``prefix`` (-1: none)."""
     return next((i for i, line in enumerate(lines) if line.startswith(prefix)), -1)
+
+
+def supply(sim: SimBoard) -> PowerProtocol:
+    """The rig's bench supply: switching its output off cuts the board's power."""
+    power = sim.parts.power()
+    assert power is not None
+    return power
 
 
 def on_download(setup: SimSetup,
@@ -161,9 +171,8 @@ def power_cut_mid_download(setup: SimSetup, sim: SimBoard) -> Outcome:
     setup.task(sim, "1.1.0")
     sim.board.start_update()
     assert in_flight.wait(10), "the 5th download request never came"
-    supply = sim.parts.power()
-    supply.output(False)
-    supply.output(True)
+    supply(sim).output(False)
+    supply(sim).output(True)
     release.set()
     assert sim.board.wait_boot() == "1.0.0"
     return observe(setup, sim, setup.update(sim))
@@ -207,7 +216,7 @@ def download_always_fails(setup: SimSetup, sim: SimBoard) -> Outcome:
              or len(downloads(sim.dev_id, Endpoint.DOWNLOAD)) >= 6)
     ended = "ota end" in printed()
     if not ended:
-        sim.parts.power().output(False)
+        supply(sim).output(False)
     events = [line for line in printed() if line.startswith("ota phase=")]
     return observe(setup, sim, events, ended=ended, version=ended)
 
@@ -236,8 +245,8 @@ class Case:
     scenario: Callable[[SimSetup, SimBoard], Outcome]
     good: Expect
     defective: Expect
-    # The defect's own evidence, beyond the codes: (good outcome, defective outcome).
-    evidence: Callable[[Outcome, Outcome], None] = field(default=lambda good, bad: None)
+    # The defect's own evidence, beyond the codes: asserts on (good outcome, defective outcome).
+    evidence: Callable[[Outcome, Outcome], None]
 
 
 def early_101(good: Outcome, bad: Outcome) -> None:
@@ -275,7 +284,8 @@ def upgraded_after_boot(good: Outcome, bad: Outcome) -> None:
     for outcome, before in ((good, False), (bad, True)):
         boot = index_of(outcome.console, "boot version=1.1.0")
         report = index_of(outcome.console, "ota phase=report result=201")
-        assert boot >= 0 and report >= 0
+        assert boot >= 0, outcome.console
+        assert report >= 0, outcome.console
         assert (report < boot) is before, outcome.console
 
 
@@ -331,7 +341,8 @@ def reports_after_token_end(good: Outcome, bad: Outcome) -> None:
         assert outcome.events[:2] == ["ota phase=detect errno=0 target=1.1.0 "
                                       f"size={PACKAGE_SIZE}", "ota phase=token errno=12"]
         assert outcome.downloads == []
-    assert good.sent == [] and len(good.events) == 2
+    assert good.sent == []
+    assert len(good.events) == 2
     assert bad.sent == [107]
 
 
@@ -395,12 +406,12 @@ DEFECT_SCENARIOS: dict[Defect, Case] = {
 }
 
 
-def test_every_defect_has_a_scenario():
+def test_every_defect_has_a_scenario() -> None:
     assert set(DEFECT_SCENARIOS) == set(Defect)
 
 
 @pytest.mark.parametrize("defect", list(DEFECT_SCENARIOS), ids=str)
-def test_defect_changes_the_boards_behaviour(setup, defect):
+def test_defect_changes_the_boards_behaviour(setup: SimSetup, defect: Defect) -> None:
     case = DEFECT_SCENARIOS[defect]
     good = case.scenario(setup, setup.board())
     bad = case.scenario(setup, setup.board(defects=(defect.value,)))

@@ -77,7 +77,7 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hil-sim-probe-under-test\n"
                                    "Version: 0\n")
     (dist / "entry_points.txt").write_text(
-        '[pyocd.probe]\nhilsim = hil.sim.probe:SimProbePlugin\n')
+        '[pyocd.probe]\nhilsim = hil.sim.probe_plugin:SimProbePlugin\n')
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))

@@ -33,6 +33,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import filelock
+
 from hil.errors import RigFault
 from hil.rig.model import AttenuatorRf, Rig, ScpiPower
 from hil.service.server import new_access_key
@@ -93,10 +95,18 @@ class _Instrument:
                 self.port.write(answer)
 
 
-class SimBench:
-    """The simulated bench of one rig (see the module docstring). A context manager."""
+BENCH_LOCK = "bench.lock"
+_running: set[Path] = set()          # state directories with a bench up in this process
+_running_lock = threading.Lock()
 
-    def __init__(self, rig: Rig) -> None:
+
+class SimBench:
+    """The simulated bench of one rig (see the module docstring). A context manager.
+
+    One bench per state directory at a time, across processes (a file lock in the directory,
+    waited for up to ``wait`` seconds) and within one (refused at once)."""
+
+    def __init__(self, rig: Rig, *, wait: float = 600.0) -> None:
         if rig.sim is None or rig.sim_state_dir is None:
             raise RigFault("sim", "not a simulated rig (no sim section)", rig.name)
         self.rig = rig
@@ -115,11 +125,14 @@ class SimBench:
         self._saved_probes: str | None = None
         self._power_lock = threading.Lock()
         self._started = False
+        self._wait = wait
+        self._claim: filelock.FileLock | None = None
 
     # ================================================================== lifecycle
     def start(self) -> SimBench:
         _check_addresses(self.rig)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._take_state_dir()
         identity = DeviceIdentity(self.rig.identity.product_id, self.rig.identity.dev_id,
                                   sim_access_key(self.rig))
         try:
@@ -165,6 +178,33 @@ class SimBench:
                 board.chip.external_power = False
         if self._saved_probes is not None:
             self._restore_probe_path()
+        self._give_back_state_dir()
+
+    def _take_state_dir(self) -> None:
+        key = self.state_dir.resolve()
+        with _running_lock:
+            if key in _running:
+                raise RigFault("sim", f"a simulation of {self.state_dir} already runs in this "
+                               "process", self.rig.name)
+            _running.add(key)
+        claim = filelock.FileLock(str(self.state_dir / BENCH_LOCK), is_singleton=False,
+                                  thread_local=False)
+        try:
+            claim.acquire(timeout=self._wait)
+        except filelock.Timeout:
+            with _running_lock:
+                _running.discard(key)
+            raise RigFault("sim", f"another process has run the simulation in {self.state_dir} "
+                           f"for more than {self._wait:g} s", self.rig.name) from None
+        self._claim = claim
+
+    def _give_back_state_dir(self) -> None:
+        claim, self._claim = self._claim, None
+        if claim is None:
+            return
+        claim.release()
+        with _running_lock:
+            _running.discard(self.state_dir.resolve())
 
     def __enter__(self) -> SimBench:
         return self.start()

@@ -4,7 +4,7 @@
 The plugin is registered under pyocd's ``pyocd.probe`` entry point group as ``hilsim``::
 
     [project.entry-points."pyocd.probe"]
-    hilsim = "hil.sim.probe:SimProbePlugin"
+    hilsim = "hil.sim.probe_plugin:SimProbePlugin"
 
 Which boards are plugged in: the environment variable ``HIL_SIM_PROBES``, a list of board state
 directories separated by ``os.pathsep`` (like ``PATH``), so a ``pyocd`` started as another process
@@ -45,7 +45,6 @@ from pyocd.board.board import Board
 from pyocd.board.board_ids import BoardInfo
 from pyocd.core import exceptions
 from pyocd.core.memory_interface import MemoryInterface
-from pyocd.core.plugin import Plugin
 from pyocd.coresight.ap import APv1Address
 from pyocd.probe.debug_probe import DebugProbe
 from pyocd.target import TARGET, normalise_target_type_name
@@ -57,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "HIL_SIM_PROBES"
 BOARD_FILE = "board.json"
-PLUGIN_NAME = "hilsim"
+PLUGIN_NAME = "hilsim"          # hil.sim.probe_plugin.NAME, the entry point's name
 # A unique id must survive pyocd's "<probe type>:<uid>" syntax and a shell: no colons, no spaces.
 _UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -434,17 +433,14 @@ def register_targets() -> None:
             TARGET.setdefault(model.pyocd_target_key, model.target_class)
 
 
-class SimProbePlugin(Plugin):  # type: ignore[misc]   # pyocd ships no type hints
-    """pyocd plugin (entry point group ``pyocd.probe``) for hil's simulated boards."""
+def _register_with_pyocd() -> None:
+    """When this module was what first imported pyocd, pyocd loaded its plugins while this
+    module was half-made and ``hil.sim.probe_plugin`` stood aside: register the probe now."""
+    from pyocd.probe.aggregator import PROBE_CLASSES
 
-    def load(self) -> type[SimProbe]:
+    if PLUGIN_NAME not in PROBE_CLASSES:
         register_targets()
-        return SimProbe
+        PROBE_CLASSES[PLUGIN_NAME] = SimProbe
 
-    @property
-    def name(self) -> str:
-        return PLUGIN_NAME
 
-    @property
-    def description(self) -> str:
-        return f"hil simulated SWD boards (state directories listed in {ENV_VAR})"
+_register_with_pyocd()
