@@ -3,11 +3,15 @@ the real drivers, and a board carried from a flashed base image through a whole 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hil.onenet.codes import TaskState
 from hil.onenet.tasks import Package
 from hil.sim.images import build_image
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_board_is_updated_from_its_flashed_base_image_to_the_new_version(
@@ -52,3 +56,22 @@ def test_a_low_supply_voltage_is_a_low_battery_report(rig, board, power, ota_ser
     board.start_update()
     board.wait_update_end(timeout=30)
     assert service.timeline.reported_codes(rig.identity.dev_id) == [105]
+
+
+def test_with_no_rig_selected_the_plugin_runs_on_the_simulated_rigs(pytester, tmp_path):
+    rigs = pytester.path / "rigs"
+    rigs.mkdir()
+    for board in ("nrf52832", "gd32"):
+        text = (ROOT / "rigs" / f"sim-{board}.yaml").read_text()
+        # The same rigs, their state in this test's directory.
+        rigs.joinpath(f"sim-{board}.yaml").write_text(
+            text.replace("/tmp/hil-sim/", f"{tmp_path}/"))
+    rigs.joinpath("lab-x.yaml").write_text("not: a simulated rig, not selected by default\n")
+    pytester.makepyfile(test_x="""
+        def test_version(rig, board):
+            assert board.version() == "1.0.0"
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_version?sim-gd32? PASSED*",
+                                 "*test_version?sim-nrf52832? PASSED*"])

@@ -497,24 +497,33 @@ class Firmware:
             "running": running, "offset": 0, "stage": "download"}
         if Defect.RESTARTS_DOWNLOAD in self.defects and ota["stage"] == "download":
             ota["offset"] = 0
-        # Step 3: the task's conditions, checked by the device.
-        if not meets_threshold(power, task.power) and Defect.IGNORES_POWER not in self.defects:
-            raise _Failed(ResultCode.DOWNLOAD_LOW_BATTERY)
-        if not meets_threshold(signal, task.signal) and Defect.IGNORES_SIGNAL not in self.defects:
-            raise _Failed(ResultCode.DOWNLOAD_BAD_SIGNAL)
-        if task.size > self._free_space() and Defect.IGNORES_SPACE not in self.defects:
-            raise _Failed(ResultCode.DOWNLOAD_NO_SPACE)
         if ota["stage"] == "download":
-            self._token_check(generation, http, server, task)
+            # Step 3: the task's conditions, checked by the device before it downloads.
+            if not meets_threshold(power, task.power) \
+                    and Defect.IGNORES_POWER not in self.defects:
+                raise _Failed(ResultCode.DOWNLOAD_LOW_BATTERY)
+            if not meets_threshold(signal, task.signal) \
+                    and Defect.IGNORES_SIGNAL not in self.defects:
+                raise _Failed(ResultCode.DOWNLOAD_BAD_SIGNAL)
+            if task.size > self._free_space() and Defect.IGNORES_SPACE not in self.defects:
+                raise _Failed(ResultCode.DOWNLOAD_NO_SPACE)
+            if ota["offset"] < task.size:
+                # A package already whole needs no token: its task may be upgrading already.
+                self._token_check(generation, http, server, task)
             self.nvs.update(ota=ota)
             self._download(generation, http, server, task, ota)
             self._verify(generation, task)
+            ota["stage"] = "downloaded"
+            self.nvs.update(ota=ota)
+        if ota["stage"] == "downloaded" and not ota.get("reported_101"):
             if Defect.EARLY_101 not in self.defects:
                 answer = self._report(generation, http, server, task.token,
                                       ResultCode.DOWNLOADED)
-                if answer != Errno.OK:
-                    raise _Failed(None)     # refused (cancelled, finished): nothing to install
-            ota["stage"] = "downloaded"
+                # 21: the task is upgrading already, so an earlier 101 got through before a
+                # power cut took its answer. Anything else: refused, nothing to install.
+                if answer not in (Errno.OK, Errno.INVALID_OPERATION):
+                    raise _Failed(None)
+            ota["reported_101"] = True
             self.nvs.update(ota=ota)
         # Step 7: install.
         if not meets_threshold(self._power(), task.power) \
