@@ -1,1 +1,2 @@
-"""Simulated boards and instruments behind the real drivers; for now the device-side OTA agent."""
+"""Simulated rigs behind the real drivers: boards (ESP32, nRF52832, GD32F103), their firmware,
+their instruments, and the bench that brings one rig's parts up (``hil.sim.bench``)."""
