@@ -34,8 +34,10 @@ version=V``, ``ota end`` once the attempt is over, after the post-boot report wh
 Persistence: ``<state_dir>/nvs.json`` is the firmware's settings partition (the OTA server, the
 attempt in progress), written atomically after each change; the flash files are the board's.
 The attempt in progress is bound to the image that started it (a digest of the primary slot): a
-board that was reflashed with a debugger since forgets it instead of resuming someone else's
-update. Fault-hook values (``test power/signal/space``) live in RAM and are gone after a reset.
+board reflashed with another image since forgets it instead of resuming someone else's update.
+One reflashed with the very same image resumes, as real settings partitions survive a reflash;
+a new task (a new token) or ``test factory`` starts afresh. Fault-hook values (``test power``,
+``signal``, ``space``) live in RAM and are gone after a reset.
 
 Defects (``Defect``), off by default and chosen per board, make the firmware misbehave the way
 real firmware does, so the conformance suite's power to catch them can be measured.
@@ -57,6 +59,7 @@ from typing import Any, Protocol
 import requests
 
 from hil.boards import board_family
+from hil.errors import ProtocolError
 from hil.onenet.auth import Authorization, product_res
 from hil.onenet.codes import Errno, ResultCode, TaskType, meets_threshold
 from hil.onenet.messages import DetectAnswer
@@ -461,6 +464,20 @@ class Firmware:
                    f"/ota/device/version?dev_id={self.identity.dev_id}",
                    json={version_key: self.version})
         power, signal = self._power(), self._signal()
+        task = self._detect(generation, http, server, power, signal)
+        if task is None:
+            return True
+        try:
+            return self._run_task(generation, http, server, task, power, signal)
+        except _Failed as failed:
+            self.nvs.update(ota=None)
+            if failed.result is not None and Defect.SILENT_AFTER_FAILURE not in self.defects:
+                self._report(generation, http, server, task.token, failed.result)
+            return True
+
+    def _detect(self, generation: int, http: requests.Session, server: str, power: int,
+                signal: int) -> DetectAnswer | None:
+        """Step 2: the task, or None (the console says why) when there is none to run."""
         query: dict[str, str | int] = {
             "dev_id": self.identity.dev_id, "manuf": self.family.manuf,
             "model": self.family.model, "type": int(TaskType.SOTA), "version": str(self.version),
@@ -469,20 +486,14 @@ class Firmware:
         errno = detect.get("errno") if detect is not None else None
         if errno != Errno.OK:
             self._say(generation, f"ota phase=detect errno={errno}")
-            return True
+            return None
         try:
             task = DetectAnswer.from_data(detect.get("data") if detect else None)
-        except Exception as error:      # ProtocolError: a detect answer that makes no sense
-            self._say(generation, f"ota phase=detect errno=0 error={type(error).__name__}")
-            return True
+        except ProtocolError as error:      # a detect answer that makes no sense
+            self._say(generation, f"ota phase=detect errno=0 error={error.reason[:40]!r}")
+            return None
         self._say(generation, f"ota phase=detect errno=0 target={task.target} size={task.size}")
-        try:
-            return self._run_task(generation, http, server, task, power, signal)
-        except _Failed as failed:
-            self.nvs.update(ota=None)
-            if failed.result is not None and Defect.SILENT_AFTER_FAILURE not in self.defects:
-                self._report(generation, http, server, task.token, failed.result)
-            return True
+        return task
 
     def _run_task(self, generation: int, http: requests.Session, server: str,
                   task: DetectAnswer, power: int, signal: int) -> bool:
@@ -519,10 +530,15 @@ class Firmware:
             if Defect.EARLY_101 not in self.defects:
                 answer = self._report(generation, http, server, task.token,
                                       ResultCode.DOWNLOADED)
-                # 21: the task is upgrading already, so an earlier 101 got through before a
-                # power cut took its answer. Anything else: refused, nothing to install.
-                if answer not in (Errno.OK, Errno.INVALID_OPERATION):
-                    raise _Failed(None)
+                # 21: either an earlier 101 got through before a power cut took its answer
+                # (the task is upgrading) or the task is paused. Detect tells them apart: an
+                # upgrading task comes back with this token, a paused one as errno 19.
+                if answer == Errno.INVALID_OPERATION:
+                    again = self._detect(generation, http, server, self._power(), self._signal())
+                    if again is None or again.token != task.token:
+                        raise _Failed(None)
+                elif answer != Errno.OK:
+                    raise _Failed(None)     # refused (cancelled, finished): nothing to install
             ota["reported_101"] = True
             self.nvs.update(ota=ota)
         # Step 7: install.
