@@ -33,6 +33,7 @@ def write_rig(tmp_path: Path, board: str, **changes: object):
     document = rig_document(f"bench-{board}", board, tmp_path / board)
     document.update(changes)
     path = tmp_path / f"{board}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(document))
     return load_rig(path)
 
@@ -124,3 +125,15 @@ def test_hil_flash_and_rigs_check_on_the_simulated_rigs(rig, image, tool):
     base = hil("flash", "--rig", f"rigs/{rig}.yaml",
                f"fixtures/images/{image.replace('1.1.0', '1.0.0')}")
     assert base.returncode == 0, base.stderr
+
+
+def test_benches_unplug_their_own_probe_whatever_the_order(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    first = RigParts(write_rig(tmp_path / "a", "nrf52832")).__enter__()
+    second = RigParts(write_rig(tmp_path / "b", "gd32")).__enter__()
+    assert os.environ[ENV_VAR].split(os.pathsep) == [str(tmp_path / "a" / "nrf52832"),
+                                                    str(tmp_path / "b" / "gd32")]
+    first.close()       # not the reverse of the order they started in
+    assert os.environ[ENV_VAR] == str(tmp_path / "b" / "gd32")
+    second.close()
+    assert ENV_VAR not in os.environ

@@ -122,7 +122,7 @@ class SimBench:
         self._board: Any = None           # Esp32Board or hil.sim.probe.SimBoard
         self._flashes: dict[str, SimFlash] = {}
         self._own_flashes: list[SimFlash] = []
-        self._saved_probes: str | None = None
+        self._plugged: str | None = None     # our entry in HIL_SIM_PROBES
         self._power_lock = threading.Lock()
         self._started = False
         self._wait = wait
@@ -176,8 +176,8 @@ class SimBench:
             else:
                 board.chip.detach()
                 board.chip.external_power = False
-        if self._saved_probes is not None:
-            self._restore_probe_path()
+        if self._plugged is not None:
+            self._unplug_probe()
         self._give_back_state_dir()
 
     def _take_state_dir(self) -> None:
@@ -254,19 +254,22 @@ class SimBench:
             self._flashes["spi"] = spi
         self._restore_bootloader()
         # Plug the probe in for this process (pyocd reads the variable when it lists probes).
-        self._saved_probes = os.environ.get(ENV_VAR, "")
-        entries = [entry for entry in self._saved_probes.split(os.pathsep) if entry]
+        entries = [e for e in os.environ.get(ENV_VAR, "").split(os.pathsep) if e]
         if str(spec.state_dir) not in entries:
             os.environ[ENV_VAR] = os.pathsep.join([*entries, str(spec.state_dir)])
+            self._plugged = str(spec.state_dir)
         self._console = PtyPort(self.state_dir / "console", self._console_input,
                                 name=f"{self.rig.name} console").start()
 
-    def _restore_probe_path(self) -> None:
+    def _unplug_probe(self) -> None:
+        """Take this board's entry out of the variable, whatever other benches did meanwhile."""
         from hil.sim.probe import ENV_VAR
 
-        saved, self._saved_probes = self._saved_probes, None
-        if saved:
-            os.environ[ENV_VAR] = saved
+        plugged, self._plugged = self._plugged, None
+        entries = [e for e in os.environ.get(ENV_VAR, "").split(os.pathsep)
+                   if e and e != plugged]
+        if entries:
+            os.environ[ENV_VAR] = os.pathsep.join(entries)
         else:
             os.environ.pop(ENV_VAR, None)
 
