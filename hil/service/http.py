@@ -11,6 +11,11 @@ Node.js); writing an answer is the few lines of ``HttpResponse.encode``.
 Keep-alive and pipelining are served; a connection is closed after ``max_requests`` requests (the
 real OneNET server does so after 1000), after ``idle_timeout`` seconds without a byte, or on a
 request that is not HTTP.
+
+The request side of a connection (``RequestReader``: llhttp callbacks, size limits, idle timer) is
+shared: the mock's ``_Connection`` answers each request at once through a synchronous handler,
+the gateway's connection (``hil.gateway``) forwards it and answers later. ``BackgroundServer``
+runs either on an event loop of its own thread.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import httptools
@@ -79,8 +84,10 @@ def _plain(status: int, text: str) -> HttpResponse:
     return HttpResponse(status, text.encode(), (("Content-Type", "text/plain"),), close=True)
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: llhttp calls the ``on_*`` methods while ``data_received`` feeds it."""
+class RequestReader(asyncio.Protocol):
+    """One client connection's request side: llhttp calls the ``on_*`` methods while
+    ``data_received`` feeds it, and each whole request goes to ``on_request``, which subclasses
+    define (answering through ``_send`` or their own writes)."""
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
@@ -185,14 +192,17 @@ class _Connection(asyncio.Protocol):
         self._served += 1
         keep_alive = (self._parser.should_keep_alive()
                       and self._served < self._server.max_requests)
-        try:
-            response = self._server.handler(request)
-        except Exception:
-            # The handler is meant never to raise (the mock answers errno 7 itself); this is the
-            # last line, so a bug shows as a logged 500 instead of a silently dropped connection.
-            log.exception("handler failed on %s %s", request.method, request.target)
-            response = _plain(500, "internal error")
-        self._send(response, keep_alive=keep_alive)
+        self.on_request(request, keep_alive)
+
+    def on_request(self, request: HttpRequest, keep_alive: bool) -> None:
+        """A whole request; ``keep_alive``: the connection may serve another after it."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Close the connection now (the server is stopping)."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
 
     # -- helpers -----------------------------------------------------------------------------
     def _count_head(self, size: int) -> None:
@@ -227,6 +237,24 @@ class _Connection(asyncio.Protocol):
             self._arm_idle_timer(self._server.idle_timeout - idle)
 
 
+class _Connection(RequestReader):
+    """The mock's connection: each request answered at once by the server's handler."""
+
+    def __init__(self, server: HttpServer, handler: Handler) -> None:
+        super().__init__(server)
+        self._handler = handler
+
+    def on_request(self, request: HttpRequest, keep_alive: bool) -> None:
+        try:
+            response = self._handler(request)
+        except Exception:
+            # The handler is meant never to raise (the mock answers errno 7 itself); this is the
+            # last line, so a bug shows as a logged 500 instead of a silently dropped connection.
+            log.exception("handler failed on %s %s", request.method, request.target)
+            response = _plain(500, "internal error")
+        self._send(response, keep_alive=keep_alive)
+
+
 class _Refused(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -234,27 +262,44 @@ class _Refused(Exception):
         self.reason = reason
 
 
+ConnectionFactory = Callable[["HttpServer"], RequestReader]
+
+
 @dataclass
 class HttpServer:
-    """An HTTP/1.1 server for ``handler``; ``start``/``stop`` run it on the calling event loop."""
+    """An HTTP/1.1 server for ``handler``; ``start``/``stop`` run it on the calling event loop.
 
-    handler: Handler
+    ``connection`` serves requests another way than a synchronous handler (the gateway's): it
+    makes the ``RequestReader`` of each new connection, and ``handler`` is then not needed.
+    """
+
+    handler: Handler | None = None
     host: str = "127.0.0.1"
     port: int = 0
     max_requests: int = 1000
     idle_timeout: float = 60.0
+    connection: ConnectionFactory | None = None
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
     _server: asyncio.base_events.Server | None = field(default=None, init=False, repr=False)
-    _connections: set[_Connection] = field(default_factory=set, init=False, repr=False)
+    _connections: set[RequestReader] = field(default_factory=set, init=False, repr=False)
 
     def _loop_time(self) -> float:
         assert self._loop is not None
         return self._loop.time()
 
     async def start(self) -> None:
+        factory: Callable[[], RequestReader]
+        if self.connection is not None:
+            make = self.connection
+            factory = lambda: make(self)   # noqa: E731
+        elif self.handler is not None:
+            handler = self.handler
+            factory = lambda: _Connection(self, handler)   # noqa: E731
+        else:
+            raise ValueError("HttpServer needs a handler or a connection factory")
         self._loop = asyncio.get_running_loop()
         self._server = await self._loop.create_server(
-            lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024)
+            factory, self.host, self.port, reuse_address=True, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -262,8 +307,7 @@ class HttpServer:
             return
         self._server.close()
         for connection in list(self._connections):
-            if connection._transport is not None:
-                connection._transport.close()
+            connection.shutdown()
         await self._server.wait_closed()
         self._server = None
 
@@ -282,33 +326,45 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+_T = TypeVar("_T")
+
+
 class BackgroundServer:
     """Runs an ``HttpServer`` on an event loop of its own thread, for tests and the CLI.
 
     A context manager: ``with BackgroundServer(handler) as server: requests.get(server.url)``.
     """
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0,
-                 **options: Any) -> None:
+    def __init__(self, handler: Handler | None = None, host: str = "127.0.0.1", port: int = 0,
+                 *, thread_name: str = "hil-http", **options: Any) -> None:
         self.http = HttpServer(handler, host, port, **options)
         self._loop = new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="hil-http",
+        self._thread = threading.Thread(target=self._loop.run_forever, name=thread_name,
                                         daemon=True)
 
     @property
     def url(self) -> str:
         return self.http.url
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The server's event loop (running on the server's thread once started)."""
+        return self._loop
+
+    def call(self, coroutine: Coroutine[Any, Any, _T], timeout: float = 10) -> _T:
+        """Run ``coroutine`` on the server's loop and wait for it; its exception raises here."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout)
+
     def start(self) -> BackgroundServer:
         self._thread.start()
         # Raises here, on the caller's thread, if the port cannot be bound.
-        asyncio.run_coroutine_threadsafe(self.http.start(), self._loop).result(timeout=10)
+        self.call(self.http.start())
         return self
 
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self.http.stop(), self._loop).result(timeout=10)
+        self.call(self.http.stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()

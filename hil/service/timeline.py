@@ -49,6 +49,7 @@ class Exchange:
     task_state: str | None = None              # the task's state after this exchange
     reason: str | None = None                  # why a request was refused, for humans
     duration_ms: float = 0.0
+    fault: str | None = None                   # what the gateway did to it ("stall 2s"); mock: None
 
     @property
     def accepted(self) -> bool:
@@ -74,8 +75,9 @@ class Exchange:
         if self.result is not None:
             outcome += f" result={self.result}"
         state = f" task={self.task_state}" if self.task_state else ""
+        fault = f" [{self.fault}]" if self.fault else ""
         return (f"{clock} {self.dev_id or '-'} {self.phase.value:<8} {self.method} "
-                f"{self.target} -> {outcome}{state}")
+                f"{self.target} -> {outcome}{state}{fault}")
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Exchange))
