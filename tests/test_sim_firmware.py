@@ -67,8 +67,9 @@ def detect_line(size: int, target: str = TARGET) -> str:
 
 def whole_update(size: int, target: str = TARGET) -> list[str]:
     """The events of an update that goes right, from the first chunk, download lines aside."""
-    return [detect_line(size, target), "ota phase=token errno=0", "ota phase=verify md5=ok",
-            "ota phase=report result=101 errno=0", f"ota phase=flash bytes={size}",
+    return [detect_line(size, target), "ota phase=token errno=0",
+            "ota phase=report result=101 errno=0", "ota phase=verify md5=ok",
+            f"ota phase=flash bytes={size}",
             "ota phase=report result=201 errno=0"]
 
 
@@ -299,13 +300,13 @@ def _drop_connection(fwd):
 
 
 @pytest.mark.parametrize(("hook", "retry", "board", "codes", "asked", "line"), [
-    (lambda n, rng, fwd: Answer(200, b"x" * 10), 1, {}, [207], 2, "status=200"),
+    (lambda n, rng, fwd: Answer(200, b"x" * 10), 1, {}, [107], 2, "status=200"),
     (lambda n, rng, fwd: Answer(200, b"x" * 10), 0, {}, [107], 1, "status=200"),
     (lambda n, rng, fwd: time.sleep(1.0), 0, {"http_timeout": 0.5}, [104], 1, "error=timeout"),
-    (lambda n, rng, fwd: time.sleep(1.0), 1, {"http_timeout": 0.5}, [207], 2, "error=timeout"),
+    (lambda n, rng, fwd: time.sleep(1.0), 1, {"http_timeout": 0.5}, [104], 2, "error=timeout"),
     (lambda n, rng, fwd: Answer(200, b"3", length=False), 3, {}, [107], 1, "status=200"),
     (lambda n, rng, fwd: Answer(200, b"1", length=False), 3, {}, [107], 1, "status=200"),
-    (lambda n, rng, fwd: Answer(200, b"4", length=False), 1, {}, [207], 2, "status=200"),
+    (lambda n, rng, fwd: Answer(200, b"4", length=False), 1, {}, [107], 2, "status=200"),
     (lambda n, rng, fwd: Answer(200, b"6", length=False), 0, {}, [107], 1, "status=200"),
     (lambda n, rng, fwd: _drop_connection(fwd), 0, {}, [107], 1, "error=ConnectionError"),
 ], ids=["bad-answer-retry-1", "bad-answer-no-retry", "timeout-no-retry", "timeout-retry-1",
@@ -406,8 +407,9 @@ def test_a_corrupted_chunk_fails_the_md5_check(setup):
 
     events = setup.update(sim)
 
-    assert setup.codes(sim) == [205]
+    assert setup.codes(sim) == [101, 205]     # the transfer completed; then the md5
     assert phases(events) == [detect_line(task.package.size), "ota phase=token errno=0",
+                              "ota phase=report result=101 errno=0",
                               "ota phase=verify md5=bad", "ota phase=report result=205 errno=0"]
     assert state(setup, sim) == "failed"
     assert sim.board.version() == BASE
@@ -645,7 +647,7 @@ def test_a_power_cut_while_the_101_is_in_flight(setup, accepted):
     again = [detect_line(task.package.size)] if accepted else []
     assert events == [detect_line(task.package.size),
                       f"ota phase=report result=101 errno={21 if accepted else 0}", *again,
-                      f"ota phase=flash bytes={task.package.size}",
+                      "ota phase=verify md5=ok", f"ota phase=flash bytes={task.package.size}",
                       "ota phase=report result=201 errno=0"]
     assert setup.codes(sim) == [101, 201]
     assert state(setup, sim) == "succeeded"
@@ -674,7 +676,7 @@ def test_a_101_refused_after_the_download_installs_nothing(setup, action, answer
     events = setup.update(sim)
 
     assert phases(events) == [detect_line(task.package.size), "ota phase=token errno=0",
-                              "ota phase=verify md5=ok", *answers]
+                              *answers]
     assert setup.codes(sim) == []
     assert sim.board.version() == BASE
 
@@ -696,7 +698,7 @@ def test_a_battery_drop_before_the_flash_is_reported_202(setup):
 
     assert setup.codes(sim) == [101, 202]
     assert phases(events) == [detect_line(task.package.size), "ota phase=token errno=0",
-                              "ota phase=verify md5=ok", "ota phase=report result=101 errno=0",
+                              "ota phase=report result=101 errno=0", "ota phase=verify md5=ok",
                               "ota phase=report result=202 errno=0"]
     assert state(setup, sim) == "failed"
     assert sim.board.version() == BASE

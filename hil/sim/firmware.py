@@ -19,9 +19,10 @@ One OTA attempt (``ota check``), as ONENET.md has real devices do it:
    where it stopped (detect hands a live task's token back). A one-byte error body ``1``, ``2``,
    ``3`` or ``5`` is final (107); a timeout, a connection error, a wrong answer or error body
    ``4``/``6`` is retried up to the task's ``retry`` times, ``interval`` seconds apart; when no
-   try is left the device reports 207 (maximum retries reached) if it had retries, else the
-   cause: 104 for a timeout, 107 otherwise;
-6. md5 of the downloaded package: a mismatch is 205, else 101;
+   try is left the device reports what the last failure was, as the user's API document names
+   the codes: 104 (request timeout) for a timeout or a stall, 107 (unknown) otherwise;
+6. 101 once the whole package is in flash (the transfer completed), then its md5: a mismatch is
+   205;
 7. flash: the battery is checked again (202 below the task's threshold), the image is marked
    for installation, the board reboots; the bootloader copies a valid image from the secondary
    slot over the primary (MCUboot's overwrite-only upgrade) and starts the primary;
@@ -523,7 +524,6 @@ class Firmware:
                 self._token_check(generation, http, server, task)
             self.nvs.update(ota=ota)
             self._download(generation, http, server, task, ota)
-            self._verify(generation, task)
             ota["stage"] = "downloaded"
             self.nvs.update(ota=ota)
         if ota["stage"] == "downloaded" and not ota.get("reported_101"):
@@ -541,17 +541,20 @@ class Firmware:
                     raise _Failed(None)     # refused (cancelled, finished): nothing to install
             ota["reported_101"] = True
             self.nvs.update(ota=ota)
+        self._verify(generation, task)
         # Step 7: install.
         if not meets_threshold(self._power(), task.power) \
                 and Defect.FLASHES_ON_LOW_POWER not in self.defects:
             raise _Failed(ResultCode.UPGRADE_LOW_BATTERY)
-        self._say(generation, f"ota phase=flash bytes={task.size}")
         ota["stage"] = "install"
         if Defect.REPORTS_201_BEFORE_REBOOT in self.defects:
             self._report(generation, http, server, task.token, ResultCode.UPGRADED)
             ota["reported"] = True
         self._alive(generation)
+        # Committed before it is announced: once the console says `flash`, a power cut at any
+        # moment ends with the new image installed and reported (the bootloader finishes).
         self.nvs.update(ota=ota)
+        self._say(generation, f"ota phase=flash bytes={task.size}")
         self.platform.reset()
         return False
 
@@ -587,11 +590,11 @@ class Firmware:
                     raise _Failed(ResultCode.DOWNLOAD_UNKNOWN)
                 failures += 1
                 if failures > task.retry and Defect.RETRIES_FOREVER not in self.defects:
-                    raise _Failed(ResultCode.MAX_RETRIES if task.retry else
-                                  ResultCode.DOWNLOAD_TIMEOUT if cause == "timeout"
+                    raise _Failed(ResultCode.DOWNLOAD_TIMEOUT if cause == "timeout"
                                   else ResultCode.DOWNLOAD_UNKNOWN)
                 self._sleep(generation, max(task.interval, _RETRY_FLOOR_S))
                 continue
+            failures = 0            # `retry` counts the retries of one range
             self._alive(generation)
             flash.program(slot.address + start, chunk[:task.size - start])
             ota["offset"] = start + len(chunk)
