@@ -160,7 +160,7 @@ class Fault:
             if name not in allowed:
                 raise ValueError(f"Fault.{name}: not a parameter of a {kind} fault "
                                  f"(it takes {', '.join(allowed) or 'none'})")
-            reason = _CHECKS[name](value) if name != "code" else self._check_code(value)
+            reason = self._check(name, value)
             if reason is not None:
                 raise ValueError(f"Fault.{name}: {reason}, not {value!r}")
         if kind is FaultKind.CORRUPT and self.bytes == 0:
@@ -183,9 +183,14 @@ class Fault:
         if not isinstance(self.seed, int):
             raise ValueError(f"Fault.seed: must be an integer, not {self.seed!r}")
 
-    def _check_code(self, value: object) -> str | None:
-        low, high = _CODE_RANGE.get(self.kind, (0, 0))
-        return _number(low, high, integer=True)(value)
+    def _check(self, name: str, value: object) -> str | None:
+        if name == "code":
+            low, high = _CODE_RANGE.get(self.kind, (0, 0))
+            return _number(low, high, integer=True)(value)
+        if name == "bytes" and self.kind is FaultKind.CONTENT_RANGE:   # a shift either way
+            good = isinstance(value, int) and not isinstance(value, bool) and value != 0
+            return None if good else "must be a non-zero integer"
+        return _CHECKS[name](value)
 
     @property
     def label(self) -> str:

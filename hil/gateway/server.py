@@ -95,6 +95,7 @@ class Gateway:
         self.timeline = timeline if timeline is not None else Timeline()
         self.upstream_timeout = upstream_timeout
         self._armed: tuple[Armed, ...] = ()   # replaced whole, never changed: read lock-free
+        self._epoch = 0   # counts clear()s: a stall decided before the last one holds nothing
         self._lock = threading.Lock()
         self._errors: list[BaseException] = []
         self._tokens: dict[str, _Token] = {}
@@ -153,6 +154,7 @@ class Gateway:
         """Disarm every fault and drop the connections held by stalls (between tests)."""
         with self._lock:
             self._armed = ()
+            self._epoch += 1
         if self._server.loop.is_running():
             self._server.call(self._release_held())
 
@@ -319,6 +321,7 @@ class _GatewayConnection(RequestReader):
         gateway = self._gateway
         request = item.request
         started = time.perf_counter()
+        epoch = gateway._epoch
         target = route(request.path)
         dev_id, seen = gateway._identify(request, target)
         fired = gateway._fire(seen) if gateway._armed else []
@@ -343,7 +346,7 @@ class _GatewayConnection(RequestReader):
                         loaded = orjson.loads(answer.body)
                         data = loaded if isinstance(loaded, dict) else None
                 gateway._learn(target, dev_id, answer, data)
-        sent_body, head = await self._deliver(answer, item, plan)
+        sent_body, head = await self._deliver(answer, item, plan, epoch)
         self._record(item, target, dev_id, answer, head, data, sent_body, fired,
                      ", ".join(labels) or None, started)
 
@@ -372,8 +375,8 @@ class _GatewayConnection(RequestReader):
                                                                      gateway.upstream_timeout)
         return await connection.exchange(request, gateway.upstream_timeout, no_body=no_body)
 
-    async def _deliver(self, answer: UpstreamAnswer | None, item: _Item,
-                       plan: Plan) -> tuple[int | None, bytes]:
+    async def _deliver(self, answer: UpstreamAnswer | None, item: _Item, plan: Plan,
+                       epoch: int) -> tuple[int | None, bytes]:
         """Send the answer as the plan says; the body bytes sent and the head as changed."""
         transport = self._transport
         assert transport is not None
@@ -405,7 +408,8 @@ class _GatewayConnection(RequestReader):
         if plan.delay:
             await asyncio.sleep(plan.delay)
         if plan.stall is not None:
-            await self._hold(plan.stall)
+            if epoch == self._gateway._epoch:   # else cleared while the service answered
+                await self._hold(plan.stall)
             self._close(transport)
             return 0, head
         if plan.cut is not None:
