@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
         return subprocess.call([BIN / "hil", *rest])
     if command == "test":
         return subprocess.call([BIN / "python", "-m", "pytest", *rest])
-    status = subprocess.call([BIN / "ruff", "check", "hil", "tests", "benchmarks", "dev.py"])
+    status = subprocess.call([BIN / "ruff", "check", "hil", "tests", "testcases", "benchmarks",
+                                 "dev.py"])
     return subprocess.call([BIN / "mypy", "hil"]) or status
 
 

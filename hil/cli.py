@@ -10,6 +10,8 @@
     hil flash         flash an image through a rig's flasher
     hil console       an interactive terminal on a rig's console
     hil sim image     write a firmware image for a simulated board, its version inside
+    hil defects       the suite's power: the conformance suite against each named defect of
+                      the simulated firmware, a table of the tests that caught each one
 
 Bad arguments get one line on stderr and exit status 2; secrets are never echoed.
 """
@@ -78,6 +80,13 @@ def _non_negative(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"{value!r} is negative")
+    return number
+
+
+def _positive(value: str) -> int:
+    number = _non_negative(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
     return number
 
 
@@ -444,6 +453,35 @@ def cmd_sim_image(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- defects
+def cmd_defects(args: argparse.Namespace) -> int:
+    from hil.conformance.power import run_suite, table, verdict
+    from hil.sim.defects import Defect
+
+    prog = "hil defects"
+    try:
+        defects = sorted(Defect.parse(args.defect), key=list(Defect).index) if args.defect \
+            else list(Defect)
+    except ValueError as error:
+        _fail(prog, f"--defect: {error}")
+    testcases = args.root / "testcases"
+    if not testcases.is_dir():
+        _fail(prog, f"no testcases/ under {args.root}: give --root, the project directory")
+    rig_path = args.rig or args.root / "rigs" / "sim-nrf52832.yaml"
+    print(f"{prog}: the suite in {testcases} on {rig_path.name}, against "
+          f"{len(defects)} defect(s) and a control, {args.workers} workers", flush=True)
+    started = time.monotonic()
+    try:
+        results = run_suite(rig_path, defects, workers=args.workers, root=args.root,
+                            testcases=testcases)
+    except (ConfigError, RuntimeError) as error:
+        _fail(prog, str(error))
+    print(table(results))
+    good, why = verdict(results)
+    print(f"{'PASS' if good else 'FAIL'}: {why} ({time.monotonic() - started:.0f} s)")
+    return 0 if good else 1
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hil", description=__doc__,
@@ -526,6 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--size", type=_non_negative, metavar="BYTES",
                        help="payload bytes (default 64 KiB; 16 KiB on gd32)")
     image.set_defaults(run=cmd_sim_image)
+
+    defects = commands.add_parser("defects", help="the suite against each firmware defect")
+    defects.add_argument("--rig", type=Path, help="a simulated rig file (default "
+                         "rigs/sim-nrf52832.yaml)")
+    defects.add_argument("--defect", action="append", metavar="NAME",
+                         help="only this defect (repeatable; default: every one)")
+    defects.add_argument("-n", "--workers", type=_positive, default=8,
+                         help="pytest-xdist workers (default 8: the scenarios mostly wait)")
+    defects.add_argument("--root", type=Path, default=Path.cwd(),
+                         help="the project directory with testcases/ (default: here)")
+    defects.set_defaults(run=cmd_defects)
     return parser
 
 

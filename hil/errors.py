@@ -15,9 +15,11 @@ OTA service or the network between.
     │                          (names the rig and the part)
     ├── FirmwareFault          the device under test misbehaved: wrong or missing report code
     │   ├── CommandRefused     the firmware answered a console command with ``ERR <reason>``
-    │   └── ExpectTimeout      the firmware did not print what the test waited for
-    └── ServiceFault           the OTA service or the infrastructure around it failed
-        └── ServiceCrashed     the mock raised on its server thread (re-raised on the test thread)
+    │   ├── ExpectTimeout      the firmware did not print what the test waited for
+    │   └── ConformanceFailure an OTA phase ended with other report codes than the profile's
+    ├── ServiceFault           the OTA service or the infrastructure around it failed
+    │   └── ServiceCrashed     the mock raised on its server thread (re-raised on the test thread)
+    └── Unsupported            this rig or service cannot run the scenario (a skip, with why)
 """
 
 from __future__ import annotations
@@ -97,9 +99,26 @@ class ExpectTimeout(FirmwareFault):
     """The console did not show the expected pattern in time; the message ends with the log tail."""
 
 
+class ConformanceFailure(FirmwareFault):
+    """The device's reports (or requests) broke the expectation profile; ``phase`` is the OTA
+    phase the outcome is about, ``expected`` and ``received`` the report codes."""
+
+    def __init__(self, phase: str, message: str, expected: tuple[int, ...] = (),
+                 received: tuple[int, ...] = ()) -> None:
+        super().__init__(f"{phase} phase: {message}")
+        self.phase = phase
+        self.expected = expected
+        self.received = received
+
+
 class ServiceFault(HilError):
     """The OTA service or the infrastructure between device and service failed."""
 
 
 class ServiceCrashed(ServiceFault):
     """A request handler of the mock service raised; the device got errno 7 (internal error)."""
+
+
+class Unsupported(HilError):
+    """The rig or the service cannot run this scenario (no power-cut supply, the real service
+    where the task must be shaped): the test is skipped with this reason, not failed."""

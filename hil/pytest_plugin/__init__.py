@@ -14,11 +14,16 @@ Options (group ``hil``; each has a pytest.ini twin, the command line wins):
 ``--hil-ota-service S``    ``hil_ota_service``     ``mock`` (default) or a OneNET base URL
 ``--hil-timeline-dir DIR`` ``hil_timeline_dir``    where timelines are written
 ``--hil-lease-dir DIR``    ``hil_lease_dir``       where rig lease locks live
+``--hil-expectations F``   ``hil_expectations``    the expectation profile (default
+                                                   ``fixtures/expectations/onenet.yaml``)
 =========================  ======================  ==========================================
 
 Fixtures: ``rig``, ``board``, ``console``, ``flasher``, ``power``, ``rf``, ``ota_service``,
-``ota_task``, ``timeline``; ``mock_onenet`` is the mock with no rig. Tests that use a rig are
-parametrized over the selected rigs (ids: rig names); with no ``--hil-rig`` they run on the
+``ota_task``, ``timeline``, ``gateway`` (the recording, fault-injecting gateway in front of the
+OTA service, its timeline fresh for each test) and ``ota`` (a conformance scenario:
+``hil.conformance.scenario.OtaScenario``); ``mock_onenet`` is the mock with no rig. Tests
+that use a rig are parametrized over the selected rigs (ids: rig names); with no ``--hil-rig``
+they run on the
 simulated rigs in ``rigs/sim-*.yaml`` (under the root directory), and skip if there are none.
 A simulated rig's board, console and instruments run for the length of each test.
 
@@ -26,7 +31,8 @@ Markers: ``@pytest.mark.board("esp32", ...)`` runs a test only on those boards;
 ``@pytest.mark.needs("power", "rf", "flasher", "power_cut", "space")`` skips it on rigs lacking one.
 
 A rig fault (probe missing, port gone, instrument silent) ends the test as an ERROR naming the rig
-and the part, also when it happens inside the test; a firmware fault is a FAILED test.
+and the part, also when it happens inside the test; a firmware fault is a FAILED test; a scenario
+the rig or service cannot run (``hil.errors.Unsupported``) is SKIPPED with its reason.
 """
 
 from __future__ import annotations
@@ -39,9 +45,12 @@ from typing import Any, Literal
 
 import pytest
 
+from hil.conformance.expectations import Profile, load_profile
+from hil.conformance.scenario import OtaScenario
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, RfProtocol
-from hil.errors import ConfigError, RigFault
-from hil.onenet.tasks import Task
+from hil.errors import ConfigError, RigFault, Unsupported
+from hil.gateway import Gateway
+from hil.onenet.tasks import Package, Task
 from hil.rig.board import Board
 from hil.rig.lease import DEFAULT_LOCK_DIR, RigLease
 from hil.rig.model import Rig, find_rig, load_rig
@@ -52,6 +61,8 @@ from hil.service.timeline import Timeline
 
 CAPABILITIES = ("console", "flasher", "power", "power_cut", "rf", "space")
 SIM_RIGS = "sim-*.yaml"     # the rigs a run without --hil-rig uses
+DEFAULT_PROFILE = Path("fixtures/expectations/onenet.yaml")
+DEFAULT_TARGET = "1.1.0"    # the update image fixtures/images holds for each board
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,22 @@ class HilOptions:
     ota_service: str
     timeline_dir: Path | None
     lease_dir: Path
+    profile: Profile | None
+    root: Path
+
+    def update_package(self, rig: Rig) -> tuple[Package, str] | None:
+        """The build under test and its version: --hil-package and --hil-target-version, else
+        the board's update image in fixtures/images (``<board>-1.1.0.bin``)."""
+        target = self.target_version or DEFAULT_TARGET
+        path = self.package or self.root / "fixtures" / "images" / f"{rig.board}-{target}.bin"
+        if not path.is_file():
+            return None
+        return read_package(path, "--hil-package"), target
+
+    def base_package(self, rig: Rig) -> Package | None:
+        """The base build as a package: --hil-firmware, else fixtures/images/<board>-1.0.0.bin."""
+        path = self.firmware or self.root / "fixtures" / "images" / f"{rig.board}-1.0.0.bin"
+        return read_package(path, "--hil-firmware") if path.is_file() else None
 
 
 OPTIONS = pytest.StashKey[HilOptions]()
@@ -92,6 +119,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             "directory for the OTA timelines (JSON lines)")
     _option(parser, group, "--hil-lease-dir", "hil_lease_dir",
             f"directory of the rig lease locks (default {DEFAULT_LOCK_DIR})")
+    _option(parser, group, "--hil-expectations", "hil_expectations",
+            f"expectation profile, a YAML file (default {DEFAULT_PROFILE})")
 
 
 def _value(config: pytest.Config, name: str) -> Any:
@@ -138,6 +167,13 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "http(s):// base URL")
     timeline_dir = _value(config, "hil_timeline_dir")
     lease_dir = _value(config, "hil_lease_dir")
+    profile_path = _existing(config, "hil_expectations", "--hil-expectations")
+    if profile_path is None and (config.rootpath / DEFAULT_PROFILE).is_file():
+        profile_path = config.rootpath / DEFAULT_PROFILE
+    try:
+        profile = load_profile(profile_path) if profile_path else None
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
     config.stash[OPTIONS] = HilOptions(
         rigs=_load_rigs(config),
         firmware=_existing(config, "hil_firmware", "--hil-firmware"),
@@ -145,7 +181,8 @@ def pytest_configure(config: pytest.Config) -> None:
         target_version=_value(config, "hil_target_version") or None,
         ota_service=service.rstrip("/"),
         timeline_dir=Path(timeline_dir) if timeline_dir else None,
-        lease_dir=Path(lease_dir) if lease_dir else DEFAULT_LOCK_DIR)
+        lease_dir=Path(lease_dir) if lease_dir else DEFAULT_LOCK_DIR,
+        profile=profile, root=config.rootpath)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -167,6 +204,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("_hil_rig", [None], ids=["no-rig"])
 
 
+# First: xdist's own hook reads the xdist_group marks given here (--dist loadgroup).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
@@ -190,6 +229,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(rig.name))
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: every test of a rig on one worker, the rigs spread over the
+    workers (so no worker queues on another's rig lease).
+
+    pytest-xdist 3.8 names each test's group by rewriting ``item._nodeid``, which pytest 9 no
+    longer reads: its loadgroup silently spreads a rig's tests over all workers. The controller
+    can still tell a test's rig from its id (``test_x[sim-esp32-...]``), so the scheduler groups
+    by that; tests on no rig are balanced one by one."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    names = sorted((rig.name for rig in config.stash[OPTIONS].rigs), key=len, reverse=True)
+
+    class RigScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            params = nodeid.rpartition("[")[2].rstrip("]")
+            words = f"-{params}-"
+            return next((f"rig {name}" for name in names if f"-{name}-" in words), nodeid)
+
+    return RigScheduling(config, log)
+
+
 # ---------------------------------------------------------------------------------- rig faults
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item,
@@ -205,6 +268,14 @@ def pytest_runtest_makereport(item: pytest.Item,
     if call.excinfo is not None and call.excinfo.errisinstance(RigFault):
         report.hil_rig_fault = str(call.excinfo.value)  # type: ignore[attr-defined]
     return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    try:
+        return (yield)
+    except Unsupported as unsupported:
+        pytest.skip(str(unsupported))
 
 
 def pytest_report_teststatus(report: pytest.TestReport,
@@ -368,3 +439,74 @@ def mock_onenet(_mock_onenet_session: MockOneNet) -> Iterator[MockOneNet]:
     _mock_onenet_session.service.reset()
     yield _mock_onenet_session
     _mock_onenet_session.service.raise_crashes()
+
+
+# ---------------------------------------------------------------------------------- gateway
+class _GatewayPool:
+    """One gateway per address boards reach this host at (``ota.gateway_host``), for the
+    session; each test gives it its upstream and a fresh timeline."""
+
+    def __init__(self) -> None:
+        self._gateways: dict[str, Gateway] = {}
+
+    def get(self, host: str, upstream: str) -> Gateway:
+        if host not in self._gateways:
+            self._gateways[host] = Gateway(upstream, host=host).start()
+        gateway = self._gateways[host]
+        gateway.upstream = upstream
+        return gateway
+
+    def close(self) -> None:
+        for gateway in self._gateways.values():
+            gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def _hil_gateways() -> Iterator[_GatewayPool]:
+    pool = _GatewayPool()
+    yield pool
+    pool.close()
+
+
+def _file_name(nodeid: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in nodeid)[-150:]
+
+
+@pytest.fixture
+def gateway(rig: Rig, hil_options: HilOptions, _hil_gateways: _GatewayPool,
+            request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway between the rig's board and the OTA service (the mock, or the real one with
+    --hil-ota-service URL), no fault armed, recording this test's timeline into
+    ``<timeline dir>/<test>.timeline.jsonl``."""
+    upstream = (request.getfixturevalue("ota_service").url if hil_options.ota_service == "mock"
+                else hil_options.ota_service)
+    gateway = _hil_gateways.get(rig.ota.gateway_host or "127.0.0.1", upstream)
+    path = _timeline_dir(pytestconfig, tmp_path_factory) / \
+        f"{_file_name(request.node.nodeid)}.timeline.jsonl"
+    path.unlink(missing_ok=True)
+    gateway.clear()
+    gateway.timeline = Timeline(path)
+    yield gateway
+    gateway.clear()
+    gateway.timeline.close()
+    gateway.raise_errors()
+
+
+@pytest.fixture
+def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
+        request: pytest.FixtureRequest) -> OtaScenario:
+    """A conformance scenario on this rig (``hil.conformance.scenario``): the build under test
+    as the task's package, the expectation profile, the board pointed at the gateway."""
+    if hil_options.profile is None:
+        pytest.skip(f"no expectation profile: give --hil-expectations (or add "
+                    f"{DEFAULT_PROFILE} under the root directory)")
+    build = hil_options.update_package(rig)
+    if build is None:
+        pytest.skip(f"no OTA build for {rig.board}: give --hil-package and "
+                    "--hil-target-version")
+    package, target = build
+    mock = request.getfixturevalue("ota_service") if hil_options.ota_service == "mock" else None
+    return OtaScenario(rig=rig, board=board, gateway=gateway, mock=mock,
+                       profile=hil_options.profile, package=package, target=target,
+                       base_package=hil_options.base_package(rig))

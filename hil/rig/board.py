@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hil.drivers.base import ConsoleProtocol, Progress
@@ -47,22 +48,37 @@ class Board:
     def start_update(self) -> None:
         self.command("check")
 
-    def wait_update_end(self, timeout: float = 300.0) -> list[Event]:
+    def wait_update_end(self, timeout: float = 300.0, *,
+                        on_event: Callable[[Event], None] | None = None,
+                        until_boot: bool = False) -> list[Event]:
         """The attempt's events (``ota phase=...`` lines) until ``ota end``, which must come
         within ``timeout`` seconds in all (not per event: a board that trickles events forever
-        must still fail)."""
-        end = self.contract.events["end"]
-        phase = self.contract.events["phase"]
+        must still fail).
+
+        ``on_event`` sees every event as it comes, boot lines (tag ``boot``) included: a test
+        acts on the board's own narration (cut the power at ``ota phase=flash``). With
+        ``until_boot`` the wait also ends at the first boot line (an attempt cut short by a
+        power cut or a reboot never prints ``ota end``)."""
+        contract = self.contract.events
+        pattern = f"(?:{contract['phase'].pattern})|(?:{contract['end'].pattern})|" \
+                  f"(?:{contract['boot'].pattern})"
         deadline = time.monotonic() + timeout
         events: list[Event] = []
         while True:
             remaining = max(deadline - time.monotonic(), 0.0)
-            match = self.console.expect(f"(?:{phase.pattern})|(?:{end.pattern})", remaining)
-            line = match.string
-            if end.search(line):
+            line = self.console.expect(pattern, remaining).string
+            if contract["end"].search(line):
                 return events
+            booted = contract["boot"].search(line)
             # A shell whose phase lines are not key=value still yields its line, as a tag.
-            events.append(parse_event(line) or Event(line.strip(), {}))
+            event = Event("boot", {"version": booted.group("version")}) if booted \
+                else parse_event(line) or Event(line.strip(), {})
+            if not booted:
+                events.append(event)
+            if on_event is not None:
+                on_event(event)
+            if booted and until_boot:
+                return events
 
     def reboot(self, timeout: float = BOOT_TIMEOUT_S) -> str:
         """Reboot and return the version the boot line reports."""

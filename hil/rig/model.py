@@ -197,6 +197,9 @@ class Ota(BaseModel):
 
     service: str = "mock"            # "mock" or the base URL of a OneNET OTA service
     gateway_host: str | None = None  # the address the board reaches this host at
+    # How long the board's firmware waits for an HTTP answer before it gives up: stall faults
+    # must outlast it, and a scenario's deadline counts it. A simulated rig's is sim.http_timeout.
+    device_timeout: Positive | None = None
 
     @field_validator("service")
     @classmethod
@@ -304,6 +307,14 @@ class Rig(BaseModel):
         if self.sim is None:
             return None
         return self.sim.state_dir or SIM_ROOT / self.name
+
+    @property
+    def device_timeout(self) -> float:
+        """The firmware's HTTP timeout, seconds: ``ota.device_timeout``, a simulated board's
+        ``sim.http_timeout``, else 30 s (longer than any OTA client in the field waits)."""
+        if self.ota.device_timeout is not None:
+            return self.ota.device_timeout
+        return self.sim.http_timeout if self.sim is not None else 30.0
 
     @property
     def family(self) -> BoardFamily:

@@ -126,6 +126,10 @@ class _Failed(Exception):
         self.result = result
 
 
+class _Unanswered(Exception):
+    """A report got no answer: the attempt ends, its state kept for the next one."""
+
+
 class Nvs:
     """The settings partition: a JSON object written atomically (a power cut never tears it)."""
 
@@ -470,6 +474,8 @@ class Firmware:
             return True
         try:
             return self._run_task(generation, http, server, task, power, signal)
+        except _Unanswered:
+            return True
         except _Failed as failed:
             self.nvs.update(ota=None)
             if failed.result is not None and Defect.SILENT_AFTER_FAILURE not in self.defects:
@@ -537,6 +543,10 @@ class Firmware:
                     again = self._detect(generation, http, server, self._power(), self._signal())
                     if again is None or again.token != task.token:
                         raise _Failed(None)
+                elif answer is None:
+                    # No answer: the service may or may not have it. The package stays, and the
+                    # next attempt says 101 again (a 21 then means this one got through).
+                    raise _Unanswered
                 elif answer != Errno.OK:
                     raise _Failed(None)     # refused (cancelled, finished): nothing to install
             ota["reported_101"] = True

@@ -1,0 +1,153 @@
+"""The suite's power: the conformance suite run against every named defect of the simulated
+firmware (``hil.sim.defects``), to show that each one fails at least one scenario.
+
+One pytest run does it all: a copy of a simulated rig per defect (its own name, state directory
+and probe, the defect switched on), plus the rig itself as the control (it must pass
+everything), all passed with ``--hil-rig`` under ``-n N --dist loadgroup``, so each rig's tests
+run on one worker. The JUnit XML it writes says which tests failed on which rig, and with what
+message: the failure messages name the phase (``download phase: expected report codes [104]
+...``), which is what the table shows.
+
+    hil defects                              # on rigs/sim-nrf52832.yaml, every defect
+    hil defects --rig rigs/sim-gd32.yaml --defect early-101 -n 4
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hil.configfile import read_yaml, validate
+from hil.errors import ConfigError
+from hil.rig.model import Rig
+from hil.sim.bench import expected_addresses
+from hil.sim.defects import Defect
+
+_PHASE = re.compile(r"\b(detect|token|download|verify|flash|report) phase:")
+
+
+@dataclass
+class Caught:
+    """What one rig (a defect, or the control with none) failed."""
+
+    rig: str
+    defect: Defect | None
+    tests: list[str] = field(default_factory=list)        # test names, rig id left out
+    phases: list[str] = field(default_factory=list)       # one per test, from its message
+    messages: list[str] = field(default_factory=list)     # each failure's first line
+    passed: int = 0
+    skipped: int = 0
+
+
+def defect_rig(base: dict[str, Any], rig: Rig, defect: Defect | None, root: Path
+               ) -> dict[str, Any]:
+    """The rig file of ``rig`` with ``defect`` switched on, under its own name, state directory
+    (under ``root``) and probe."""
+    name = f"{rig.name}--{defect.value}" if defect else f"{rig.name}--control"
+    document = yaml.safe_load(yaml.safe_dump(base))      # a deep copy of plain data
+    document["name"] = name
+    document["sim"] = {**document.get("sim", {}), "state_dir": str(root / name),
+                       "defects": [defect.value] if defect else []}
+    if rig.flasher.kind == "swd":
+        document["flasher"] = {**document["flasher"], "probe": f"hilsim-{name}"}
+    copy = validate(Rig, document, name)
+    for key, address in expected_addresses(copy).items():
+        part, _, field_name = key.partition(".")
+        document[part] = {**document[part], field_name: address}
+    validate(Rig, document, name)
+    return document
+
+
+def run_suite(rig_path: Path, defects: Sequence[Defect], *, workers: int, root: Path,
+              testcases: Path, extra: Iterable[str] = ()) -> list[Caught]:
+    """The suite once over the control rig and one rig per defect; what each rig failed."""
+    base = read_yaml(rig_path)
+    rig = validate(Rig, base, str(rig_path))
+    if rig.sim is None:
+        raise ConfigError(str(rig_path), "sim: the suite's power is measured on a simulated rig")
+    with tempfile.TemporaryDirectory(prefix="hil-defects-") as work:
+        workdir = Path(work)
+        rigs: list[tuple[Defect | None, str]] = []
+        args: list[str] = []
+        for defect in (None, *defects):
+            document = defect_rig(base, rig, defect, workdir / "state")
+            path = workdir / f"{document['name']}.yaml"
+            path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+            rigs.append((defect, document["name"]))
+            args += ["--hil-rig", str(path)]
+        junit = workdir / "junit.xml"
+        subprocess.run([sys.executable, "-m", "pytest", str(testcases), *args,
+                        "-n", str(workers), "--dist", "loadgroup", "-p", "no:cacheprovider",
+                        "-q", "--no-header", "-o", "junit_family=xunit2",
+                        f"--junitxml={junit}", "--rootdir", str(root), *extra],
+                       cwd=root, check=False, stdout=subprocess.DEVNULL)
+        if not junit.is_file():
+            raise RuntimeError("the suite wrote no JUnit report: pytest could not run it")
+        return _read_junit(junit, rigs)
+
+
+def _read_junit(path: Path, rigs: list[tuple[Defect | None, str]]) -> list[Caught]:
+    caught = {name: Caught(name, defect) for defect, name in rigs}
+    by_length = sorted(caught, key=len, reverse=True)
+    for case in ET.parse(path).getroot().iter("testcase"):   # noqa: S314 (our own pytest's file)
+        test = case.get("name", "")
+        params = f"-{test.rpartition('[')[2].rstrip(']')}-"
+        name = next((rig for rig in by_length if f"-{rig}-" in params), None)
+        if name is None:
+            continue
+        entry = caught[name]
+        failure = case.find("failure")
+        if failure is None:
+            failure = case.find("error")
+        if case.find("skipped") is not None:
+            entry.skipped += 1
+        elif failure is None:
+            entry.passed += 1
+        else:
+            message = failure.get("message") or (failure.text or "")
+            phase = _PHASE.search(message)
+            module = case.get("classname", "").rpartition(".")[2].removeprefix("test_")
+            entry.tests.append(re.sub(rf"\[{re.escape(name)}-?", "[", test).replace("[]", ""))
+            entry.phases.append(phase.group(1) if phase else module)
+            entry.messages.append(message.strip().splitlines()[0] if message.strip() else "")
+    return [caught[name] for _, name in rigs]
+
+
+def table(results: list[Caught]) -> str:
+    """The defect table, then one failure message per defect (what a firmware engineer reads)."""
+    lines = [f"{'defect':<26} {'caught by':<9} {'phases':<28} tests"]
+    for entry in results:
+        label = entry.defect.value if entry.defect else "(none: the control)"
+        phases = ", ".join(sorted(set(entry.phases))) or "-"
+        shown = ", ".join(entry.tests[:3]) + (f", +{len(entry.tests) - 3} more"
+                                              if len(entry.tests) > 3 else "")
+        count = f"{len(entry.tests)} test" + ("s" if len(entry.tests) != 1 else "")
+        lines.append(f"{label:<26} {count:<9} {phases:<28} {shown or '-'}")
+    lines.append("")
+    for entry in results:
+        if entry.defect and entry.messages:
+            lines.append(f"{entry.defect.value}: {entry.messages[0]}")
+    return "\n".join(lines)
+
+
+def verdict(results: list[Caught]) -> tuple[bool, str]:
+    control = next(entry for entry in results if entry.defect is None)
+    missed = [entry.defect.value for entry in results if entry.defect and not entry.tests]
+    if control.tests:
+        return False, (f"the control rig (no defect) failed {len(control.tests)} test(s): "
+                       f"{', '.join(control.tests[:3])}; the suite's verdicts mean nothing")
+    if control.passed == 0:
+        return False, "the control rig passed no test: the suite did not run"
+    if missed:
+        return False, f"{len(missed)} defect(s) caught by no test: {', '.join(missed)}"
+    return True, (f"every defect ({len(results) - 1}) is caught; the control passed "
+                  f"{control.passed} tests ({control.skipped} skipped)")

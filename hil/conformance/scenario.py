@@ -1,0 +1,432 @@
+"""One conformance scenario on one rig: the task, the faults, the board's attempts, the verdict.
+
+    ota.inject("stall", persistent=True)      # hil.faults.catalog names every fault
+    attempt = ota.update()                    # ota check, until ota end
+    ota.expect("retries-timeout")             # the profile's codes, and nothing else reported
+    ota.expect_retries(attempt)               # retry + 1 tries of the failing range, spaced
+
+The source of truth is the gateway's timeline: every exchange the board made, with the
+service's answers (whether the mock or the real OneNET is behind it) and the fault that hit it.
+The console explains it: its events are kept in order with the boot lines (``trace``), so that
+"201 only after the reboot" can be checked from the board's own narration.
+
+A broken expectation raises ``ConformanceFailure`` naming the phase, the expected and the
+received codes; a scenario the rig or service cannot run raises ``Unsupported`` (a skip).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from hil.conformance.expectations import Profile
+from hil.drivers.contract import Event
+from hil.drivers.hooks import ConsoleHookPower, ConsoleHookRf
+from hil.errors import ConformanceFailure, ExpectTimeout, Unsupported
+from hil.faults.catalog import check_params, fault_spec
+from hil.gateway import Armed, Fault, Gateway
+from hil.onenet.codes import Errno
+from hil.onenet.messages import Endpoint
+from hil.onenet.ranges import resolve_range
+from hil.onenet.tasks import Package, Task
+from hil.rig.board import Board
+from hil.rig.model import Rig
+from hil.service.server import MockOneNet
+from hil.service.timeline import Exchange
+
+DEFAULT_RETRY = 2                 # the suite's tasks: two retries, one second apart
+DEFAULT_INTERVAL = 1
+POWER_DARK_S = 0.3                # how long a power cut keeps the board dark
+_SLOWEST_LINK = 20_000            # bytes/s a slow lab board still downloads at
+
+
+@dataclass
+class Attempt:
+    """One ``ota check``: the events the board printed and the exchanges it made."""
+
+    events: list[Event]
+    exchanges: list[Exchange]
+    ended: bool                   # printed ``ota end`` (not cut short, not timed out)
+    timed_out: bool = False
+
+    def requests(self, phase: Endpoint) -> list[Exchange]:
+        return [exchange for exchange in self.exchanges if exchange.phase is phase]
+
+    def download_starts(self) -> list[int]:
+        """The first byte of each ranged download request, in order."""
+        return [_range_start(exchange) for exchange in self.requests(Endpoint.DOWNLOAD)]
+
+    @property
+    def detect_errno(self) -> int | None:
+        detects = self.requests(Endpoint.DETECT)
+        return detects[0].errno if detects else None
+
+
+@dataclass
+class InjectedFault:
+    label: str                    # "stall persistent", as the report shows it
+    where: str
+    armed: list[Armed] = field(default_factory=list)
+
+
+def _started(exchange: Exchange) -> float:
+    """When the request came in (``at`` is when its exchange was over)."""
+    return exchange.at - exchange.duration_ms / 1000
+
+
+def _whole(exchange: Exchange) -> bool:
+    """The board got the whole range it asked for (206, as long as its Content-Range says)."""
+    if exchange.status != 206 or not exchange.content_range or not exchange.length:
+        return False
+    span = exchange.content_range.removeprefix("bytes ").partition("/")[0]
+    first, _, last = span.partition("-")
+    return first.isdigit() and last.isdigit() and int(last) - int(first) + 1 == exchange.length
+
+
+def _range_start(exchange: Exchange) -> int:
+    wanted = resolve_range(exchange.range, 1 << 62)
+    return wanted.start if wanted is not None else 0
+
+
+class OtaScenario:
+    """See the module docstring. The plugin's ``ota`` fixture builds one per test."""
+
+    def __init__(self, *, rig: Rig, board: Board, gateway: Gateway, mock: MockOneNet | None,
+                 profile: Profile, package: Package, target: str,
+                 base_package: Package | None = None) -> None:
+        self.rig = rig
+        self.board = board
+        self.gateway = gateway
+        self.mock = mock
+        self.profile = profile
+        self.package = package
+        self.target = target
+        self.base_package = base_package      # the base build, for a package of another version
+        self.task: Task | None = None
+        self.faults: list[InjectedFault] = []
+        self.attempts: list[Attempt] = []
+        self.trace: list[Event] = []          # every event and boot line, in order
+        self._task_options: dict[str, Any] = {}
+        self._no_task = False
+        self._triggers: dict[str, list[Callable[[], None]]] = {}
+        self._pointed = False
+        self._lock = threading.Lock()
+
+    # ================================================================ Injection (hil.faults)
+    @property
+    def dev_id(self) -> str:
+        return self.rig.identity.dev_id
+
+    @property
+    def device_timeout(self) -> float:
+        return self.rig.device_timeout
+
+    def inject(self, name: str, **params: Any) -> InjectedFault:
+        """Inject the catalog's fault ``name`` (``hil.faults.catalog``) for this scenario."""
+        spec = fault_spec(name)
+        check_params(spec, params)
+        for need in spec.needs:
+            if need == "mock" and self.mock is None:
+                raise Unsupported(f"fault {name}: shapes the task, which only the mock service "
+                                  "lets a test do (on the real platform the operator does)")
+            if need != "mock" and need not in self.rig.capabilities:
+                raise Unsupported(f"fault {name}: rig {self.rig.name} lacks {need}")
+        injected = InjectedFault(spec.label(params), spec.where.value)
+        self.faults.append(injected)
+        spec.inject(self, params)
+        return injected
+
+    def arm(self, fault: Fault) -> Armed:
+        armed = self.gateway.arm(fault)
+        if self.faults:
+            self.faults[-1].armed.append(armed)
+        return armed
+
+    def shape_task(self, **options: Any) -> None:
+        if self.task is not None:
+            raise ValueError("the task exists already: inject task faults before the update")
+        if "task" in options and options.pop("task") is None:
+            self._no_task = True
+        self._task_options.update(options)
+
+    def operate(self, action: str) -> None:
+        service = self._service()
+        if action == "cancel":
+            service.cancel(self.dev_id)
+        elif action == "pause":
+            service.pause(self.dev_id)
+        elif action == "expire-token":
+            service.expire_token(self.dev_id)
+        elif action == "finish":
+            # The board got the target by another way (a cable, another session) and said so.
+            assert self.mock is not None
+            requests.post(f"{self.mock.url}/ota/device/version",
+                          params={"dev_id": self.dev_id}, json={"s_version": self.target},
+                          headers={"Authorization": self.mock.authorization()},
+                          timeout=5).raise_for_status()
+        else:
+            raise ValueError(f"unknown operator action {action!r}")
+
+    def set_power(self, percent: int) -> None:
+        if self.rig.power.kind == "none":
+            ConsoleHookPower(self.board.console,
+                             self.board.contract.commands["power"]).set_level(percent)
+        else:
+            self.board.set_power(percent)
+
+    def set_signal(self, level: int) -> None:
+        if self.rig.rf.kind == "none":
+            ConsoleHookRf(self.board.console,
+                          self.board.contract.commands["signal"]).set_signal(level)
+        else:
+            self.board.set_signal(level)
+
+    def set_free_space(self, size: int) -> None:
+        self.board.set_free_space(size)
+
+    def power_cycle(self) -> None:
+        supply = self.board.parts.power()
+        if supply is None:
+            raise Unsupported(f"rig {self.rig.name} has no bench supply to cut")
+        supply.output(False)
+        time.sleep(POWER_DARK_S)
+        supply.output(True)
+
+    def send_console(self, command: str, **values: object) -> None:
+        self.board.console.send(self.board.contract.command(command, **values))
+
+    def on_event(self, phase: str, action: Callable[[], None]) -> None:
+        self._triggers.setdefault(phase, []).append(action)
+
+    # ================================================================ running
+    def ensure_task(self) -> Task | None:
+        """The task of this scenario, created on the first update (after the faults that shape
+        it). On the real service the operator's task is used as it is."""
+        if self.task is not None or self.mock is None:
+            return self.task
+        service = self.mock.service
+        service.add_device(self.dev_id, name=self.rig.identity.device_name)
+        if self._no_task:
+            return None
+        options: dict[str, Any] = {"retry": DEFAULT_RETRY, "interval": DEFAULT_INTERVAL,
+                                   "manuf": self.rig.family.manuf,
+                                   "model": self.rig.family.model, **self._task_options}
+        package = options.pop("package", self.package)
+        target = options.pop("target", self.target)
+        self.task = service.create_task(self.dev_id, target, package, **options)
+        return self.task
+
+    def deadline(self) -> float:
+        """How long a conforming board may take for one attempt: the transfer at a slow lab
+        link, and every try of one range (timeout and interval) with time to spare."""
+        task = self.task
+        retry = task.retry if task else DEFAULT_RETRY
+        interval = task.interval if task else DEFAULT_INTERVAL
+        size = task.package.size if task and task.package else self.package.size
+        return 10.0 + size / _SLOWEST_LINK + (retry + 1) * (self.device_timeout + interval + 1)
+
+    def update(self, *, until_boot: bool = False, timeout: float | None = None) -> Attempt:
+        """One ``ota check`` until ``ota end`` (or, ``until_boot``, until the board boots again:
+        an attempt cut short by a power cut or a reboot never ends). A board that takes longer
+        than ``deadline()`` gives an attempt with ``timed_out``; ``expect`` says so."""
+        self.ensure_task()
+        if not self._pointed:
+            self.board.point_at(self.gateway.url)
+            self._pointed = True
+        before = len(self.gateway.timeline.exchanges(self.dev_id))
+        self.board.start_update()
+        ended, timed_out = True, False
+        booted: list[Event] = []
+
+        def seen(event: Event) -> None:
+            self.trace.append(event)
+            if event.tag == "boot":
+                booted.append(event)
+            for action in self._triggers.pop(event.fields.get("phase", ""), []):
+                action()
+
+        try:
+            events = self.board.wait_update_end(timeout or self.deadline(), on_event=seen,
+                                                until_boot=until_boot)
+        except ExpectTimeout:
+            events, ended, timed_out = [e for e in self.trace if e.tag != "boot"], False, True
+        if until_boot and booted and not (events and events[-1].tag == "ota end"):
+            ended = False
+        attempt = Attempt(events, self.gateway.timeline.exchanges(self.dev_id)[before:], ended,
+                          timed_out)
+        self.attempts.append(attempt)
+        self.gateway.raise_errors()
+        return attempt
+
+    # ================================================================ what the service saw
+    def exchanges(self, phase: Endpoint | None = None) -> list[Exchange]:
+        return self.gateway.timeline.exchanges(self.dev_id, phase)
+
+    def accepted_codes(self) -> list[int]:
+        return self.gateway.timeline.reported_codes(self.dev_id)
+
+    def sent_codes(self) -> list[int]:
+        """Every result the board reported (refused ones included), by /report or /progress."""
+        return [e.result for e in self.exchanges()
+                if e.result is not None and (e.phase is Endpoint.REPORT or e.result > 100)]
+
+    # ================================================================ verdicts
+    def expect(self, outcome: str, *, repeats_allowed: bool = False) -> None:
+        """The service accepted exactly the profile's codes for ``outcome``, the board sent
+        nothing else, and the order rules of every update held (no download after a 101, a
+        201 only after a reboot into the target version).
+
+        ``repeats_allowed``: a report sent again right after itself counts once (a board whose
+        answer was lost, or whose power was cut under the report, says it again)."""
+        wanted = self.profile[outcome]
+        accepted, sent = self.accepted_codes(), self.sent_codes()
+        if repeats_allowed:
+            sent = [code for i, code in enumerate(sent) if i == 0 or sent[i - 1] != code]
+        expected, expected_sent = list(wanted.codes), list(wanted.sent_codes)
+        where = f"(profile {self.profile.name}, outcome {outcome}; rig {self.rig.name}, " \
+                f"{self.rig.board}{self._fault_note()})"
+        if self.attempts and self.attempts[-1].timed_out:
+            self._fail(wanted.phase, f"expected report codes {expected} {where}; the attempt "
+                       f"did not end within {self.deadline():.0f} s, the service received "
+                       f"{accepted} so far", expected, accepted)
+        if accepted != expected:
+            self._fail(wanted.phase, f"expected report codes {expected} {where}; the service "
+                       f"received {accepted}" + (f" (the board sent {sent})"
+                                                 if sent != accepted else ""),
+                       expected, accepted)
+        if sent != expected_sent:
+            self._fail(wanted.phase, f"expected the board to send {expected_sent} {where}; it "
+                       f"sent {sent} (the service accepted {accepted})", expected_sent, sent)
+        self._check_order()
+        if 201 in expected:
+            booted = self.booted_versions()
+            if not booted or booted[-1] != self.target:
+                self._fail("report", f"expected the board to boot {self.target} after its 201 "
+                           f"{where}; its boot lines said {booted}", expected, accepted)
+
+    def expect_detect(self, attempt: Attempt, errno: int) -> None:
+        """The attempt's detect was answered ``errno`` (the scenario's premise), and the board
+        asked for nothing else after a refused one."""
+        if attempt.detect_errno != errno:
+            self._fail("detect", f"expected the service to answer detect with errno {errno} "
+                       f"on rig {self.rig.name}; it answered {attempt.detect_errno}")
+        after = [e for e in attempt.exchanges if e.phase not in (Endpoint.VERSION,
+                                                                 Endpoint.DETECT)]
+        if errno != Errno.OK and after:
+            self._fail("detect", f"expected no request after detect answered errno {errno} "
+                       f"on rig {self.rig.name}; the board went on: {after[0].summary()}")
+
+    def expect_nothing_requested(self, *phases: Endpoint) -> None:
+        """The board made no request of these phases (after a refused detect: no token check,
+        no download)."""
+        for phase in phases:
+            made = self.exchanges(phase)
+            if made:
+                self._fail(phase.value, f"expected no {phase.value} request on rig "
+                           f"{self.rig.name}; the board made {len(made)}, the first: "
+                           f"{made[0].summary()}")
+
+    def expect_retries(self, attempt: Attempt, at: int | None = None, *,
+                       persistent: bool = True) -> None:
+        """The range holding byte ``at`` (default: the first range that was asked for more
+        than once) was asked for once and then ``retry`` times (``persistent``: it failed
+        every time) or once more (it failed once), each retry at least ``interval`` seconds
+        after the failure before it."""
+        task = self.task
+        assert task is not None, "expect_retries needs the scenario's task"
+        downloads = attempt.requests(Endpoint.DOWNLOAD)
+        starts = [_range_start(e) for e in downloads]
+        failing = at - at % 4096 if at is not None else \
+            next((s for s in starts if starts.count(s) > 1), starts[0] if starts else 0)
+        tries = [e for e, start in zip(downloads, starts, strict=True) if start == failing]
+        wanted, why = (task.retry + 1, f"1 + {task.retry} (retry)") if persistent \
+            else (2, "2 (a failure, then a retry that got it)")
+        if len(tries) != wanted:
+            self._fail("download", f"expected the range at byte {failing} to be asked for "
+                       f"{why} times on rig {self.rig.name}; it was asked for {len(tries)} "
+                       "times")
+        for before, after in itertools.pairwise(tries):
+            gap = _started(after) - self._failed_at(before)
+            if gap < task.interval - 0.05:      # 50 ms of clock granularity between hosts
+                self._fail("download", f"expected retries at least {task.interval} s "
+                           f"(interval) after the failure on rig {self.rig.name}; one came "
+                           f"{gap:.2f} s after")
+
+    def expect_resumed(self, interrupted: Attempt, resumed: Attempt) -> None:
+        """The resumed attempt's download began where the interrupted one had stored up to:
+        at the end of a range it received whole, not at byte 0."""
+        whole = [(_range_start(e), _range_start(e) + (e.length or 0))
+                 for e in interrupted.requests(Endpoint.DOWNLOAD) if _whole(e)]
+        starts = resumed.download_starts()
+        if not starts:
+            self._fail("download", f"expected the board to resume its download on rig "
+                       f"{self.rig.name}; it made no download request")
+        first = starts[0]
+        ends = {end for _, end in whole}
+        last_asked = max(interrupted.download_starts(), default=0)
+        if first == 0 or first not in ends or first < last_asked:
+            self._fail("download", f"expected the download to resume at the offset the board "
+                       f"had stored (one of {sorted(ends)[-2:]}, at least {last_asked}) on "
+                       f"rig {self.rig.name}; it resumed at byte {first}")
+
+    def booted_versions(self) -> list[str]:
+        return [event.fields["version"] for event in self.trace if event.tag == "boot"]
+
+    # ================================================================ helpers
+    def _failed_at(self, exchange: Exchange) -> float:
+        """When the board saw the request fail: when the answer ended (an exchange is stamped
+        when it is over), or when its own timeout gave up on an answer held longer (a stall)."""
+        return min(exchange.at, _started(exchange) + self.device_timeout)
+
+    def _check_order(self) -> None:
+        exchanges = self.exchanges()
+        first_101 = next((e for e in exchanges if e.phase is Endpoint.REPORT
+                          and e.result == 101), None)
+        if first_101 is not None:
+            late = [e for e in exchanges if e.phase is Endpoint.DOWNLOAD and e.seq > first_101.seq
+                    and e.errno is None and e.error_byte is None and not self._after_retry(e)]
+            if late:
+                self._fail("download", f"expected 101 only once the package was downloaded "
+                           f"(rig {self.rig.name}); the board downloaded {len(late)} more "
+                           f"range(s) after reporting it, the first: {late[0].summary()}")
+        reported = [e for e in self.trace if e.tag == "boot"
+                    or (e.fields.get("phase") == "report" and e.fields.get("result") == "201")]
+        for index, event in enumerate(reported):
+            if event.tag != "boot" and not any(e.tag == "boot" for e in reported[:index]):
+                self._fail("report", f"expected 201 only after the board rebooted into the new "
+                           f"image (rig {self.rig.name}); it reported 201 before any boot line")
+
+    def _after_retry(self, exchange: Exchange) -> bool:
+        """A download after the 101 belongs to a later attempt that re-reported (a lost
+        answer): not an early 101 if a detect came between."""
+        detects = [e.seq for e in self.exchanges(Endpoint.DETECT)]
+        first_101 = next(e.seq for e in self.exchanges(Endpoint.REPORT) if e.result == 101)
+        return any(first_101 < seq < exchange.seq for seq in detects)
+
+    def _fault_note(self) -> str:
+        return f"; fault {', '.join(f.label for f in self.faults)}" if self.faults else ""
+
+    def _fail(self, phase: str, message: str, expected: list[int] | None = None,
+              received: list[int] | None = None) -> None:
+        tail = "\n".join(e.summary() for e in self.exchanges()[-8:]) or "(no exchange)"
+        raise ConformanceFailure(phase, f"{message}\nthe board's last exchanges:\n{tail}",
+                                 tuple(expected or ()), tuple(received or ()))
+
+    def _service(self) -> Any:
+        if self.mock is None:
+            raise Unsupported("operator actions need the mock service")
+        return self.mock.service
+
+    def raise_errors(self) -> None:
+        self.gateway.raise_errors()
+
+
+def no_task_detect(attempt: Attempt) -> bool:
+    """The attempt's detect found no task (errno 11)."""
+    return attempt.detect_errno == Errno.NO_TASK

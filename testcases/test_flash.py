@@ -1,0 +1,39 @@
+"""Verify and flash: the package's md5, the battery before flashing, a power cut while the board
+flashes, and the version the new image really boots as."""
+
+from __future__ import annotations
+
+from hil.onenet.messages import Endpoint
+
+
+def test_a_corrupted_package_is_reported_101_then_205(ota):
+    ota.inject("corrupt")
+    attempt = ota.update()
+    ota.expect("md5-mismatch")
+    assert ota.booted_versions() == [], \
+        "flash phase: the board rebooted into a package whose md5 did not match"
+    assert len(attempt.requests(Endpoint.DOWNLOAD)) == -(-ota.package.size // 4096)
+
+
+def test_low_power_before_the_flash_is_reported_101_then_202(ota):
+    ota.inject("thresholds", power=50)
+    ota.inject("low-power", level=20, during="flash")
+    ota.update()
+    ota.expect("low-power-flash")
+    assert ota.booted_versions() == [], "flash phase: the board flashed on a low battery"
+
+
+def test_a_power_cut_while_flashing_still_ends_in_201(ota):
+    ota.inject("power-cut", during="flash")
+    ota.update()
+    ota.expect("success", repeats_allowed=True)
+
+
+def test_an_image_booting_as_another_version_is_reported_204(ota):
+    ota.inject("wrong-version")
+    ota.update()
+    ota.expect("wrong-version")
+    booted = ota.booted_versions()
+    assert booted, "report phase: the board never booted the package it installed"
+    assert booted[-1] != ota.target, \
+        f"report phase: the board booted {booted}, the target {ota.target}"
