@@ -82,8 +82,9 @@ class RigFault(HilError):
         return f"{where}{self.part}: {self.message}"
 
 
-class FirmwareFault(HilError):
-    """The device under test did the wrong thing (Allure: failed)."""
+class FirmwareFault(HilError, AssertionError):
+    """The device under test did the wrong thing (Allure: failed). An ``AssertionError`` too:
+    pytest and Allure count it as a failed check, where any other error is "broken"."""
 
 
 class CommandRefused(FirmwareFault):

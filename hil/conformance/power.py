@@ -14,6 +14,7 @@ message: the failure messages name the phase (``download phase: expected report 
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import sys
@@ -53,14 +54,14 @@ def defect_rig(base: dict[str, Any], rig: Rig, defect: Defect | None, root: Path
     """The rig file of ``rig`` with ``defect`` switched on, under its own name, state directory
     (under ``root``) and probe."""
     name = f"{rig.name}--{defect.value}" if defect else f"{rig.name}--control"
-    document = yaml.safe_load(yaml.safe_dump(base))      # a deep copy of plain data
+    document: dict[str, Any] = copy.deepcopy(base)
     document["name"] = name
     document["sim"] = {**document.get("sim", {}), "state_dir": str(root / name),
                        "defects": [defect.value] if defect else []}
     if rig.flasher.kind == "swd":
         document["flasher"] = {**document["flasher"], "probe": f"hilsim-{name}"}
-    copy = validate(Rig, document, name)
-    for key, address in expected_addresses(copy).items():
+    provisional = validate(Rig, document, name)
+    for key, address in expected_addresses(provisional).items():
         part, _, field_name = key.partition(".")
         document[part] = {**document[part], field_name: address}
     validate(Rig, document, name)

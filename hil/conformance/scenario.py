@@ -44,6 +44,9 @@ DEFAULT_RETRY = 2                 # the suite's tasks: two retries, one second a
 DEFAULT_INTERVAL = 1
 POWER_DARK_S = 0.3                # how long a power cut keeps the board dark
 _SLOWEST_LINK = 20_000            # bytes/s a slow lab board still downloads at
+# An attempt's own work besides the transfer (version, detect, reports, the install's copy and
+# reboot): a simulated board's is instant; a real MCUboot copying 1 MiB takes tens of seconds.
+_SLACK_SIM_S, _SLACK_REAL_S = 4.0, 60.0
 
 
 @dataclass
@@ -229,7 +232,9 @@ class OtaScenario:
         retry = task.retry if task else DEFAULT_RETRY
         interval = task.interval if task else DEFAULT_INTERVAL
         size = task.package.size if task and task.package else self.package.size
-        return 10.0 + size / _SLOWEST_LINK + (retry + 1) * (self.device_timeout + interval + 1)
+        tries = (retry + 1) * self.device_timeout + retry * interval
+        slack = _SLACK_SIM_S if self.rig.sim is not None else _SLACK_REAL_S
+        return slack + size / _SLOWEST_LINK + tries
 
     def update(self, *, until_boot: bool = False, timeout: float | None = None) -> Attempt:
         """One ``ota check`` until ``ota end`` (or, ``until_boot``, until the board boots again:
