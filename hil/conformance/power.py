@@ -86,7 +86,8 @@ def run_suite(rig_path: Path, defects: Sequence[Defect], *, workers: int, root: 
             rigs.append((defect, document["name"]))
             args += ["--hil-rig", str(path)]
         junit = workdir / "junit.xml"
-        subprocess.run([sys.executable, "-m", "pytest", str(testcases), *args,
+        # This interpreter's own pytest, on our own rig files.
+        subprocess.run([sys.executable, "-m", "pytest", str(testcases), *args,  # noqa: S603
                         "-n", str(workers), "--dist", "loadgroup", "-p", "no:cacheprovider",
                         "-q", "--no-header", "-o", "junit_family=xunit2",
                         f"--junitxml={junit}", "--rootdir", str(root), *extra],
