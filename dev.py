@@ -5,15 +5,18 @@
     python3 dev.py test [pytest options]     set up, then run the tests
     python3 dev.py lint                      set up, then ruff and mypy
     python3 dev.py hil ...                   set up, then any hil command
+    python3 dev.py setup                     set up only
 
-Setting up makes .venv and installs hil with its pinned dependencies (pyproject.toml); it is
-skipped while pyproject.toml is unchanged since the last setup.
+Setting up makes .venv and installs hil with its pinned dependencies (pyproject.toml), and
+installs the report tools from the npm registry into .allure/ (NPM_TOOLS, needs Node.js' npm);
+each part is skipped while its pins are unchanged since the last setup.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -23,11 +26,23 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".hil-setup"
+# From the npm registry, exact versions, no install scripts: nothing else is downloaded.
+#   allure-commandline: the Allure 2 report generator `hil report` runs (a Java program, packaged
+#     whole in the npm tarball; Allure 2 reads the categories.json the plugin writes)
+#   playwright-core: drives Debian's chromium in the report's page test (no browser of its own)
+NPM_TOOLS = {"allure-commandline": "2.46.1", "playwright-core": "1.65.1"}
+NPM_PREFIX = ROOT / ".allure"
+NPM_STAMP = NPM_PREFIX / ".hil-setup"
 
 
 def setup() -> None:
     if sys.version_info < (3, 11):
         sys.exit(f"dev.py: hil needs Python 3.11 or newer, this is {sys.version.split()[0]}")
+    setup_venv()
+    setup_npm_tools()
+
+
+def setup_venv() -> None:
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
@@ -40,12 +55,34 @@ def setup() -> None:
     STAMP.write_text(wanted)
 
 
+def setup_npm_tools() -> None:
+    wanted = [f"{name}@{version}" for name, version in NPM_TOOLS.items()]
+    if NPM_STAMP.exists() and NPM_STAMP.read_text() == " ".join(wanted) \
+            and (NPM_PREFIX / "node_modules" / ".bin" / "allure").exists():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        # hil runs without it; only `hil report` needs the generator, and says so.
+        print("dev.py: npm not found: skipping the report tools (hil report needs Node.js "
+              "and npm)", file=sys.stderr, flush=True)
+        return
+    print(f"dev.py: installing {', '.join(wanted)} from the npm registry into .allure",
+          flush=True)
+    NPM_PREFIX.mkdir(exist_ok=True)
+    subprocess.run([npm, "install", "--prefix", str(NPM_PREFIX), "--save-exact",
+                    "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error",
+                    *wanted], check=True)
+    NPM_STAMP.write_text(" ".join(wanted))
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("run", "test", "lint", "hil"):
+    if not argv or argv[0] not in ("run", "test", "lint", "hil", "setup"):
         print(__doc__, file=sys.stderr)
         return 2
     setup()
     command, rest = argv[0], argv[1:]
+    if command == "setup":
+        return 0
     os.chdir(ROOT)
     if command == "run":
         return subprocess.call([BIN / "hil", "run", *rest])
