@@ -12,6 +12,8 @@
     hil sim image     write a firmware image for a simulated board, its version inside
     hil defects       the suite's power: the conformance suite against each named defect of
                       the simulated firmware, a table of the tests that caught each one
+    hil report        the Allure HTML report of one or several results directories, and the
+                      release sign-off beside it (signoff.md, .json): exit 0 on GO, 1 on NO-GO
 
 Bad arguments get one line on stderr and exit status 2; secrets are never echoed.
 """
@@ -482,6 +484,30 @@ def cmd_defects(args: argparse.Namespace) -> int:
     return 0 if good else 1
 
 
+# ---------------------------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from hil.report.generate import GeneratorFailed, generate
+    from hil.report.signoff import decide, load_waivers, read_results, write
+
+    prog = "hil report"
+    # Input first, so a typo costs no report generation; the report replaces -o, so it goes
+    # first and the sign-off is written into it after.
+    try:
+        results = read_results(args.results)
+        waivers = load_waivers(args.waive) if args.waive else ()
+        signoff = decide(results, waivers)
+        index = generate(args.results, args.output)
+        markdown, document = write(signoff, args.output)
+    except (ConfigError, GeneratorFailed) as error:
+        _fail(prog, str(error))
+    except OSError as error:
+        _fail(prog, f"-o: cannot write {args.output}: {error.strerror}")
+    print(f"report:   {index} (serve it over HTTP: python3 -m http.server -d {args.output})")
+    print(f"sign-off: {markdown}, {document}")
+    print(signoff.verdict_line())
+    return 0 if signoff.go else 1
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hil", description=__doc__,
@@ -575,6 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     defects.add_argument("--root", type=Path, default=Path.cwd(),
                          help="the project directory with testcases/ (default: here)")
     defects.set_defaults(run=cmd_defects)
+
+    report = commands.add_parser("report", help="the Allure report and the release sign-off")
+    report.add_argument("results", nargs="*", type=Path, default=[Path("allure-results")],
+                        metavar="RESULTS_DIR",
+                        help="allure-results directories, one per host (default allure-results)")
+    report.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR",
+                        help="where the report and signoff.md/.json go (replaced)")
+    report.add_argument("--waive", type=Path, metavar="FILE.yaml",
+                        help="known rig faults: a YAML list of {test, rig, reason}")
+    report.set_defaults(run=cmd_report)
     return parser
 
 
