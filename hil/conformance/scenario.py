@@ -17,7 +17,6 @@ received codes; a scenario the rig or service cannot run raises ``Unsupported`` 
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ class Attempt:
     exchanges: list[Exchange]
     ended: bool                   # printed ``ota end`` (not cut short, not timed out)
     timed_out: bool = False
+    trace: list[Event] = field(default_factory=list)     # the events with the boot lines
 
     def requests(self, phase: Endpoint) -> list[Exchange]:
         return [exchange for exchange in self.exchanges if exchange.phase is phase]
@@ -78,7 +78,7 @@ class InjectedFault:
     armed: list[Armed] = field(default_factory=list)
 
 
-def _started(exchange: Exchange) -> float:
+def started_at(exchange: Exchange) -> float:
     """When the request came in (``at`` is when its exchange was over)."""
     return exchange.at - exchange.duration_ms / 1000
 
@@ -119,7 +119,8 @@ class OtaScenario:
         self._no_task = False
         self._triggers: dict[str, list[Callable[[], None]]] = {}
         self._pointed = False
-        self._lock = threading.Lock()
+        # Called with each attempt once it is over (the report draws its steps from them).
+        self.observers: list[Callable[[OtaScenario, Attempt], None]] = []
 
     # ================================================================ Injection (hil.faults)
     @property
@@ -245,6 +246,7 @@ class OtaScenario:
             self.board.point_at(self.gateway.url)
             self._pointed = True
         before = len(self.gateway.timeline.exchanges(self.dev_id))
+        traced = len(self.trace)
         self.board.start_update()
         ended, timed_out = True, False
         booted: list[Event] = []
@@ -264,8 +266,10 @@ class OtaScenario:
         if until_boot and booted and not (events and events[-1].tag == "ota end"):
             ended = False
         attempt = Attempt(events, self.gateway.timeline.exchanges(self.dev_id)[before:], ended,
-                          timed_out)
+                          timed_out, self.trace[traced:])
         self.attempts.append(attempt)
+        for observer in self.observers:
+            observer(self, attempt)
         self.gateway.raise_errors()
         return attempt
 
@@ -357,7 +361,7 @@ class OtaScenario:
                        f"{why} times on rig {self.rig.name}; it was asked for {len(tries)} "
                        "times")
         for before, after in itertools.pairwise(tries):
-            gap = _started(after) - self._failed_at(before)
+            gap = started_at(after) - self._failed_at(before)
             if gap < task.interval - 0.05:      # 50 ms of clock granularity between hosts
                 self._fail("download", f"expected retries at least {task.interval} s "
                            f"(interval) after the failure on rig {self.rig.name}; one came "
@@ -387,7 +391,7 @@ class OtaScenario:
     def _failed_at(self, exchange: Exchange) -> float:
         """When the board saw the request fail: when the answer ended (an exchange is stamped
         when it is over), or when its own timeout gave up on an answer held longer (a stall)."""
-        return min(exchange.at, _started(exchange) + self.device_timeout)
+        return min(exchange.at, started_at(exchange) + self.device_timeout)
 
     def _check_order(self) -> None:
         exchanges = self.exchanges()

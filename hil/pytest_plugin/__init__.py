@@ -51,6 +51,7 @@ from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, Rf
 from hil.errors import ConfigError, RigFault, Unsupported
 from hil.gateway import Gateway
 from hil.onenet.tasks import Package, Task
+from hil.pytest_plugin import reporting
 from hil.rig.board import Board
 from hil.rig.lease import DEFAULT_LOCK_DIR, RigLease
 from hil.rig.model import Rig, find_rig, load_rig
@@ -161,6 +162,8 @@ def pytest_configure(config: pytest.Config) -> None:
                             "(esp32, nrf52832, gd32)")
     config.addinivalue_line("markers", "needs(*capabilities): skip on rigs lacking one of "
                             f"{', '.join(CAPABILITIES)}")
+    config.addinivalue_line("markers", "phase(name): the OTA phase a conformance test is about "
+                            "(its Allure feature; default: the module, test_<phase>.py)")
     service = _value(config, "hil_ota_service") or "mock"
     if service != "mock" and not service.startswith(("http://", "https://")):
         raise pytest.UsageError(f"--hil-ota-service: {service!r} is neither mock nor an "
@@ -261,9 +264,13 @@ def pytest_runtest_makereport(item: pytest.Item,
     parts = getattr(item, "funcargs", {}).get("rig_parts")
     if call.when == "call" and isinstance(parts, RigParts):
         console = parts.opened("console")
-        if console is not None:
+        log = console.log_text() if console is not None else None
+        if log is not None:
             # Before the report is built, so a failure shows the board's side of the story.
-            item.add_report_section("call", f"console {parts.rig.name}", console.log_text())
+            item.add_report_section("call", f"console {parts.rig.name}", log)
+        scenario = item.funcargs.get("ota")   # type: ignore[attr-defined]
+        if isinstance(scenario, OtaScenario) and reporting.alluredir(item.config):
+            reporting.attach_evidence(scenario, log)
     report: pytest.TestReport = yield
     if call.excinfo is not None and call.excinfo.errisinstance(RigFault):
         report.hil_rig_fault = str(call.excinfo.value)  # type: ignore[attr-defined]
@@ -507,6 +514,25 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
                     "--hil-target-version")
     package, target = build
     mock = request.getfixturevalue("ota_service") if hil_options.ota_service == "mock" else None
-    return OtaScenario(rig=rig, board=board, gateway=gateway, mock=mock,
-                       profile=hil_options.profile, package=package, target=target,
-                       base_package=hil_options.base_package(rig))
+    scenario = OtaScenario(rig=rig, board=board, gateway=gateway, mock=mock,
+                           profile=hil_options.profile, package=package, target=target,
+                           base_package=hil_options.base_package(rig))
+    if reporting.alluredir(request.config):
+        reporting.label(request.node, rig, firmware=board.version(), target=target)
+        scenario.observers.append(reporting.attempt_steps)
+    return scenario
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The results directory's environment and categories, once, by the controller."""
+    config = session.config
+    directory = reporting.alluredir(config)
+    options = config.stash.get(OPTIONS, None)
+    if directory is None or options is None or hasattr(config, "workerinput"):
+        return
+    builds = {rig.board: build[0] for rig in options.rigs
+              if (build := options.update_package(rig)) is not None}
+    firmware = options.firmware.name if options.firmware else \
+        "the simulated boards' factory images (fixtures/images/<board>-1.0.0.bin)"
+    reporting.write_session_files(directory, firmware=firmware, packages=builds,
+                                  rigs=list(options.rigs), service=options.ota_service)

@@ -1,0 +1,282 @@
+"""What a conformance test leaves in its Allure results (allure-pytest, ``--alluredir``).
+
+- **labels**: the OTA phase as ``feature`` (``@pytest.mark.phase`` or the module, ``test_<phase>``),
+  the scenario as ``story``, ``allure.id`` (the scenario without its rig, shared by every rig),
+  ``severity``, a ``tag`` per injected fault, ``board`` and ``rig`` labels; board, rig, firmware
+  and target versions as parameters;
+- **steps**, one per OTA phase of each attempt (version, detect, token check, download with its
+  ranges summarised, report, verify, flash, reboot), each with its requests and answers attached
+  and the fault that hit it in its title;
+- **attachments**: the console log (timestamped), the timeline as JSON and as text, a picture of
+  the update (bytes downloaded over time, faults and report codes marked; matplotlib), and the
+  rig description with every secret removed;
+- the session's ``environment.properties`` and ``categories.json`` (firmware defect, rig fault,
+  service or infrastructure fault), written by the controller.
+
+Allure calls are no-ops without ``--alluredir``; the picture is only drawn with it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import allure
+import pytest
+import yaml
+from allure_commons.types import AttachmentType
+
+from hil.conformance.scenario import Attempt, OtaScenario, started_at
+from hil.drivers.contract import Event
+from hil.onenet.messages import Endpoint
+from hil.onenet.tasks import Package
+from hil.rig.model import Rig
+from hil.service.timeline import Exchange
+
+PHASES = ("detect", "token", "download", "verify", "flash", "report")
+SEVERITY = {"detect": "normal", "token": "normal", "download": "critical",
+            "verify": "critical", "flash": "critical", "report": "blocker"}
+CATEGORIES = [
+    {"name": "Firmware defect", "matchedStatuses": ["failed"],
+     "description": "the board reported a wrong or missing code, or requested what it must not"},
+    {"name": "Rig fault", "matchedStatuses": ["broken"],
+     "traceRegex": r"(?s).*hil\.errors\.RigFault.*",
+     "description": "the bench failed: probe, port or instrument; the test could not run"},
+    {"name": "Service or infrastructure fault", "matchedStatuses": ["broken"],
+     "traceRegex": r"(?s).*hil\.errors\.(ServiceFault|ServiceCrashed).*",
+     "description": "the OTA service, the gateway or the network between failed"},
+]
+_SECRET_KEY = re.compile(r"(key|secret|password|token|sign)", re.I)
+
+
+def alluredir(config: pytest.Config) -> Path | None:
+    value = getattr(config.option, "allure_report_dir", None)
+    return Path(value) if value else None
+
+
+# ---------------------------------------------------------------------------------- labels
+def phase_of(item: pytest.Item) -> str:
+    mark = item.get_closest_marker("phase")
+    if mark is not None:
+        return str(mark.args[0])
+    module = Path(str(item.path)).stem.removeprefix("test_")
+    return module if module in PHASES else "(none)"
+
+
+def scenario_of(item: pytest.Item, rig: Rig) -> tuple[str, str]:
+    """The scenario's story (its name in words) and its id (the same on every rig)."""
+    name = getattr(item, "originalname", item.name)
+    callspec = getattr(item, "callspec", None)
+    words = callspec.id.split("-") if callspec else []
+    rig_words = rig.name.split("-")
+    for at in range(len(words) - len(rig_words) + 1):   # the rig's part of the test id
+        if words[at:at + len(rig_words)] == rig_words:
+            del words[at:at + len(rig_words)]
+            break
+    params = "-".join(words)
+    story = name.removeprefix("test_").replace("_", " ")
+    ident = f"{phase_of(item)}/{name.removeprefix('test_')}"
+    return (f"{story} ({params})", f"{ident}[{params}]") if params else (story, ident)
+
+
+def label(item: pytest.Item, rig: Rig, firmware: str, target: str) -> None:
+    phase = phase_of(item)
+    story, ident = scenario_of(item, rig)
+    allure.dynamic.feature(phase)
+    allure.dynamic.story(story)
+    allure.dynamic.id(ident)
+    allure.dynamic.severity(SEVERITY.get(phase, "normal"))
+    allure.dynamic.label("board", rig.board)
+    allure.dynamic.label("rig", rig.name)
+    for name, value in (("board", rig.board), ("rig", rig.name), ("firmware", firmware),
+                        ("target", target)):
+        allure.dynamic.parameter(name, value)
+    # pytest's own parameters, hidden: the rig is named above, the rest in the story. Their
+    # values stay, as Allure tells tests (and retries of one test) apart by them.
+    callspec = getattr(item, "callspec", None)
+    for name, value in callspec.params.items() if callspec else ():
+        allure.dynamic.parameter(name, value.name if isinstance(value, Rig) else str(value),
+                                 mode=allure.parameter_mode.HIDDEN)
+
+
+# ---------------------------------------------------------------------------------- steps
+def attempt_steps(scenario: OtaScenario, attempt: Attempt) -> None:
+    """The attempt's OTA phases as steps (an observer of ``OtaScenario.update``)."""
+    number = len(scenario.attempts)
+    with allure.step(f"attempt {number}: ota check" + ("" if attempt.ended else
+                                                       " (cut short)" if not attempt.timed_out
+                                                       else " (did not end in time)")):
+        for title, exchanges in _phases(attempt):
+            faults = sorted({e.fault for e in exchanges if e.fault})
+            with allure.step(title + (f" [fault: {', '.join(faults)}]" if faults else "")):
+                if exchanges:
+                    allure.attach("\n\n".join(_exchange_text(e) for e in exchanges),
+                                  "requests and answers", AttachmentType.TEXT)
+
+
+def _phases(attempt: Attempt) -> Iterator[tuple[str, list[Exchange]]]:
+    """(step title, its exchanges) in the order the board went through them: the console's
+    narration, each event matched with the exchanges of its phase in order."""
+    queues: dict[Endpoint, list[Exchange]] = {}
+    for exchange in attempt.exchanges:
+        queues.setdefault(exchange.phase, []).append(exchange)
+    versions = queues.pop(Endpoint.VERSION, [])
+    if versions:
+        yield "version report", versions
+    downloads: list[Event] = []
+    for event in [*attempt.trace, Event("(end)", {})]:
+        phase = event.fields.get("phase")
+        if phase == "download":
+            downloads.append(event)
+            continue
+        if downloads:
+            taken = queues.get(Endpoint.DOWNLOAD, [])
+            yield _download_title(taken), list(taken)
+            queues.pop(Endpoint.DOWNLOAD, None)
+            downloads = []
+        if event.tag == "boot":
+            yield f"reboot: boot version={event.fields.get('version')}", []
+        elif phase in ("detect", "token", "report"):
+            endpoint = {"detect": Endpoint.DETECT, "token": Endpoint.TOKEN_CHECK,
+                        "report": Endpoint.REPORT}[phase]
+            queue = queues.get(endpoint, [])
+            taken = queue[:1] if queue else []
+            del queue[:1]
+            yield _event_title(phase, event), taken
+        elif phase in ("verify", "flash"):
+            yield _event_title(phase, event), []
+    for leftover in queues.values():       # requests the console did not narrate
+        for exchange in leftover:
+            yield f"{exchange.phase.value} (not narrated)", [exchange]
+
+
+def _event_title(phase: str, event: Event) -> str:
+    names = {"detect": "detect", "token": "token check", "report": "report",
+             "verify": "verify", "flash": "flash"}
+    details = " ".join(f"{k}={v}" for k, v in event.fields.items() if k != "phase")
+    return f"{names[phase]}: {details}" if details else names[phase]
+
+
+def _download_title(exchanges: list[Exchange]) -> str:
+    if not exchanges:
+        return "download"
+    got = sum(e.length or 0 for e in exchanges if e.status == 206)
+    starts = [e.range or "(whole)" for e in exchanges]
+    retried = len(starts) - len(set(starts))
+    return (f"download: {len(exchanges)} requests, {got} bytes, "
+            f"{starts[0]} .. {starts[-1]}" + (f", {retried} retried" if retried else ""))
+
+
+def _exchange_text(exchange: Exchange) -> str:
+    headers = "\n".join(f"  {name}: {value}" for name, value in exchange.request_headers.items())
+    answer = (json.dumps(exchange.answer) if exchange.answer is not None else
+              f"error byte {exchange.error_byte}" if exchange.error_byte is not None else
+              f"{exchange.length} bytes {exchange.content_range or ''}".strip())
+    return (f"{exchange.summary()}\n> {exchange.method} {exchange.target}\n{headers}\n"
+            + (f"  body: {exchange.request_body}\n" if exchange.request_body else "")
+            + f"< {exchange.status} {answer}")
+
+
+# ---------------------------------------------------------------------------------- evidence
+def attach_evidence(scenario: OtaScenario, console_log: str | None) -> None:
+    for fault in scenario.faults:
+        allure.dynamic.tag(fault.label)
+    if console_log is not None:
+        allure.attach(console_log, "console log", AttachmentType.TEXT)
+    exchanges = scenario.exchanges()
+    allure.attach(json.dumps([json.loads(e.to_json()) for e in exchanges], indent=1),
+                  "timeline", AttachmentType.JSON)
+    allure.attach("\n".join(e.summary() for e in exchanges) or "(no exchange)",
+                  "timeline (text)", AttachmentType.TEXT)
+    allure.attach(yaml.safe_dump(redacted(scenario.rig.model_dump(mode="json")),
+                                 sort_keys=False), "rig", AttachmentType.YAML)
+    if exchanges:
+        allure.attach(update_picture(scenario, exchanges), "the update", AttachmentType.PNG)
+
+
+def redacted(value: Any) -> Any:
+    """The rig description with anything secret-looking blanked (names of environment
+    variables stay: they are where a secret lives, not the secret)."""
+    if isinstance(value, dict):
+        return {key: ("(removed)" if _SECRET_KEY.search(key) and not key.endswith("_env")
+                      and value[key] is not None else redacted(value[key])) for key in value}
+    if isinstance(value, list):
+        return [redacted(item) for item in value]
+    return value
+
+
+def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
+    """Bytes downloaded over time, with the faults and the report codes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    start = started_at(exchanges[0])
+    times, received, total = [0.0], [0], 0
+    for exchange in exchanges:
+        if exchange.phase is Endpoint.DOWNLOAD and exchange.status == 206 and exchange.length:
+            total += exchange.length
+            times.append(exchange.at - start)
+            received.append(total)
+    figure, axes = pyplot.subplots(figsize=(8, 3.6), dpi=100)
+    try:
+        axes.step(times, [r / 1024 for r in received], where="post", color="#1f77b4",
+                  label="bytes received (KiB)")
+        for exchange in exchanges:
+            at = exchange.at - start
+            if exchange.fault:        # where the request came in, when the fault hit it
+                asked = started_at(exchange) - start
+                axes.axvline(asked, color="#d62728", alpha=0.5, linestyle=":")
+                axes.annotate(exchange.fault, (asked, 0), rotation=90, fontsize=7,
+                              color="#d62728", va="bottom")
+            if exchange.phase is Endpoint.REPORT and exchange.result is not None:
+                good = exchange.errno == 0
+                axes.axvline(at, color="#2ca02c" if good else "#ff7f0e")
+                axes.annotate(f"{exchange.result}" + ("" if good else f" (errno {exchange.errno})"),
+                              (at, total / 1024 * 0.9 or 1), fontsize=8, ha="right")
+        axes.set_xlabel("seconds since the first request")
+        axes.set_ylabel("KiB")
+        faults = ", ".join(f.label for f in scenario.faults) or "no fault"
+        axes.set_title(f"{scenario.rig.name}: {faults}", fontsize=9)
+        axes.legend(loc="upper left", fontsize=8)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+    finally:
+        pyplot.close(figure)
+
+
+# ---------------------------------------------------------------------------------- session
+def _version_of(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def write_session_files(directory: Path, *, firmware: str, packages: dict[str, Package],
+                        rigs: list[Rig], service: str) -> None:
+    """environment.properties and categories.json of a results directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    md5 = ", ".join(f"{name}={package.md5}" for name, package in sorted(packages.items()))
+    values = {
+        "firmware.build": firmware, "package.md5": md5 or "(none)",
+        "rigs": ", ".join(f"{rig.name} ({rig.board})" for rig in rigs),
+        "service": service, "hil.version": _version_of("hil"),
+        "pytest.version": _version_of("pytest"), "pyocd.version": _version_of("pyocd"),
+        "esptool.version": _version_of("esptool"),
+    }
+    lines = [f"{key}={_escape(value)}" for key, value in values.items()]
+    (directory / "environment.properties").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (directory / "categories.json").write_text(json.dumps(CATEGORIES, indent=1), encoding="utf-8")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("=", "\\=").replace(":", "\\:")
