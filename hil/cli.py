@@ -10,6 +10,7 @@
     hil flash         flash an image through a rig's flasher
     hil console       an interactive terminal on a rig's console
     hil sim image     write a firmware image for a simulated board, its version inside
+    hil sim up        run a simulated rig's bench until stopped (a board on a pty for others)
     hil defects       the suite's power: the conformance suite against each named defect of
                       the simulated firmware, a table of the tests that caught each one
     hil report        the Allure HTML report of one or several results directories, and the
@@ -110,6 +111,14 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- hil serve
+def _stop_on_signals() -> threading.Event:
+    """An event that Ctrl-C or SIGTERM sets, for commands that run until told to stop."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     prog = "hil serve"
     key = _access_key(args, prog)
@@ -139,9 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _fail(prog, str(error))
     service.timeline.subscribe(lambda exchange: print(exchange.summary(), flush=True))
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = _stop_on_signals()
     try:
         onenet.start()
     except OSError as error:
@@ -455,6 +462,31 @@ def cmd_sim_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_up(args: argparse.Namespace) -> int:
+    """A simulated rig's bench, up until Ctrl-C or SIGTERM, for other programs to drive: the
+    board behind its console pty (and probe), the instruments on theirs."""
+    from hil.rig.model import find_rig
+    from hil.sim.bench import SimBench, expected_addresses
+
+    prog = "hil sim up"
+    rig = _load(find_rig(args.rig, args.rigs_dir))
+    if isinstance(rig, ConfigError):
+        _fail(prog, str(rig))
+    if rig.sim is None:
+        _fail(prog, f"rig {rig.name} is not simulated (no sim: section)")
+    stop = _stop_on_signals()
+    try:
+        with SimBench(rig):
+            for key, address in expected_addresses(rig).items():
+                print(f"{rig.name}: {key.split('.')[0]} at {address}", flush=True)
+            print(f"{rig.name}: up (Ctrl-C or SIGTERM stops it)", flush=True)
+            stop.wait()
+    except RigFault as fault:
+        _fail(prog, str(fault))
+    print(f"{rig.name}: stopped", flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- defects
 def cmd_defects(args: argparse.Namespace) -> int:
     from hil.conformance.power import run_suite, table, verdict
@@ -590,6 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--size", type=_non_negative, metavar="BYTES",
                        help="payload bytes (default 64 KiB; 16 KiB on gd32)")
     image.set_defaults(run=cmd_sim_image)
+    up = sim_commands.add_parser("up", parents=[rigs_dir],
+                                 help="run a simulated rig's bench until stopped")
+    up.add_argument("rig", help="a simulated rig's name in rigs/ or its file")
+    up.set_defaults(run=cmd_sim_up)
 
     defects = commands.add_parser("defects", help="the suite against each firmware defect")
     defects.add_argument("--rig", type=Path, help="a simulated rig file (default "
