@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hil.conformance.power import defect_rig
 from hil.configfile import read_yaml, validate
+from hil.conformance.power import defect_rig
 from hil.rig.model import Rig
 from hil.service.server import new_access_key
 
