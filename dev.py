@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set up hil and run it, with nothing but Python 3.11+ on the machine.
 
-    python3 dev.py run  [hil run options]    set up, then run the main job
+    python3 dev.py run  [hil suite options]  set up, then the main job: the conformance suite on
+                                             the simulated rigs, its Allure report and sign-off
     python3 dev.py test [pytest options]     set up, then run the tests
     python3 dev.py lint                      set up, then ruff and mypy
     python3 dev.py hil ...                   set up, then any hil command
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> int:
         return 0
     os.chdir(ROOT)
     if command == "run":
-        return subprocess.call([BIN / "hil", "run", *rest])
+        return subprocess.call([BIN / "hil", "suite", *rest])
     if command == "hil":
         return subprocess.call([BIN / "hil", *rest])
     if command == "test":

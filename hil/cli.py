@@ -11,6 +11,8 @@
     hil console       an interactive terminal on a rig's console
     hil sim image     write a firmware image for a simulated board, its version inside
     hil sim up        run a simulated rig's bench until stopped (a board on a pty for others)
+    hil suite         the conformance suite on the simulated rigs (or the rigs named), then
+                      its Allure report and sign-off (what `python3 dev.py run` runs)
     hil defects       the suite's power: the conformance suite against each named defect of
                       the simulated firmware, a table of the tests that caught each one
     hil report        the Allure HTML report of one or several results directories, and the
@@ -26,6 +28,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -34,7 +37,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from hil import __version__
-from hil.drivers.base import PowerProtocol, RfProtocol
 from hil.errors import ConfigError, HilError, RigFault
 from hil.onenet.auth import Authorization, SignMethod, decode_access_key, device_res, product_res
 from hil.onenet.codes import TaskState, TaskType, is_valid_version
@@ -290,54 +292,15 @@ def cmd_rigs(args: argparse.Namespace) -> int:
     return status
 
 
-def _check_part(rig: Rig, part: str, check: Callable[[], str]) -> bool:
-    try:
-        detail = check()
-    except (RigFault, OSError) as fault:
-        message = fault.message if isinstance(fault, RigFault) else str(fault)
-        print(f"{rig.name:<16} {part:<8} FAULT  {message}")
-        return False
-    print(f"{rig.name:<16} {part:<8} ok     {detail}")
-    return True
-
-
 def check_rig(rig: Rig) -> bool:
     """Does each part of ``rig`` answer? One line per part; True when all do."""
-    from hil.rig.parts import RigParts
+    from hil.rig.check import check_rig as check_parts
 
-    with RigParts(rig) as parts:
-        def console() -> str:
-            from hil.rig.board import Board
-
-            # The contract's version command: the port opens and the test shell answers.
-            return f"{rig.console.address}, firmware {Board(parts).version()}"
-
-        def flasher() -> str:
-            spec = rig.flasher
-            if spec.kind == "swd":
-                from hil.drivers.swd import list_probes
-
-                probes = [probe_id for probe_id, _ in list_probes()]
-                if spec.probe not in probes:
-                    raise RigFault("flasher", f"SWD probe {spec.probe} not found; probes "
-                                   f"connected: {', '.join(probes) or 'none'}")
-                return f"SWD probe {spec.probe} listed by pyocd"
-            port = spec.port if spec.kind == "esp" else None
-            return f"ESP32 bootloader on {port or rig.console.address} (checked at flash)"
-
-        def instrument(get: Callable[[], PowerProtocol | RfProtocol | None]) -> str:
-            driver = get()
-            assert driver is not None
-            return driver.identify()
-
-        ok = _check_part(rig, "console", console)
-        if rig.flasher.kind != "none":
-            ok = _check_part(rig, "flasher", flasher) and ok
-        if rig.power.kind != "none":
-            ok = _check_part(rig, "power", lambda: instrument(parts.power)) and ok
-        if rig.rf.kind != "none":
-            ok = _check_part(rig, "rf", lambda: instrument(parts.rf)) and ok
-    return ok
+    checks = check_parts(rig)
+    for check in checks:
+        print(f"{rig.name:<16} {check.part:<8} {'ok   ' if check.ok else 'FAULT'}  "
+              f"{check.detail}")
+    return all(check.ok for check in checks)
 
 
 def cmd_rigs_check(args: argparse.Namespace) -> int:
@@ -462,9 +425,14 @@ def cmd_sim_image(args: argparse.Namespace) -> int:
     return 0
 
 
+UNPLUGGED_S = 2.0     # hil sim up, SIGUSR1: how long the console's adapter is gone
+
+
 def cmd_sim_up(args: argparse.Namespace) -> int:
     """A simulated rig's bench, up until Ctrl-C or SIGTERM, for other programs to drive: the
-    board behind its console pty (and probe), the instruments on theirs."""
+    board behind its console pty (and probe), the instruments on theirs. SIGUSR1 unplugs the
+    console for UNPLUGGED_S (a USB re-enumeration); SIGUSR2 hangs the firmware until the board
+    is power-cycled."""
     from hil.rig.model import find_rig
     from hil.sim.bench import SimBench, expected_addresses
 
@@ -476,7 +444,10 @@ def cmd_sim_up(args: argparse.Namespace) -> int:
         _fail(prog, f"rig {rig.name} is not simulated (no sim: section)")
     stop = _stop_on_signals()
     try:
-        with SimBench(rig):
+        with SimBench(rig) as bench:
+            # Bench faults for robustness tests, from outside, as a lab would suffer them.
+            signal.signal(signal.SIGUSR1, lambda *_: bench.unplug_console(UNPLUGGED_S))
+            signal.signal(signal.SIGUSR2, lambda *_: bench.hang_firmware())
             for key, address in expected_addresses(rig).items():
                 print(f"{rig.name}: {key.split('.')[0]} at {address}", flush=True)
             print(f"{rig.name}: up (Ctrl-C or SIGTERM stops it)", flush=True)
@@ -518,26 +489,56 @@ def cmd_defects(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
+    return _report("hil report", args.results, args.output, args.waive)
+
+
+def _report(prog: str, results_dirs: list[Path], output: Path, waive: Path | None) -> int:
+    """The Allure report of ``results_dirs`` in ``output`` and the sign-off beside it; 0 on GO."""
     from hil.report.generate import GeneratorFailed, generate
     from hil.report.signoff import decide, load_waivers, read_results, write
 
-    prog = "hil report"
     # Input first, so a typo costs no report generation; the report replaces -o, so it goes
     # first and the sign-off is written into it after.
     try:
-        results = read_results(args.results)
-        waivers = load_waivers(args.waive) if args.waive else ()
+        results = read_results(results_dirs)
+        waivers = load_waivers(waive) if waive else ()
         signoff = decide(results, waivers)
-        index = generate(args.results, args.output)
-        markdown, document = write(signoff, args.output)
+        index = generate(results_dirs, output)
+        markdown, document = write(signoff, output)
     except (ConfigError, GeneratorFailed) as error:
         _fail(prog, str(error))
     except OSError as error:
-        _fail(prog, f"-o: cannot write {args.output}: {error.strerror}")
-    print(f"report:   {index} (serve it over HTTP: python3 -m http.server -d {args.output})")
+        _fail(prog, f"-o: cannot write {output}: {error.strerror}")
+    print(f"report:   {index} (serve it over HTTP: python3 -m http.server -d {output})")
     print(f"sign-off: {markdown}, {document}")
     print(signoff.verdict_line())
     return 0 if signoff.go else 1
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    """The conformance suite on the rigs (default: the simulated ones), then its report."""
+    import shutil
+
+    prog = "hil suite"
+    testcases = args.root / "testcases"
+    if not testcases.is_dir():
+        _fail(prog, f"no testcases/ under {args.root}: give --root, the project directory")
+    results = args.out / "allure-results"
+    shutil.rmtree(results, ignore_errors=True)       # this run's results only
+    rigs = [arg for name in args.rigs for arg in ("--hil-rig", name)]
+    command = [sys.executable, "-m", "pytest", str(testcases), *rigs, "-n", str(args.workers),
+               "--dist", "loadgroup", "-p", "no:cacheprovider", "-q", "--no-header",
+               "--hil-check-rigs", f"--alluredir={results}",
+               f"--hil-timeline-dir={args.out / 'timelines'}", "--rootdir", str(args.root)]
+    print(f"{prog}: {' '.join(command[1:])}", flush=True)
+    started = time.monotonic()
+    # This interpreter's own pytest: the suite's summary goes straight to the terminal.
+    suite = subprocess.run(command, cwd=args.root, check=False)  # noqa: S603
+    print(f"{prog}: the suite exited {suite.returncode} after "
+          f"{time.monotonic() - started:.0f} s", flush=True)
+    if suite.returncode not in (0, 1):        # 1: tests failed; anything else: it did not run
+        _fail(prog, f"pytest could not run the suite (exit status {suite.returncode})")
+    return _report(prog, [results], args.out / "allure-report", args.waive)
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -626,6 +627,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="run a simulated rig's bench until stopped")
     up.add_argument("rig", help="a simulated rig's name in rigs/ or its file")
     up.set_defaults(run=cmd_sim_up)
+
+    suite = commands.add_parser("suite", help="the conformance suite, then its report")
+    suite.add_argument("rigs", nargs="*", metavar="RIG",
+                       help="rigs to run on (default: the simulated rigs, rigs/sim-*.yaml)")
+    suite.add_argument("-n", "--workers", type=_positive, default=3,
+                       help="pytest-xdist workers (default 3: one per simulated rig)")
+    suite.add_argument("--out", type=Path, default=Path(".hil"),
+                       help="where allure-results/, allure-report/ and timelines/ go "
+                       "(default .hil)")
+    suite.add_argument("--waive", type=Path, metavar="FILE", help="rig faults waived (YAML)")
+    suite.add_argument("--root", type=Path, default=Path.cwd(),
+                       help="the project directory with testcases/ (default: here)")
+    suite.set_defaults(run=cmd_suite)
 
     defects = commands.add_parser("defects", help="the suite against each firmware defect")
     defects.add_argument("--rig", type=Path, help="a simulated rig file (default "

@@ -29,26 +29,15 @@ def test_a_refused_authorization_ends_the_attempt_without_a_report(ota, variant)
     ota.expect_nothing_requested(*NOTHING_AFTER_DETECT)
 
 
-def test_no_task_means_nothing_to_do(ota):
-    ota.inject("no-task")
+@pytest.mark.parametrize(("fault", "errno"), [
+    ("no-task", Errno.NO_TASK),                      # nothing to do
+    ("manuf-mismatch", Errno.MANUF_MODEL_MISMATCH),  # a task for another chip
+    ("version-mismatch", Errno.VERSION_MISMATCH),    # a delta task from another version
+])
+def test_a_detect_refused_by_the_service_ends_the_attempt_without_a_report(ota, fault, errno):
+    ota.inject(fault)
     attempt = ota.update()
-    ota.expect_detect(attempt, Errno.NO_TASK)
-    ota.expect("refused-at-detect")
-    ota.expect_nothing_requested(*NOTHING_AFTER_DETECT)
-
-
-def test_a_task_for_another_manuf_and_model_is_refused_at_detect(ota):
-    ota.inject("manuf-mismatch")
-    attempt = ota.update()
-    ota.expect_detect(attempt, Errno.MANUF_MODEL_MISMATCH)
-    ota.expect("refused-at-detect")
-    ota.expect_nothing_requested(*NOTHING_AFTER_DETECT)
-
-
-def test_a_delta_task_from_another_version_is_refused_at_detect(ota):
-    ota.inject("version-mismatch")
-    attempt = ota.update()
-    ota.expect_detect(attempt, Errno.VERSION_MISMATCH)
+    ota.expect_detect(attempt, errno)
     ota.expect("refused-at-detect")
     ota.expect_nothing_requested(*NOTHING_AFTER_DETECT)
 

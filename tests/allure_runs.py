@@ -11,8 +11,8 @@ board and rig) and ends the way the case says: passed, failed (an AssertionError
 ConformanceFailure), broken (a hil RigFault), service (a hil ServiceFault) or skipped. The case
 id is the only pytest parameter, so running again with other outcomes into the same directory
 makes retries of the same tests (same historyId), as a re-run on the bench does.
-``environment.properties`` and ``categories.json`` are what the hil plugin writes beside them
-(its contract), written here until the tests can take them from the plugin itself.
+``environment.properties`` is written as the hil plugin writes it beside them (its contract);
+``categories.json`` is the plugin's own (``hil.pytest_plugin.reporting.CATEGORIES``).
 """
 
 from __future__ import annotations
@@ -24,18 +24,13 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hil.pytest_plugin import reporting
+
 BUILD = "1.1.0+g4f2a9c1"
 PACKAGE_MD5 = "9e107d9d372bb6826bd81d3542a419d6"
 
-# The categories the plugin writes (contract): which results are a firmware defect, a rig fault,
-# a service or infrastructure fault. Allure matches messageRegex against the whole message,
-# which allure-pytest prefixes with the exception's class ("hil.errors.RigFault: rig ...").
-CATEGORIES = [
-    {"name": "Firmware defect", "matchedStatuses": ["failed"]},
-    {"name": "Rig fault", "matchedStatuses": ["broken"], "messageRegex": "(?s).*RigFault: .*"},
-    {"name": "Service or infrastructure fault", "matchedStatuses": ["broken"],
-     "messageRegex": "(?s).*Service(Fault|Crashed): .*"},
-]
+# The categories are the plugin's own (what every results directory of the suite carries).
+CATEGORIES = reporting.CATEGORIES
 
 TEST_FILE = '''
 import json

@@ -258,3 +258,29 @@ def test_under_xdist_each_rig_is_used_by_one_worker_at_a_time(pytester, dist):
         # No two tests held the same rig at once, whichever workers ran them.
         assert all(end <= next_start for (_, end), (next_start, _) in pairwise(spans))
     assert len({pid for _, pid, _, _ in records}) == 3   # the three workers all took part
+
+
+def test_a_rig_failing_its_check_has_every_test_end_as_a_rig_fault(pytester):
+    (pytester.path / "rigs").mkdir()
+    (pytester.path / "rigs" / "bench-dead.yaml").write_text(textwrap.dedent("""
+        name: bench-dead
+        board: nrf52832
+        identity: {product_id: "245528", dev_id: "1"}
+        console: {url: "socket://127.0.0.1:9"}
+    """))
+    pytester.makepyfile(test_x="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_on_the_rig(rig, n):
+            pass
+
+        def test_without_a_rig():
+            pass
+    """)
+    result = run(pytester, "--hil-rig", "bench-dead", "--hil-check-rigs", "-rE")
+    result.assert_outcomes(passed=1, errors=3)
+    result.stdout.fnmatch_lines(["*RigFault: rig bench-dead: console: failed the rig check "
+                                 "before the suite: *"])
+    # Without the check the same tests run (they do not touch the console).
+    run(pytester, "--hil-rig", "bench-dead").assert_outcomes(passed=4)

@@ -20,18 +20,18 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 
 from hil.conformance.expectations import Profile
 from hil.drivers.contract import Event
 from hil.drivers.hooks import ConsoleHookPower, ConsoleHookRf
-from hil.errors import ConformanceFailure, ExpectTimeout, Unsupported
+from hil.errors import ConformanceFailure, ExpectTimeout, ProtocolError, Unsupported
 from hil.faults.catalog import check_params, fault_spec
 from hil.gateway import Armed, Fault, Gateway
 from hil.onenet.codes import Errno
-from hil.onenet.messages import Endpoint
+from hil.onenet.messages import DetectAnswer, Endpoint
 from hil.onenet.ranges import resolve_range
 from hil.onenet.tasks import Package, Task
 from hil.rig.board import Board
@@ -69,6 +69,19 @@ class Attempt:
     def detect_errno(self) -> int | None:
         detects = self.requests(Endpoint.DETECT)
         return detects[0].errno if detects else None
+
+    @property
+    def offered(self) -> DetectAnswer | None:
+        """The task the service offered at this attempt's detect (its retry, interval, size):
+        known whether the mock or the operator of a real service made it."""
+        for detect in self.requests(Endpoint.DETECT):
+            data = (detect.answer or {}).get("data")
+            if detect.errno == Errno.OK and data is not None:
+                try:
+                    return DetectAnswer.from_data(data)
+                except ProtocolError:
+                    return None
+        return None
 
 
 @dataclass
@@ -347,8 +360,10 @@ class OtaScenario:
         than once) was asked for once and then ``retry`` times (``persistent``: it failed
         every time) or once more (it failed once), each retry at least ``interval`` seconds
         after the failure before it."""
-        task = self.task
-        assert task is not None, "expect_retries needs the scenario's task"
+        task = attempt.offered
+        if task is None:
+            self._fail("download", f"expected a task at detect on rig {self.rig.name}; the "
+                       f"service offered none (detect errno {attempt.detect_errno})")
         downloads = attempt.requests(Endpoint.DOWNLOAD)
         starts = [_range_start(e) for e in downloads]
         failing = at - at % 4096 if at is not None else \
@@ -422,7 +437,7 @@ class OtaScenario:
         return f"; fault {', '.join(f.label for f in self.faults)}" if self.faults else ""
 
     def _fail(self, phase: str, message: str, expected: list[int] | None = None,
-              received: list[int] | None = None) -> None:
+              received: list[int] | None = None) -> NoReturn:
         tail = "\n".join(e.summary() for e in self.exchanges()[-8:]) or "(no exchange)"
         raise ConformanceFailure(phase, f"{message}\nthe board's last exchanges:\n{tail}",
                                  tuple(expected or ()), tuple(received or ()))

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 # pyserial ships no annotations; types-pyserial provides them where it is installed.
 import serial
@@ -47,6 +47,9 @@ _CHUNK = 64 * 1024
 _MAX_LINE = 64 * 1024
 _TAIL_LINES = 20
 _JOIN_S = 2.0
+# A port that is not there when opened may be re-enumerating (a USB adapter that dropped off the
+# bus comes back within a second or two, at the same path or serial number): wait this long.
+REAPPEAR_S = 5.0
 
 _T = TypeVar("_T")
 
@@ -76,6 +79,14 @@ def find_port_by_serial_number(serial_number: str) -> str:
                          f"({', '.join(found)}); name the port by its path instead")
 
 
+class _Missing(Exception):
+    """The port is not there (yet): ``fault`` is what to raise if it stays away."""
+
+    def __init__(self, fault: RigFault) -> None:
+        super().__init__(str(fault))
+        self.fault = fault
+
+
 class SerialConsole(DriverBase):
     """The firmware's test shell on a serial port (../shared/DESIGN.md, the console contract).
 
@@ -90,7 +101,7 @@ class SerialConsole(DriverBase):
                  serial_number: str | None = None, baudrate: int = 115200,
                  ok_pattern: str = r"^OK$", err_pattern: str = r"^ERR (?P<reason>.*)$",
                  newline: str = "\n", encoding: str = "utf-8",
-                 write_timeout: float = 5.0) -> None:
+                 write_timeout: float = 5.0, log_path: Path | None = None) -> None:
         given = {key: value for key, value in
                  (("port", port), ("url", url), ("serial_number", serial_number))
                  if value}
@@ -124,6 +135,10 @@ class SerialConsole(DriverBase):
         self._last_at = 0.0
         self._pending = b""                 # bytes of a line not ended yet (reader thread only)
         self._pending_at = 0.0              # when the last of them came
+        # Every line also goes to this file as it is logged, one unbuffered write each: the log
+        # of a test survives the kill of the process running it (appended across reopenings).
+        self.log_path = log_path
+        self._sink: IO[bytes] | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._serial is not None else "closed"
@@ -134,18 +149,15 @@ class SerialConsole(DriverBase):
         """Open the port and start logging. Reopening after ``close()`` continues the same log."""
         if self._serial is not None:
             return
-        # One of the three is set; a serial number is looked up at each open (USB ports move).
-        target = self.url or self.port or find_port_by_serial_number(str(self.serial_number))
-        options: dict[str, Any] = {}
-        if self.url is None:
-            # Lock device paths (flock) so a second session on this rig cannot open the console
-            # too and silently steal half of its lines.
-            options["exclusive"] = True
-        try:
-            port = serial.serial_for_url(target, baudrate=self.baudrate, timeout=_POLL_S,
-                                         write_timeout=self.write_timeout, **options)
-        except (OSError, ValueError) as error:   # SerialException is an OSError
-            raise RigFault(PART, f"{self.name}: cannot open: {error}") from error
+        deadline = time.monotonic() + REAPPEAR_S
+        while True:
+            try:
+                target, port = self._open_port()
+                break
+            except _Missing as missing:
+                if time.monotonic() > deadline:
+                    raise missing.fault from None
+                time.sleep(0.1)
         self.device = target
         with self._changed:
             self._vanished = None
@@ -155,6 +167,31 @@ class SerialConsole(DriverBase):
         self._reader = threading.Thread(target=self._read_loop, args=(port,), daemon=True,
                                         name=f"console reader {self.name}")
         self._reader.start()
+
+    def _open_port(self) -> tuple[str, Any]:
+        """The port opened, or _Missing (worth waiting for) or RigFault (not)."""
+        # One of the three is set; a serial number is looked up at each open (USB ports move).
+        if self.serial_number is not None and self.url is None and self.port is None:
+            try:
+                target = find_port_by_serial_number(self.serial_number)
+            except RigFault as not_found:
+                raise _Missing(not_found) from None
+        else:
+            target = str(self.url or self.port)
+        options: dict[str, Any] = {}
+        if self.url is None:
+            # Lock device paths (flock) so a second session on this rig cannot open the console
+            # too and silently steal half of its lines.
+            options["exclusive"] = True
+        try:
+            return target, serial.serial_for_url(target, baudrate=self.baudrate,
+                                                 timeout=_POLL_S,
+                                                 write_timeout=self.write_timeout, **options)
+        except (OSError, ValueError) as error:   # SerialException is an OSError
+            cannot = RigFault(PART, f"{self.name}: cannot open: {error}")
+            if self.url is None and not Path(target).exists():
+                raise _Missing(cannot) from error
+            raise cannot from error
 
     def close(self) -> None:
         """Stop the reader and give the port back; the log stays readable. Safe to repeat."""
@@ -172,6 +209,9 @@ class SerialConsole(DriverBase):
         with self._changed:
             self._serial = self._reader = None
             self._flush_pending()
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
             self._changed.notify_all()
 
     # -- the reader thread -------------------------------------------------------------------
@@ -207,14 +247,26 @@ class SerialConsole(DriverBase):
             # Stamps never go backwards, even when the wall clock is stepped (NTP): the log's
             # order is the order of arrival, and a report sorts by stamp.
             at = self._last_at = max(arrived, self._last_at)
-            self._log.extend(LogLine(at, text) for text in texts)
+            self._record([LogLine(at, text) for text in texts])
             self._changed.notify_all()
+
+    def _record(self, lines: list[LogLine]) -> None:
+        """Append to the log and its file (call with the lock held)."""
+        self._log.extend(lines)
+        if self.log_path is not None:
+            try:
+                if self._sink is None:
+                    self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                    self._sink = self.log_path.open("ab", buffering=0)
+                self._sink.write(format_log(lines).encode("utf-8", "replace"))
+            except OSError:
+                self.log_path = None     # a full disk must not end the test: memory still has it
 
     def _flush_pending(self) -> None:
         """Log what came after the last newline (call with the lock held, reader stopped)."""
         if self._pending:
             at = self._last_at = max(self._pending_at, self._last_at)
-            self._log.append(LogLine(at, self._decode(self._pending)))
+            self._record([LogLine(at, self._decode(self._pending))])
             self._pending = b""
 
     def _decode(self, raw: bytes) -> str:
@@ -232,7 +284,7 @@ class SerialConsole(DriverBase):
         with self._changed:
             # Logged before it is written, so the answer can never come before its command.
             at = self._last_at = max(time.time(), self._last_at)
-            self._log.append(LogLine(at, line, sent=True))
+            self._record([LogLine(at, line, sent=True)])
         try:
             with self._write_lock:   # lines from two threads must not interleave
                 port.write(data)

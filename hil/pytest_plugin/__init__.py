@@ -16,6 +16,9 @@ Options (group ``hil``; each has a pytest.ini twin, the command line wins):
 ``--hil-lease-dir DIR``    ``hil_lease_dir``       where rig lease locks live
 ``--hil-expectations F``   ``hil_expectations``    the expectation profile (default
                                                    ``fixtures/expectations/onenet.yaml``)
+``--hil-check-rigs``       ``hil_check_rigs``      check each rig's parts (``hil rigs check``)
+                                                   before its first test; a rig that fails
+                                                   has all its tests end as rig faults
 =========================  ======================  ==========================================
 
 Fixtures: ``rig``, ``board``, ``console``, ``flasher``, ``power``, ``rf``, ``ota_service``,
@@ -53,6 +56,7 @@ from hil.gateway import Gateway
 from hil.onenet.tasks import Package, Task
 from hil.pytest_plugin import reporting
 from hil.rig.board import Board
+from hil.rig.check import PartCheck, check_rig
 from hil.rig.lease import DEFAULT_LOCK_DIR, RigLease
 from hil.rig.model import Rig, find_rig, load_rig
 from hil.rig.parts import RigParts
@@ -77,6 +81,7 @@ class HilOptions:
     lease_dir: Path
     profile: Profile | None
     root: Path
+    check_rigs: bool = False
 
     def update_package(self, rig: Rig) -> tuple[Package, str] | None:
         """The build under test and its version: --hil-package and --hil-target-version, else
@@ -122,6 +127,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             f"directory of the rig lease locks (default {DEFAULT_LOCK_DIR})")
     _option(parser, group, "--hil-expectations", "hil_expectations",
             f"expectation profile, a YAML file (default {DEFAULT_PROFILE})")
+    check = "check each rig's parts before its first test (hil rigs check)"
+    group.addoption("--hil-check-rigs", dest="hil_check_rigs", action="store_true",
+                    default=None, help=f"{check} (ini: hil_check_rigs)")
+    parser.addini("hil_check_rigs", check, type="bool", default=False)
 
 
 def _value(config: pytest.Config, name: str) -> Any:
@@ -185,7 +194,8 @@ def pytest_configure(config: pytest.Config) -> None:
         ota_service=service.rstrip("/"),
         timeline_dir=Path(timeline_dir) if timeline_dir else None,
         lease_dir=Path(lease_dir) if lease_dir else DEFAULT_LOCK_DIR,
-        profile=profile, root=config.rootpath)
+        profile=profile, root=config.rootpath,
+        check_rigs=bool(config.getoption("hil_check_rigs") or config.getini("hil_check_rigs")))
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -271,6 +281,10 @@ def pytest_runtest_makereport(item: pytest.Item,
         scenario = item.funcargs.get("ota")   # type: ignore[attr-defined]
         if isinstance(scenario, OtaScenario) and reporting.alluredir(item.config):
             reporting.attach_evidence(scenario, log)
+    rig = getattr(item, "funcargs", {}).get("rig")
+    if call.excinfo is not None and isinstance(call.excinfo.value, RigFault) \
+            and isinstance(rig, Rig):
+        call.excinfo.value.for_rig(rig.name)   # a driver's fault, named for the report
     report: pytest.TestReport = yield
     if call.excinfo is not None and call.excinfo.errisinstance(RigFault):
         report.hil_rig_fault = str(call.excinfo.value)  # type: ignore[attr-defined]
@@ -307,20 +321,41 @@ def hil_options(pytestconfig: pytest.Config) -> HilOptions:
 
 
 @pytest.fixture
-def rig(_hil_rig: Rig | None, hil_options: HilOptions) -> Iterator[Rig]:
+def rig(_hil_rig: Rig | None, hil_options: HilOptions,
+        pytestconfig: pytest.Config) -> Iterator[Rig]:
     """The rig this test runs on, leased for the length of the test."""
     if _hil_rig is None:
         pytest.skip("no rig selected and no rigs/sim-*.yaml: give --hil-rig NAME (or hil_rigs "
                     "in pytest.ini)")
     with RigLease(_hil_rig.name, hil_options.lease_dir):
+        if hil_options.check_rigs:
+            _checked(pytestconfig, _hil_rig)
         yield _hil_rig
 
 
+RIG_CHECKS = pytest.StashKey[dict[str, PartCheck | None]]()
+
+
+def _checked(config: pytest.Config, rig: Rig) -> None:
+    """The rig's parts checked once a session; a rig that failed fails each of its tests at
+    once as a rig fault (an ERROR, Allure's broken), naming the part, instead of running it."""
+    checks = config.stash.setdefault(RIG_CHECKS, {})
+    if rig.name not in checks:
+        checks[rig.name] = next((check for check in check_rig(rig) if not check.ok), None)
+    failed = checks[rig.name]
+    if failed is not None:
+        raise RigFault(failed.part, f"failed the rig check before the suite: {failed.detail}",
+                       rig.name)
+
+
 @pytest.fixture
-def rig_parts(rig: Rig) -> Iterator[RigParts]:
+def rig_parts(rig: Rig, request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[RigParts]:
     """The rig's drivers, opened as fixtures ask for them; the console log goes into the
-    test's report (pytest_runtest_makereport)."""
-    with RigParts(rig) as parts:
+    test's report (pytest_runtest_makereport) and, line by line as it comes, to
+    ``<timeline dir>/<test>.console.log`` (so a killed run leaves it on disk)."""
+    log = _test_file(pytestconfig, tmp_path_factory, request.node.nodeid, "console.log")
+    with RigParts(rig, console_log=log) as parts:
         yield parts
 
 
@@ -357,8 +392,10 @@ def rf(rig: Rig, rig_parts: RigParts) -> RfProtocol:
 @pytest.fixture
 def board(rig_parts: RigParts, hil_options: HilOptions) -> Board:
     """The board, back in its base state: the base image flashed (rigs with a flasher, when
-    --hil-firmware is given), else the firmware's factory reset."""
+    --hil-firmware is given), else the firmware's factory reset. A board that does not answer
+    (a test left it hung) is power-cycled through the rig's supply first."""
     board = Board(rig_parts)
+    board.revive()          # a board a test left hung is power-cycled, so this one can run
     board.restore_base(hil_options.firmware)
     return board
 
@@ -475,8 +512,14 @@ def _hil_gateways() -> Iterator[_GatewayPool]:
     pool.close()
 
 
-def _file_name(nodeid: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in nodeid)[-150:]
+def _test_file(config: pytest.Config, factory: pytest.TempPathFactory, nodeid: str,
+               suffix: str) -> Path:
+    """``<timeline dir>/<test>.<suffix>``, emptied: one test's record on disk."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in nodeid)[-150:]
+    path = _timeline_dir(config, factory) / f"{name}.{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    return path
 
 
 @pytest.fixture
@@ -489,9 +532,7 @@ def gateway(rig: Rig, hil_options: HilOptions, _hil_gateways: _GatewayPool,
     upstream = (request.getfixturevalue("ota_service").url if hil_options.ota_service == "mock"
                 else hil_options.ota_service)
     gateway = _hil_gateways.get(rig.ota.gateway_host or "127.0.0.1", upstream)
-    path = _timeline_dir(pytestconfig, tmp_path_factory) / \
-        f"{_file_name(request.node.nodeid)}.timeline.jsonl"
-    path.unlink(missing_ok=True)
+    path = _test_file(pytestconfig, tmp_path_factory, request.node.nodeid, "timeline.jsonl")
     gateway.clear()
     gateway.timeline = Timeline(path)
     yield gateway

@@ -19,6 +19,8 @@ from hil.errors import ExpectTimeout, RigFault
 from hil.rig.parts import RigParts
 
 BOOT_TIMEOUT_S = 30.0
+HUNG_AFTER_S = 3.0       # a board whose shell is this long silent has hung
+POWER_OFF_S = 0.5        # how long a power cycle keeps the board dark
 
 
 class Board:
@@ -103,6 +105,29 @@ class Board:
 
     def set_free_space(self, size: int) -> None:
         ConsoleHookSpace(self.console, self.contract.commands["space"]).set_free_space(size)
+
+    def revive(self) -> bool:
+        """Make sure the board answers: one whose shell is silent for ``HUNG_AFTER_S`` is
+        power-cycled through the rig's supply and must boot again. True if it had to be;
+        a RigFault if it stays silent or the rig cannot cut its power."""
+        try:
+            self.version(timeout=HUNG_AFTER_S)
+            return False
+        except ExpectTimeout as silent:
+            supply = self.parts.power() if "power_cut" in self.rig.capabilities else None
+            if supply is None:
+                raise RigFault("console", "the board does not answer and the rig has no "
+                               f"supply to power-cycle it: {silent}", self.rig.name) from None
+        since = self.console.mark()
+        supply.output(False)
+        time.sleep(POWER_OFF_S)
+        supply.output(True)
+        try:
+            self.console.expect(self.contract.events["boot"], BOOT_TIMEOUT_S, since=since)
+        except ExpectTimeout as dead:
+            raise RigFault("console", f"the board hung and did not boot after a power cycle: "
+                           f"{dead}", self.rig.name) from None
+        return True
 
     def restore_base(self, firmware: Path | None, progress: Progress | None = None) -> str:
         """Back to the base state: flash ``firmware`` where the rig has a flasher, else the

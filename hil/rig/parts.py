@@ -6,6 +6,7 @@ import, and ``hil rigs`` lists rigs without loading any tool.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, RfProtocol
@@ -21,8 +22,9 @@ class RigParts:
     takes it down after the last one closes (``hil.sim.bench``): the drivers then find a board,
     a console and instruments where the rig file says they are, as on a real bench."""
 
-    def __init__(self, rig: Rig) -> None:
+    def __init__(self, rig: Rig, *, console_log: Path | None = None) -> None:
         self.rig = rig
+        self.console_log = console_log   # where the console's log is written as it comes
         self.contract = Contract.with_overrides(rig.console.commands, rig.console.events)
         self._open: dict[str, Any] = {}
         self.bench: Any = None   # the SimBench of a simulated rig, while it runs
@@ -104,7 +106,8 @@ class RigParts:
 
         spec = self.rig.console
         return SerialConsole(port=spec.port, url=spec.url, serial_number=spec.serial_number,
-                             baudrate=spec.baudrate, ok_pattern=spec.ok, err_pattern=spec.err)
+                             baudrate=spec.baudrate, ok_pattern=spec.ok, err_pattern=spec.err,
+                             log_path=self.console_log)
 
     def _build_flasher(self) -> Any:
         spec, family = self.rig.flasher, self.rig.family

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,32 @@ class SimBench:
         claim.release()
         with _running_lock:
             _running.discard(self.state_dir.resolve())
+
+    # ================================================================== bench faults
+    def unplug_console(self, seconds: float) -> None:
+        """The console's USB serial adapter drops off the bus for ``seconds`` and comes back
+        at the same path, on a new pty (as a USB re-enumeration does): a host that has the port
+        open sees it vanish."""
+        console = self._console
+        if console is None:
+            raise RigFault("sim", "this board's console is not a pty (an ESP32's is its "
+                           "hilsim:// bridge)", self.rig.name)
+        console.stop()
+
+        def replug() -> None:
+            time.sleep(seconds)
+            if self._started and self._console is console:
+                self._console = PtyPort(console.path, self._console_input,
+                                        name=console.name).start()
+
+        threading.Thread(target=replug, name=f"hil-sim {self.rig.name} replug",
+                         daemon=True).start()
+
+    def hang_firmware(self) -> None:
+        """The firmware stops answering (a crashed CPU, still powered) until the board is
+        reset or power-cycled."""
+        if self.firmware is not None:
+            self.firmware.stop()
 
     def __enter__(self) -> SimBench:
         return self.start()

@@ -1,0 +1,107 @@
+"""A lab bench misbehaving under the suite, on a board known only by its ptys (a simulated
+nRF52832 run by ``hil sim up`` in another process, its console and bench supply reached through
+their paths as a USB serial adapter and a USB-TMC supply would be):
+
+- the console's port vanishes mid-test (the adapter re-enumerates): that test ends as a rig
+  fault with the console log up to the cut, and the next test finds the port again by its path;
+- the firmware hangs: the next test's board is power-cycled through the supply, and it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hil.configfile import read_yaml, validate
+from hil.conformance.power import defect_rig
+from hil.rig.model import Rig
+from hil.service.server import new_access_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TESTS = '''
+import os
+import signal
+
+
+def _signal(name):
+    os.kill(int(os.environ["HIL_SIM_UP_PID"]), getattr(signal, name))
+
+
+def test_1_the_port_vanishes_mid_update(ota):
+    from hil.gateway import Fault, FaultKind
+    from hil.onenet.messages import Endpoint
+
+    ota.inject("stall", at=8192, persistent=True, seconds=30)
+    # At the third chunk the adapter drops off the bus (the board goes on downloading).
+    ota.arm(Fault(FaultKind.HOOK, phase=Endpoint.DOWNLOAD, offset=8192,
+                  action=lambda: _signal("SIGUSR1")))
+    ota.update()
+
+
+def test_2_the_port_is_found_again(board):
+    assert board.version() == "1.0.0"
+    _signal("SIGUSR2")                    # and now the firmware hangs
+
+
+def test_3_a_hung_board_is_power_cycled(board):
+    assert board.version() == "1.0.0"
+'''
+
+
+@pytest.fixture
+def bench(tmp_path):
+    """The board run by ``hil sim up``, and a lab rig file that knows only its ptys."""
+    base = read_yaml(ROOT / "rigs" / "sim-nrf52832.yaml")
+    board = defect_rig(base, validate(Rig, base, "sim-nrf52832"), None, tmp_path / "state")
+    (tmp_path / "board.yaml").write_text(yaml.safe_dump(board), encoding="utf-8")
+    env = {**os.environ, board["identity"]["access_key_env"]: new_access_key()}
+    up = subprocess.Popen([sys.executable, "-m", "hil.cli", "sim", "up",
+                           str(tmp_path / "board.yaml")], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert up.stdout is not None
+    started = "".join(up.stdout.readline() for _ in range(4))
+    assert started.endswith("up (Ctrl-C or SIGTERM stops it)\n"), started
+    console = re.search(r"console at (\S+)", started).group(1)
+    supply = re.search(r"power at (\S+)", started).group(1)
+    rig = {"name": "lab-bench", "board": "nrf52832", "identity": board["identity"],
+           "console": {"port": console}, "flasher": {"kind": "none"},
+           "power": {**board["power"], "url": supply}, "rf": {"kind": "console"},
+           "ota": {"device_timeout": 1.0}}
+    (tmp_path / "lab-bench.yaml").write_text(yaml.safe_dump(rig), encoding="utf-8")
+    yield tmp_path / "lab-bench.yaml", {**env, "HIL_SIM_UP_PID": str(up.pid)}
+    up.terminate()
+    stopped = up.wait(30)
+    up.stdout.close()
+    assert stopped == 0
+
+
+@pytest.mark.slow
+def test_a_vanished_port_and_a_hung_board_do_not_stop_the_suite(bench, tmp_path):
+    rig_file, env = bench
+    (tmp_path / "test_bench.py").write_text(TESTS, encoding="utf-8")
+    records = tmp_path / "records"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path / "test_bench.py"), "--hil-rig",
+         str(rig_file), "--hil-timeline-dir", str(records), "-p", "no:cacheprovider", "-v",
+         "-rE", "--rootdir", str(ROOT), "-c", str(ROOT / "pytest.ini")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    out = done.stdout
+    assert re.search(r"test_1_the_port_vanishes_mid_update\[lab-bench\] ERROR", out), out
+    assert re.search(r"RigFault: rig lab-bench: console: .*vanished", out), out
+    assert re.search(r"test_2_the_port_is_found_again\[lab-bench\] PASSED", out), out
+    assert re.search(r"test_3_a_hung_board_is_power_cycled\[lab-bench\] PASSED", out), out
+    # The cut test's console log, on disk, goes up to the cut.
+    [log] = records.glob("*test_1_the_port_vanishes*.console.log")
+    assert "ota phase=download offset=0 status=206" in log.read_text()
+    [log] = records.glob("*test_3_a_hung_board*.console.log")
+    assert log.read_text().count("boot version=1.0.0") >= 2     # the power cycle, the factory
+    assert time.monotonic() - started < 120
