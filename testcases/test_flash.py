@@ -3,9 +3,12 @@ flashes, and the version the new image really boots as."""
 
 from __future__ import annotations
 
+import pytest
+
 from hil.onenet.messages import Endpoint
 
 
+@pytest.mark.phase("verify")
 def test_a_corrupted_package_is_reported_101_then_205(ota):
     ota.inject("corrupt")
     attempt = ota.update()

@@ -142,6 +142,20 @@ def test_results_of_two_builds_or_of_no_named_build_are_no_go(tmp_path):
                              f"firmware.build)"
 
 
+def test_hosts_testing_other_boards_are_one_build_but_two_packages_of_a_board_are_not(
+        tmp_path):
+    # package.md5 lists one package per board family, as the plugin writes it.
+    esp = {"esp32-detect": GOOD["esp32-detect"]}
+    host_a = AllureRun(tmp_path / "a").run(esp, package_md5="esp32=" + "a" * 32)
+    host_b = AllureRun(tmp_path / "b").run(esp, package_md5="gd32=" + "b" * 32)
+    assert decide(read_results([host_a, host_b])).go
+    host_c = AllureRun(tmp_path / "c").run(esp, package_md5="esp32=" + "c" * 32)
+    signoff = decide(read_results([host_a, host_c]))
+    assert signoff.decided_by == "one firmware build"
+    assert f"results of several packages for esp32: {'a' * 32} ({host_a}), {'c' * 32} " \
+           f"({host_c})" in signoff.reason
+
+
 def test_a_secret_in_a_failure_message_never_reaches_the_summary(tmp_path, monkeypatch):
     key = "c2VjcmV0LWFjY2Vzcy1rZXktZm9yLXRlc3Rz"
     monkeypatch.setenv("HIL_ACCESS_KEY", key)

@@ -172,8 +172,8 @@ rf: {{kind: console}}
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hil-rig", "bench-01",
                                            "--hil-lease-dir", str(pytester.path / "leases"))
     result.assert_outcomes(passed=1)
-    # The base state came first: no flasher, so the firmware's factory reset.
-    assert device.received[0] == "test factory"
+    # The base state came first: is the board awake, then (no flasher) its factory reset.
+    assert device.received[:2] == ["sys version", "test factory"]
     assert device.hooks == {"power": [30], "signal": [12], "space": [1024]}
     assert device.ota_server == "http://127.0.0.1:9999"
 

@@ -571,9 +571,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     options = config.stash.get(OPTIONS, None)
     if directory is None or options is None or hasattr(config, "workerinput"):
         return
-    builds = {rig.board: build[0] for rig in options.rigs
+    builds = {rig.board: build for rig in options.rigs
               if (build := options.update_package(rig)) is not None}
-    firmware = options.firmware.name if options.firmware else \
+    base = options.firmware.name if options.firmware else \
         "the simulated boards' factory images (fixtures/images/<board>-1.0.0.bin)"
-    reporting.write_session_files(directory, firmware=firmware, packages=builds,
-                                  rigs=list(options.rigs), service=options.ota_service)
+    reporting.write_session_files(
+        directory, build=", ".join(sorted({target for _, target in builds.values()})),
+        base=base, packages={board: package for board, (package, _) in builds.items()},
+        rigs=list(options.rigs), service=options.ota_service)

@@ -261,22 +261,29 @@ def _version_of(package: str) -> str:
         return "(not installed)"
 
 
-def write_session_files(directory: Path, *, firmware: str, packages: dict[str, Package],
-                        rigs: list[Rig], service: str) -> None:
-    """environment.properties and categories.json of a results directory."""
+def write_session_files(directory: Path, *, build: str, base: str,
+                        packages: dict[str, Package], rigs: list[Rig], service: str) -> None:
+    """environment.properties and categories.json of a results directory. ``build`` is the
+    version under test (the OTA packages' target), ``base`` what the boards start from,
+    ``packages`` the package of each board family."""
     directory.mkdir(parents=True, exist_ok=True)
     md5 = ", ".join(f"{name}={package.md5}" for name, package in sorted(packages.items()))
     values = {
-        "firmware.build": firmware, "package.md5": md5 or "(none)",
+        "firmware.build": build, "firmware.base": base,
+        "firmware.packages": ", ".join(f"{name}={package.filename}"
+                                       for name, package in sorted(packages.items())),
+        "package.md5": md5,
         "rigs": ", ".join(f"{rig.name} ({rig.board})" for rig in rigs),
         "service": service, "hil.version": _version_of("hil"),
         "pytest.version": _version_of("pytest"), "pyocd.version": _version_of("pyocd"),
         "esptool.version": _version_of("esptool"),
     }
-    lines = [f"{key}={_escape(value)}" for key, value in values.items()]
+    # Nothing rather than a placeholder: the sign-off says a run that names no build so.
+    lines = [f"{key}={_escape(value)}" for key, value in values.items() if value]
     (directory / "environment.properties").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (directory / "categories.json").write_text(json.dumps(CATEGORIES, indent=1), encoding="utf-8")
 
 
 def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("=", "\\=").replace(":", "\\:")
+    # A properties value may hold '=' and ':' as they are (only the key's first one splits).
+    return value.replace("\\", "\\\\").replace("\n", "\\n")

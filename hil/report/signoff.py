@@ -331,14 +331,24 @@ def _one_build(evidence: Evidence) -> list[Finding]:
     findings = [Finding("one firmware build",
                         f"{env.directory}: names no firmware build (environment.properties "
                         f"firmware.build)") for env in environments if env.build is None]
-    named: tuple[tuple[str, Callable[[Environment], str | None]], ...] = (
-        ("firmware builds", lambda env: env.build),
-        ("packages (package.md5)", lambda env: env.package_md5))
-    for what, value in named:
-        seen = {value(env): env.directory for env in environments if value(env) is not None}
+    builds = {env.build: env.directory for env in environments if env.build is not None}
+    if len(builds) > 1:
+        listed = ", ".join(f"{name} ({directory})" for name, directory in builds.items())
+        findings.append(Finding("one firmware build", f"results of several firmware builds: "
+                                f"{listed}"))
+    # package.md5 is "board=md5, ..." (one package per board family): hosts that test other
+    # boards may list others; one board with two packages is two builds.
+    packages: dict[str, dict[str, Path]] = {}
+    for env in environments:
+        for entry in (env.package_md5 or "").split(","):
+            board, _, md5 = entry.strip().rpartition("=")
+            if md5:
+                packages.setdefault(board, {})[md5] = env.directory
+    for board, seen in packages.items():
         if len(seen) > 1:
-            listed = ", ".join(f"{name} ({directory})" for name, directory in seen.items())
-            findings.append(Finding("one firmware build", f"results of several {what}: {listed}"))
+            listed = ", ".join(f"{md5} ({directory})" for md5, directory in seen.items())
+            findings.append(Finding("one firmware build", f"results of several packages"
+                                    f"{' for ' + board if board else ''}: {listed}"))
     return findings
 
 

@@ -1,0 +1,116 @@
+"""What a conformance run leaves in its Allure results (``--alluredir``), read back from the
+files allure-pytest wrote for a real run of two scenarios on a private simulated nRF52832:
+labels and parameters, one step per OTA phase with its requests attached and the fault in its
+title, the attachments (console log, timeline as JSON and text, the update's picture, the rig
+without secrets), and the session's environment.properties and categories.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hil.configfile import read_yaml, validate
+from hil.conformance.power import defect_rig
+from hil.pytest_plugin.reporting import CATEGORIES
+from hil.rig.model import Rig
+from hil.service.server import new_access_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _steps(steps: list[dict]) -> list[dict]:
+    return [s for step in steps for s in (step, *_steps(step.get("steps", [])))]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, dict]]:
+    tmp = tmp_path_factory.mktemp("allure")
+    base = read_yaml(ROOT / "rigs" / "sim-nrf52832.yaml")
+    document = defect_rig(base, validate(Rig, base, "sim-nrf52832"), None, tmp / "state")
+    (tmp / "rig.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    key = new_access_key()
+    env = {**os.environ, document["identity"]["access_key_env"]: key}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "testcases/test_download.py", "--hil-rig",
+         str(tmp / "rig.yaml"), "-k", "once_is_retried and stall or persistently and stall",
+         f"--alluredir={tmp / 'results'}", "-p", "no:cacheprovider", "-q"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:]
+    by_name = {}
+    for path in (tmp / "results").glob("*-result.json"):
+        result = json.loads(path.read_text())
+        by_name[result["name"].split("[")[0]] = result
+    return tmp / "results", key, by_name
+
+
+def test_labels_and_parameters_name_phase_scenario_board_rig_and_fault(results):
+    _, _, by_name = results
+    result = by_name["test_a_range_failing_persistently_is_given_up_after_its_retries"]
+    labels = {(label["name"], label["value"]) for label in result["labels"]}
+    assert {("feature", "download"), ("severity", "critical"), ("board", "nrf52832"),
+            ("rig", "sim-nrf52832--control"), ("tag", "stall persistent"),
+            ("story", "a range failing persistently is given up after its retries (stall)"),
+            ("as_id", "download/a_range_failing_persistently_is_given_up_after_its_retries"
+                      "[stall]")} <= labels
+    shown = {p["name"]: p["value"] for p in result["parameters"] if p.get("mode") != "hidden"}
+    assert shown == {"board": "'nrf52832'", "rig": "'sim-nrf52832--control'",
+                     "firmware": "'1.0.0'", "target": "'1.1.0'"}
+
+
+def test_each_phase_is_a_step_with_its_requests_and_the_fault_on_the_step_it_hit(results):
+    directory, _, by_name = results
+    result = by_name["test_a_failing_request_once_is_retried_and_the_update_finishes"]
+    titles = [step["name"] for step in _steps(result["steps"])]
+    assert titles[0] == "attempt 1: ota check"
+    assert titles[1:4] == ["version report", "detect: errno=0 target=1.1.0 size=66088",
+                           "token check: errno=0"]
+    download = next(t for t in titles if t.startswith("download:"))
+    assert "[fault: stall 2s]" in download
+    assert "1 retried" in download
+    assert [t for t in titles if t.startswith(("report:", "verify", "flash", "reboot"))] == [
+        "report: result=101 errno=0", "verify: md5=ok", "flash: bytes=66088",
+        "reboot: boot version=1.1.0", "report: result=201 errno=0"]
+    detect = next(s for s in _steps(result["steps"]) if s["name"].startswith("detect"))
+    [attached] = detect["attachments"]
+    text = (directory / attached["source"]).read_text()
+    assert "GET /ota/south/check?dev_id=" in text
+    assert '"token":' in text
+
+
+def test_the_evidence_is_attached_and_the_rig_has_no_secret(results):
+    directory, key, by_name = results
+    result = by_name["test_a_failing_request_once_is_retried_and_the_update_finishes"]
+    attachments = {a["name"]: directory / a["source"] for a in result["attachments"]}
+    assert set(attachments) == {"console log", "timeline", "timeline (text)", "rig",
+                                "the update"}
+    assert "> ota check" in attachments["console log"].read_text()
+    timeline = json.loads(attachments["timeline"].read_text())
+    assert [e["phase"] for e in timeline[:3]] == ["version", "detect", "token"]
+    assert any(e.get("fault") == "stall 2s" for e in timeline)
+    assert "download GET" in attachments["timeline (text)"].read_text()
+    rig = yaml.safe_load(attachments["rig"].read_text())
+    assert rig["identity"]["access_key_env"] == "HIL_SIM_ACCESS_KEY"
+    png = attachments["the update"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 10_000
+    leaks = [path for path in directory.iterdir() if key.encode() in path.read_bytes()]
+    assert leaks == []
+
+
+def test_the_session_writes_its_environment_and_categories(results):
+    directory, _, _ = results
+    properties = dict(line.split("=", 1) for line in
+                      (directory / "environment.properties").read_text().splitlines())
+    assert properties["firmware.build"] == "1.1.0"
+    assert properties["package.md5"].startswith("nrf52832=")
+    assert properties["rigs"] == "sim-nrf52832--control (nrf52832)"
+    assert properties["service"] == "mock"
+    assert {"hil.version", "pytest.version", "pyocd.version", "esptool.version"} \
+        <= set(properties)
+    assert json.loads((directory / "categories.json").read_text()) == CATEGORIES
