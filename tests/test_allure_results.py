@@ -7,21 +7,15 @@ without secrets), and the session's environment.properties and categories.json."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from private_rig import ROOT, private_sim_rig
 
-from hil.configfile import read_yaml, validate
-from hil.conformance.power import defect_rig
 from hil.pytest_plugin.reporting import CATEGORIES
-from hil.rig.model import Rig
-from hil.service.server import new_access_key
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _steps(steps: list[dict]) -> list[dict]:
@@ -31,16 +25,13 @@ def _steps(steps: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, dict]]:
     tmp = tmp_path_factory.mktemp("allure")
-    base = read_yaml(ROOT / "rigs" / "sim-nrf52832.yaml")
-    document = defect_rig(base, validate(Rig, base, "sim-nrf52832"), None, tmp / "state")
-    (tmp / "rig.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
-    key = new_access_key()
-    env = {**os.environ, document["identity"]["access_key_env"]: key}
+    rig = private_sim_rig(tmp)
+    key = rig.env[rig.document["identity"]["access_key_env"]]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "testcases/test_download.py", "--hil-rig",
-         str(tmp / "rig.yaml"), "-k", "once_is_retried and stall or persistently and stall",
+         str(rig.path), "-k", "once_is_retried and stall or persistently and stall",
          f"--alluredir={tmp / 'results'}", "-p", "no:cacheprovider", "-q"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        cwd=ROOT, env=rig.env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:]
     by_name = {}
     for path in (tmp / "results").glob("*-result.json"):

@@ -10,17 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
-
-from hil.configfile import read_yaml, validate
-from hil.conformance.power import defect_rig
-from hil.rig.model import Rig
-from hil.service.server import new_access_key
-
-ROOT = Path(__file__).resolve().parent.parent
+from private_rig import ROOT, private_sim_rig
 
 # Stalls every download after the third chunk, so the update hangs there until the kill.
 HANGING_TEST = '''
@@ -49,15 +41,12 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_a_killed_worker_leaves_its_records_and_no_lease(tmp_path):
-    base = read_yaml(ROOT / "rigs" / "sim-nrf52832.yaml")
-    document = defect_rig(base, validate(Rig, base, "sim-nrf52832"), None, tmp_path / "state")
-    rig_file = tmp_path / "rig.yaml"
-    rig_file.write_text(yaml.safe_dump(document), encoding="utf-8")
+    rig = private_sim_rig(tmp_path)
     (tmp_path / "test_hang.py").write_text(HANGING_TEST, encoding="utf-8")
     (tmp_path / "test_quick.py").write_text(QUICK_TEST, encoding="utf-8")
     records, leases = tmp_path / "records", tmp_path / "leases"
-    env = {**os.environ, document["identity"]["access_key_env"]: new_access_key()}
-    common = ["--hil-rig", str(rig_file), "--hil-timeline-dir", str(records),
+    env = rig.env
+    common = ["--hil-rig", str(rig.path), "--hil-timeline-dir", str(records),
               "--hil-lease-dir", str(leases), "--rootdir", str(ROOT), "-c",
               str(ROOT / "pytest.ini")]
 

@@ -7,54 +7,30 @@ adapter."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-from hil.configfile import read_yaml, validate
-from hil.conformance.power import defect_rig
-from hil.rig.model import Rig
-from hil.service.server import new_access_key
-
-ROOT = Path(__file__).resolve().parent.parent
+from private_rig import ROOT, private_sim_rig, sim_up
 
 
 @pytest.mark.slow
 def test_a_contract_board_on_a_pty_runs_the_suite_from_its_rig_file(tmp_path):
-    base = read_yaml(ROOT / "rigs" / "sim-nrf52832.yaml")
-    board = defect_rig(base, validate(Rig, base, "sim-nrf52832"), None, tmp_path / "state")
-    (tmp_path / "board.yaml").write_text(yaml.safe_dump(board), encoding="utf-8")
-    env = {**os.environ, board["identity"]["access_key_env"]: new_access_key()}
-    up = subprocess.Popen([sys.executable, "-m", "hil.cli", "sim", "up",
-                           str(tmp_path / "board.yaml")], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert up.stdout is not None
-        started = [up.stdout.readline() for _ in range(4)]
-        assert started[-1].endswith("up (Ctrl-C or SIGTERM stops it)\n"), started
-        console = re.search(r"console at (\S+)", "".join(started)).group(1)
+    board = private_sim_rig(tmp_path)
+    with sim_up(board) as up:
         # What a lab writes for a board it knows only by its serial port.
-        rig = {"name": "pty-board", "board": "nrf52832", "identity": board["identity"],
-               "console": {"port": console}, "flasher": {"kind": "none"},
+        rig = {"name": "pty-board", "board": "nrf52832", "identity": board.document["identity"],
+               "console": {"port": up.addresses["console"]}, "flasher": {"kind": "none"},
                "power": {"kind": "console"}, "rf": {"kind": "console"},
                "ota": {"device_timeout": 1.0}}
         (tmp_path / "pty-board.yaml").write_text(yaml.safe_dump(rig), encoding="utf-8")
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "testcases", "--hil-rig",
              str(tmp_path / "pty-board.yaml"), "-p", "no:cacheprovider", "-q", "-rs",
-             "--no-header"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-            check=False)
-    finally:
-        up.terminate()
-        stopped = up.wait(30)
-        if up.stdout is not None:
-            up.stdout.close()
-    assert stopped == 0
+             "--no-header"], cwd=ROOT, env=board.env, capture_output=True, text=True,
+            timeout=600, check=False)
     summary = done.stdout.strip().splitlines()[-1]
     assert done.returncode == 0, done.stdout[-4000:]
     assert re.search(r"\b5\d passed", summary), summary

@@ -9,22 +9,14 @@ their paths as a USB serial adapter and a USB-TMC supply would be):
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-
-from hil.configfile import read_yaml, validate
-from hil.conformance.power import defect_rig
-from hil.rig.model import Rig
-from hil.service.server import new_access_key
-
-ROOT = Path(__file__).resolve().parent.parent
+from private_rig import ROOT, private_sim_rig, sim_up
 
 TESTS = '''
 import os
@@ -59,28 +51,14 @@ def test_3_a_hung_board_is_power_cycled(board):
 @pytest.fixture
 def bench(tmp_path):
     """The board run by ``hil sim up``, and a lab rig file that knows only its ptys."""
-    base = read_yaml(ROOT / "rigs" / "sim-nrf52832.yaml")
-    board = defect_rig(base, validate(Rig, base, "sim-nrf52832"), None, tmp_path / "state")
-    (tmp_path / "board.yaml").write_text(yaml.safe_dump(board), encoding="utf-8")
-    env = {**os.environ, board["identity"]["access_key_env"]: new_access_key()}
-    up = subprocess.Popen([sys.executable, "-m", "hil.cli", "sim", "up",
-                           str(tmp_path / "board.yaml")], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert up.stdout is not None
-    started = "".join(up.stdout.readline() for _ in range(4))
-    assert started.endswith("up (Ctrl-C or SIGTERM stops it)\n"), started
-    console = re.search(r"console at (\S+)", started).group(1)
-    supply = re.search(r"power at (\S+)", started).group(1)
-    rig = {"name": "lab-bench", "board": "nrf52832", "identity": board["identity"],
-           "console": {"port": console}, "flasher": {"kind": "none"},
-           "power": {**board["power"], "url": supply}, "rf": {"kind": "console"},
-           "ota": {"device_timeout": 1.0}}
-    (tmp_path / "lab-bench.yaml").write_text(yaml.safe_dump(rig), encoding="utf-8")
-    yield tmp_path / "lab-bench.yaml", {**env, "HIL_SIM_UP_PID": str(up.pid)}
-    up.terminate()
-    stopped = up.wait(30)
-    up.stdout.close()
-    assert stopped == 0
+    board = private_sim_rig(tmp_path)
+    with sim_up(board) as up:
+        rig = {"name": "lab-bench", "board": "nrf52832", "identity": board.document["identity"],
+               "console": {"port": up.addresses["console"]}, "flasher": {"kind": "none"},
+               "power": {**board.document["power"], "url": up.addresses["power"]},
+               "rf": {"kind": "console"}, "ota": {"device_timeout": 1.0}}
+        (tmp_path / "lab-bench.yaml").write_text(yaml.safe_dump(rig), encoding="utf-8")
+        yield tmp_path / "lab-bench.yaml", {**board.env, "HIL_SIM_UP_PID": str(up.pid)}
 
 
 @pytest.mark.slow
