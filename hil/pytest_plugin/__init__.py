@@ -430,10 +430,12 @@ def _hil_mocks(pytestconfig: pytest.Config,
 @pytest.fixture
 def ota_service(rig: Rig, hil_options: HilOptions, _hil_mocks: _MockPool
                 ) -> Iterator[MockOneNet]:
-    """The OTA service the rig's board updates from, empty for this test."""
+    """The mock OTA service the rig's board updates from, empty for this test (a test that
+    operates the service itself; conformance scenarios use ``gateway`` and ``ota``, which take
+    the real service too)."""
     if hil_options.ota_service != "mock":
-        pytest.skip(f"--hil-ota-service {hil_options.ota_service}: the real-service mode runs "
-                    "through the gateway, which this version of hil does not have yet")
+        pytest.skip(f"--hil-ota-service {hil_options.ota_service}: this test operates the mock "
+                    "service itself; on the real platform the operator owns the tasks")
     if rig.sim is not None:
         from hil.sim.bench import sim_access_key
 
