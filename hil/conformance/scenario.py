@@ -446,11 +446,3 @@ class OtaScenario:
         if self.mock is None:
             raise Unsupported("operator actions need the mock service")
         return self.mock.service
-
-    def raise_errors(self) -> None:
-        self.gateway.raise_errors()
-
-
-def no_task_detect(attempt: Attempt) -> bool:
-    """The attempt's detect found no task (errno 11)."""
-    return attempt.detect_errno == Errno.NO_TASK
