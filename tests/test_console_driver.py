@@ -195,6 +195,31 @@ def test_command_skips_output_from_before_it(
     assert console.command("sys version") == ["version=1.2.0"]
 
 
+def _logged(console: SerialConsole, text: str, timeout: float = 5.0) -> None:
+    """Wait until the console has logged a line holding ``text`` (without reading it)."""
+    deadline = time.monotonic() + timeout
+    while not any(text in line.text for line in console.lines()):
+        assert time.monotonic() < deadline, f"{text!r} never arrived"
+        time.sleep(0.01)
+
+
+def test_a_command_that_keeps_the_cursor_leaves_unread_events_to_expect(
+        device: ContractDevice, console: SerialConsole) -> None:
+    device.say("ota phase=download offset=0 status=206")
+    console.expect(r"^OK$|^ota phase=download", timeout=5)      # read up to here
+    device.say("ota phase=download offset=4096 status=206")
+    _logged(console, "offset=4096")
+    # A fault hook from another thread, while the test is between two expects.
+    assert console.command("test power 20", keep_cursor=True) == []
+    assert console.expect(r"^ota phase=download offset=(\d+)", timeout=5).group(1) == "4096"
+    # Without keep_cursor the command skips what came before it, as documented.
+    device.say("ota phase=download offset=8192 status=206")
+    _logged(console, "offset=8192")
+    console.command("test power 30")
+    with pytest.raises(ExpectTimeout):
+        console.expect(r"^ota phase=download offset=8192", timeout=0.3)
+
+
 def test_ota_check_then_expect_the_events_in_order(console: SerialConsole) -> None:
     console.command("ota check")
     events = []

@@ -464,7 +464,8 @@ class FakeConsole:
                since: int | None = None) -> re.Match[str]:
         raise AssertionError("the hooks only use command()")
 
-    def command(self, line: str, timeout: float = 10.0) -> list[str]:
+    def command(self, line: str, timeout: float = 10.0, *,
+                keep_cursor: bool = False) -> list[str]:
         self.commands.append(line)
         if self.refuse is not None:
             raise CommandRefused(line, self.refuse)

@@ -91,11 +91,13 @@ class ConsoleProtocol(Driver, Protocol):
         log's tail."""
         ...
 
-    def command(self, line: str, timeout: float = 10.0) -> list[str]:
+    def command(self, line: str, timeout: float = 10.0, *,
+                keep_cursor: bool = False) -> list[str]:
         """Send a contract command and wait for its ``OK`` (the device lines printed before it
         are returned) or ``ERR <reason>`` (raises CommandRefused). Earlier output is skipped;
         the cursor is left where the answer began, so an event printed while answering is
-        still found by the next ``expect``."""
+        still found by the next ``expect``. ``keep_cursor`` leaves the cursor alone: for a
+        command sent from another thread while a test waits on events (a fault hook)."""
         ...
 
     def lines(self) -> list[LogLine]:

@@ -317,7 +317,8 @@ class SerialConsole(DriverBase):
             self._cursor = index + 1
         return match
 
-    def command(self, line: str, timeout: float = 10.0) -> list[str]:
+    def command(self, line: str, timeout: float = 10.0, *,
+                keep_cursor: bool = False) -> list[str]:
         """Send a contract command; return the lines printed before its OK, or raise
         CommandRefused on ERR. Earlier output is skipped: the cursor moves to the end first.
 
@@ -327,7 +328,9 @@ class SerialConsole(DriverBase):
         """
         with self._changed:
             self._usable_port(f"sending {line!r}")
-            start = self._cursor = len(self._log)
+            start = len(self._log)
+            if not keep_cursor:
+                self._cursor = start
         self.send(line)
 
         def answer(text: str) -> re.Match[str] | None:

@@ -38,7 +38,9 @@ class ConsoleHook(DriverBase):
         return f"console hook ({self.console.name})"
 
     def _send(self, **values: object) -> None:
-        self.console.command(self.command.format(**values))
+        # A hook may act from another thread (a gateway trigger) while a test waits on the
+        # board's events: it must not move the console's cursor past them.
+        self.console.command(self.command.format(**values), keep_cursor=True)
 
 
 class ConsoleHookPower(ConsoleHook):
