@@ -1,7 +1,8 @@
 """hil's pytest plugin (registered through the ``pytest11`` entry point).
 
 Thin over the library: fixtures build, yield and tear down; the work is in ``hil.rig``,
-``hil.drivers`` and ``hil.service``.
+``hil.drivers``, ``hil.service``, ``hil.gateway`` and ``hil.conformance``; ``reporting`` is what
+a test leaves in its Allure results.
 
 Options (group ``hil``; each has a pytest.ini twin, the command line wins):
 
@@ -26,12 +27,15 @@ Fixtures: ``rig``, ``board``, ``console``, ``flasher``, ``power``, ``rf``, ``ota
 OTA service, its timeline fresh for each test) and ``ota`` (a conformance scenario:
 ``hil.conformance.scenario.OtaScenario``); ``mock_onenet`` is the mock with no rig. Tests
 that use a rig are parametrized over the selected rigs (ids: rig names); with no ``--hil-rig``
-they run on the
-simulated rigs in ``rigs/sim-*.yaml`` (under the root directory), and skip if there are none.
-A simulated rig's board, console and instruments run for the length of each test.
+they run on the simulated rigs in ``rigs/sim-*.yaml`` (under the root directory), and skip if
+there are none. A simulated rig's board, console and instruments run for the length of each
+test. Each test's console log and timeline are written, as they come, to ``<timeline
+dir>/<test>.console.log`` and ``.timeline.jsonl``; ``--dist loadgroup`` keeps each rig's tests
+on one worker (the plugin's own xdist scheduler).
 
 Markers: ``@pytest.mark.board("esp32", ...)`` runs a test only on those boards;
-``@pytest.mark.needs("power", "rf", "flasher", "power_cut", "space")`` skips it on rigs lacking one.
+``@pytest.mark.needs("power", "rf", "flasher", "power_cut", "space")`` skips it on rigs lacking
+one; ``@pytest.mark.phase("verify")`` names a conformance test's OTA phase (default: its module).
 
 A rig fault (probe missing, port gone, instrument silent) ends the test as an ERROR naming the rig
 and the part, also when it happens inside the test; a firmware fault is a FAILED test; a scenario
