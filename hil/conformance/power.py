@@ -29,7 +29,7 @@ import yaml
 
 from hil.configfile import read_yaml, validate
 from hil.errors import ConfigError
-from hil.rig.model import Rig
+from hil.rig.model import Rig, rig_of_test
 from hil.sim.bench import expected_addresses
 from hil.sim.defects import Defect
 
@@ -99,11 +99,9 @@ def run_suite(rig_path: Path, defects: Sequence[Defect], *, workers: int, root: 
 
 def _read_junit(path: Path, rigs: list[tuple[Defect | None, str]]) -> list[Caught]:
     caught = {name: Caught(name, defect) for defect, name in rigs}
-    by_length = sorted(caught, key=len, reverse=True)
     for case in ET.parse(path).getroot().iter("testcase"):   # noqa: S314 (our own pytest's file)
         test = case.get("name", "")
-        params = f"-{test.rpartition('[')[2].rstrip(']')}-"
-        name = next((rig for rig in by_length if f"-{rig}-" in params), None)
+        name = rig_of_test(test, caught)
         if name is None:
             continue
         entry = caught[name]

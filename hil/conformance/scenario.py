@@ -410,28 +410,25 @@ class OtaScenario:
 
     def _check_order(self) -> None:
         exchanges = self.exchanges()
-        first_101 = next((e for e in exchanges if e.phase is Endpoint.REPORT
+        first_101 = next((e.seq for e in exchanges if e.phase is Endpoint.REPORT
                           and e.result == 101), None)
         if first_101 is not None:
-            late = [e for e in exchanges if e.phase is Endpoint.DOWNLOAD and e.seq > first_101.seq
-                    and e.errno is None and e.error_byte is None and not self._after_retry(e)]
+            # A download after the 101 is early only within that attempt: after a detect it
+            # belongs to a later attempt that re-reported (the first answer was lost).
+            next_detect = next((e.seq for e in exchanges if e.phase is Endpoint.DETECT
+                                and e.seq > first_101), None)
+            late = [e for e in exchanges if e.phase is Endpoint.DOWNLOAD and e.seq > first_101
+                    and (next_detect is None or e.seq < next_detect)
+                    and e.errno is None and e.error_byte is None]
             if late:
                 self._fail("download", f"expected 101 only once the package was downloaded "
                            f"(rig {self.rig.name}); the board downloaded {len(late)} more "
                            f"range(s) after reporting it, the first: {late[0].summary()}")
         reported = [e for e in self.trace if e.tag == "boot"
                     or (e.fields.get("phase") == "report" and e.fields.get("result") == "201")]
-        for index, event in enumerate(reported):
-            if event.tag != "boot" and not any(e.tag == "boot" for e in reported[:index]):
-                self._fail("report", f"expected 201 only after the board rebooted into the new "
-                           f"image (rig {self.rig.name}); it reported 201 before any boot line")
-
-    def _after_retry(self, exchange: Exchange) -> bool:
-        """A download after the 101 belongs to a later attempt that re-reported (a lost
-        answer): not an early 101 if a detect came between."""
-        detects = [e.seq for e in self.exchanges(Endpoint.DETECT)]
-        first_101 = next(e.seq for e in self.exchanges(Endpoint.REPORT) if e.result == 101)
-        return any(first_101 < seq < exchange.seq for seq in detects)
+        if reported and reported[0].tag != "boot":
+            self._fail("report", f"expected 201 only after the board rebooted into the new "
+                       f"image (rig {self.rig.name}); it reported 201 before any boot line")
 
     def _fault_note(self) -> str:
         return f"; fault {', '.join(f.label for f in self.faults)}" if self.faults else ""

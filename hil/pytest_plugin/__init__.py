@@ -62,7 +62,7 @@ from hil.pytest_plugin import reporting
 from hil.rig.board import Board
 from hil.rig.check import PartCheck, check_rig
 from hil.rig.lease import DEFAULT_LOCK_DIR, RigLease
-from hil.rig.model import Rig, find_rig, load_rig
+from hil.rig.model import Rig, find_rig, load_rig, rig_of_test
 from hil.rig.parts import RigParts
 from hil.service.config import read_package
 from hil.service.server import MockOneNet
@@ -259,13 +259,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    names = sorted((rig.name for rig in config.stash[OPTIONS].rigs), key=len, reverse=True)
+    names = [rig.name for rig in config.stash[OPTIONS].rigs]
 
     class RigScheduling(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            params = nodeid.rpartition("[")[2].rstrip("]")
-            words = f"-{params}-"
-            return next((f"rig {name}" for name in names if f"-{name}-" in words), nodeid)
+            rig = rig_of_test(nodeid, names)
+            return f"rig {rig}" if rig is not None else nodeid
 
     return RigScheduling(config, log)
 

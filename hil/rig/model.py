@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -341,6 +342,14 @@ class Rig(BaseModel):
 
 def load_rig(path: Path) -> Rig:
     return load_model(Rig, path)
+
+
+def rig_of_test(test_id: str, names: Iterable[str]) -> str | None:
+    """The rig a parametrized test runs on, read from its id (``test_x[sim-esp32-stall]``):
+    the longest of ``names`` that is a whole dash-separated part of the parameters."""
+    words = f"-{test_id.rpartition('[')[2].rstrip(']')}-"
+    return next((name for name in sorted(names, key=len, reverse=True)
+                 if f"-{name}-" in words), None)
 
 
 def find_rig(name_or_path: str, rigs_dir: Path) -> Path:
