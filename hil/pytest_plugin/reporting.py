@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 import re
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -262,19 +265,33 @@ def _version_of(package: str) -> str:
 
 
 def write_session_files(directory: Path, *, build: str, base: str,
-                        packages: dict[str, Package], rigs: list[Rig], service: str) -> None:
+                        packages: dict[str, Package], rigs: list[Rig], service: str,
+                        bases: dict[str, Package] | None = None, profile: str = "",
+                        started: float | None = None) -> None:
     """environment.properties and categories.json of a results directory. ``build`` is the
     version under test (the OTA packages' target), ``base`` what the boards start from,
-    ``packages`` the package of each board family."""
+    ``packages`` the package of each board family, ``bases`` the base image of each (its file,
+    md5 and the version inside it), ``profile`` the expectation profile, ``started`` when the
+    session began (the run's date; the host is this one)."""
     directory.mkdir(parents=True, exist_ok=True)
     md5 = ", ".join(f"{name}={package.md5}" for name, package in sorted(packages.items()))
+    bases = bases or {}
     values = {
         "firmware.build": build, "firmware.base": base,
         "firmware.packages": ", ".join(f"{name}={package.filename}"
                                        for name, package in sorted(packages.items())),
         "package.md5": md5,
+        "base.images": ", ".join(f"{name}={package.filename}"
+                                 for name, package in sorted(bases.items())),
+        "base.md5": ", ".join(f"{name}={package.md5}" for name, package in sorted(bases.items())),
+        "base.version": ", ".join(f"{name}={_image_version(name, package)}"
+                                  for name, package in sorted(bases.items())),
+        "profile": profile,
         "rigs": ", ".join(f"{rig.name} ({rig.board})" for rig in rigs),
-        "service": service, "hil.version": _version_of("hil"),
+        "service": service, "host": platform.node(),
+        "date": datetime.fromtimestamp(started or time.time(), UTC).strftime(
+            "%Y-%m-%d %H:%M:%S UTC"),
+        "hil.version": _version_of("hil"),
         "pytest.version": _version_of("pytest"), "pyocd.version": _version_of("pyocd"),
         "esptool.version": _version_of("esptool"),
     }
@@ -282,6 +299,16 @@ def write_session_files(directory: Path, *, build: str, base: str,
     lines = [f"{key}={_escape(value)}" for key, value in values.items() if value]
     (directory / "environment.properties").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (directory / "categories.json").write_text(json.dumps(CATEGORIES, indent=1), encoding="utf-8")
+
+
+def _image_version(board: str, package: Package) -> str:
+    """The version an image carries (MCUboot header, ESP-IDF app descriptor), or "unknown"."""
+    from hil.sim.images import image_version
+
+    try:
+        return image_version(board, package.data)
+    except ValueError:
+        return "unknown"
 
 
 def _escape(value: str) -> str:
