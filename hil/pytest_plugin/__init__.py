@@ -585,8 +585,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     builds = {rig.board: build for rig in options.rigs
               if (build := options.update_package(rig)) is not None}
-    bases = {rig.board: base for rig in options.rigs
-             if (base := options.base_package(rig)) is not None}
+    bases = {rig.board: image for rig in options.rigs
+             if (image := options.base_package(rig)) is not None}
     base = options.firmware.name if options.firmware else \
         "the simulated boards' factory images (fixtures/images/<board>-1.0.0.bin)"
     profile = f"{options.profile.name} ({options.profile.path})" if options.profile else ""

@@ -61,7 +61,7 @@ def _rig_of(item: pytest.Item) -> Rig | None:
 
 def _full_name(item: pytest.Item) -> str:
     # allure-pytest's fullName ("testcases.test_flash#test_power_cut"): what a waiver may name.
-    from allure_pytest.utils import allure_full_name
+    from allure_pytest.utils import allure_full_name  # type: ignore[import-untyped]
 
     return str(allure_full_name(item))
 
@@ -151,7 +151,8 @@ class CoverageRecorder:
             if report.when == "call" and not fault:
                 entry.update(state="failed", reason=_first_error(report))
             elif entry["state"] != "failed":
-                entry.update(state="error", reason=f"{report.when}: {fault or _first_error(report)}")
+                why = fault or _first_error(report)
+                entry.update(state="error", reason=f"{report.when}: {why}")
         elif report.when == "call":
             entry.update(state="passed", reason="")
 
