@@ -283,6 +283,10 @@ def pytest_runtest_makereport(item: pytest.Item,
             item.add_report_section("call", f"console {parts.rig.name}", log)
         scenario = item.funcargs.get("ota")   # type: ignore[attr-defined]
         if isinstance(scenario, OtaScenario) and reporting.alluredir(item.config):
+            clock = item.stash.get(reporting.CLOCK, None)
+            reporting.attempt_steps(scenario, console.lines() if console is not None else [],
+                                    clock.ends if clock else [],
+                                    call.excinfo.value if call.excinfo else None)
             reporting.attach_evidence(scenario, log)
     rig = getattr(item, "funcargs", {}).get("rig")
     if call.excinfo is not None and isinstance(call.excinfo.value, RigFault) \
@@ -565,7 +569,8 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
                            base_package=hil_options.base_package(rig))
     if reporting.alluredir(request.config):
         reporting.label(request.node, rig, firmware=board.version(), target=target)
-        scenario.observers.append(reporting.attempt_steps)
+        clock = request.node.stash[reporting.CLOCK] = reporting.AttemptClock()
+        scenario.observers.append(clock)
     return scenario
 
 
