@@ -105,3 +105,20 @@ def test_the_session_writes_its_environment_and_categories(results):
     assert {"hil.version", "pytest.version", "pyocd.version", "esptool.version"} \
         <= set(properties)
     assert json.loads((directory / "categories.json").read_text()) == CATEGORIES
+
+
+def test_steps_carry_their_real_times_the_attempt_spans_its_phases(results):
+    _, _, by_name = results
+    result = by_name["test_a_failing_request_once_is_retried_and_the_update_finishes"]
+    [attempt] = [step for step in result["steps"] if step["name"].startswith("attempt 1")]
+    phases = attempt["steps"]
+    # The stall held one range for 2 s: the attempt, written after it, still spans it.
+    assert attempt["stop"] - attempt["start"] >= 2000
+    assert result["start"] <= attempt["start"] <= attempt["stop"] <= result["stop"]
+    assert phases[0]["start"] == attempt["start"]
+    for before, after in zip(phases, phases[1:], strict=False):   # back to back, in order
+        assert before["stop"] == after["start"]
+        assert after["start"] <= after["stop"] <= attempt["stop"]
+    download = next(step for step in phases if step["name"].startswith("download:"))
+    assert download["stop"] - download["start"] >= 2000          # the stalled phase holds it
+    assert {step["status"] for step in [attempt, *phases]} == {"passed"}
