@@ -77,6 +77,7 @@ class CoverageRecorder:
         self.scenarios: dict[str, list[str] | None] = {}   # scenario -> boards it is for
         self.uncollected: list[dict[str, str]] = []
         self._modules: set[Path] = set()
+        self.outcomes: dict[str, tuple[str, str]] = {}     # node id -> (state, reason)
 
     # -------------------------------------------------------------------- collection
     def plan(self, items: Iterable[pytest.Item]) -> None:
@@ -141,20 +142,29 @@ class CoverageRecorder:
 
     # -------------------------------------------------------------------- outcomes
     def report(self, report: pytest.TestReport) -> None:
-        entry = self.entries.get(report.nodeid)
-        if entry is None or entry["state"] in ("deselected", "not applicable"):
-            return
+        """A test's report. Kept by node id, apart from the plan: under xdist the controller
+        hears reports before a worker's plan reaches it (when the worker stops)."""
+        state, reason = self.outcomes.get(report.nodeid, ("not run", ""))
         if report.skipped:
-            entry.update(state="skipped", reason=_skip_reason(report))
+            state, reason = "skipped", _skip_reason(report)
         elif report.failed:
             fault = getattr(report, "hil_rig_fault", None)
             if report.when == "call" and not fault:
-                entry.update(state="failed", reason=_first_error(report))
-            elif entry["state"] != "failed":
-                why = fault or _first_error(report)
-                entry.update(state="error", reason=f"{report.when}: {why}")
+                state, reason = "failed", _first_error(report)
+            elif state != "failed":
+                state, reason = "error", f"{report.when}: {fault or _first_error(report)}"
         elif report.when == "call":
-            entry.update(state="passed", reason="")
+            state, reason = "passed", ""
+        self.outcomes[report.nodeid] = (state, reason)
+
+    def _entries(self) -> list[dict[str, Any]]:
+        entries = []
+        for nodeid, entry in self.entries.items():
+            if entry["state"] == "not run" and nodeid in self.outcomes:
+                state, reason = self.outcomes[nodeid]
+                entry = {**entry, "state": state, "reason": reason}
+            entries.append(entry)
+        return sorted(entries, key=lambda e: (e["board"], e["scenario"], e["rig"]))
 
     def document(self, options: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -162,8 +172,7 @@ class CoverageRecorder:
             "finished": time.time(), **options,
             "rigs": [{"name": rig.name, "board": rig.board} for rig in self.rigs],
             "scenarios": self.scenarios, "uncollected": self.uncollected,
-            "entries": sorted(self.entries.values(), key=lambda e: (e["board"], e["scenario"],
-                                                                     e["rig"])),
+            "entries": self._entries(),
         }
 
     def write(self, directory: Path, options: dict[str, Any]) -> Path:

@@ -793,7 +793,12 @@ def _md(text: str) -> str:
 
 def decide(results: Results, waivers: Sequence[Waiver] = (),
            rule: Sequence[Check] = DEFAULT_RULE) -> SignOff:
-    tests = results.tests()
+    # A test ``@pytest.mark.board`` keeps off its rig's board is no test of that board: its
+    # skip is not counted (the coverage knows it as not applicable).
+    elsewhere = {name for session in results.coverage for planned in session.planned
+                 if planned.state == "not applicable" for name in planned.names[:1]}
+    tests = {key: runs for key, runs in results.tests().items()
+             if runs[-1].name not in elsewhere}
     coverage = coverage_of(results, waivers)
     evidence = Evidence(results, tests, tuple(waivers), coverage)
     blocking: list[Finding] = []
@@ -838,7 +843,7 @@ def decide(results: Results, waivers: Sequence[Waiver] = (),
         build=_joined(env.build for env in environments),
         package_md5=_joined(env.package_md5 for env in environments),
         directories=tuple(str(directory) for directory in results.directories),
-        rows=rows, tests=len(tests), attempts=len(results.attempts),
+        rows=rows, tests=len(tests), attempts=sum(len(runs) for runs in tests.values()),
         blocking=tuple(blocking), explained=tuple(explained),
         skipped=tuple(final for final in finals if final.status is Status.SKIPPED),
         unused_waivers=unused, coverage=coverage,
