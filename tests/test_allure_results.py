@@ -6,6 +6,7 @@ without secrets), and the session's environment.properties and categories.json."
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_steps_carry_their_real_times_the_attempt_spans_its_phases(results):
     assert attempt["stop"] - attempt["start"] >= 2000
     assert result["start"] <= attempt["start"] <= attempt["stop"] <= result["stop"]
     assert phases[0]["start"] == attempt["start"]
-    for before, after in zip(phases, phases[1:], strict=False):   # back to back, in order
+    for before, after in itertools.pairwise(phases):   # back to back, in order
         assert before["stop"] == after["start"]
         assert after["start"] <= after["stop"] <= attempt["stop"]
     download = next(step for step in phases if step["name"].startswith("download:"))

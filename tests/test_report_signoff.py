@@ -57,8 +57,8 @@ def test_a_failed_scenario_is_no_go_naming_board_phase_and_message(tmp_path):
     assert signoff.decided_by == "no failed test"
     assert signoff.verdict_line() == (
         "NO-GO (no failed test): failed on gd32/download, rig bench-gd32: "
-        "test_scenario[bench-gd32-gd32-download]: AssertionError: download phase: expected report codes "
-        "[104], received [101]")
+        "test_scenario[bench-gd32-gd32-download]: AssertionError: download phase: expected "
+        "report codes [104], received [101]")
     assert counts(signoff, "gd32", "download")["failed"] == 1
 
 
