@@ -123,3 +123,28 @@ def test_steps_carry_their_real_times_the_attempt_spans_its_phases(results):
     download = next(step for step in phases if step["name"].startswith("download:"))
     assert download["stop"] - download["start"] >= 2000          # the stalled phase holds it
     assert {step["status"] for step in [attempt, *phases]} == {"passed"}
+
+
+def test_the_step_of_the_phase_that_failed_is_failed_not_green(tmp_path):
+    """A board that never reports its failure (defect silent-after-failure) fails the
+    persistent stall scenario in its download phase: that step is red, and its attempt."""
+    rig = private_sim_rig(tmp_path)
+    document = {**rig.document, "sim": {**rig.document["sim"],
+                                        "defects": ["silent-after-failure"]}}
+    rig.path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "testcases/test_download.py", "--hil-rig",
+         str(rig.path), "-k", "persistently and stall", f"--alluredir={tmp_path / 'results'}",
+         "-p", "no:cacheprovider", "-q"],
+        cwd=ROOT, env=rig.env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1, done.stdout[-3000:]
+    [result] = [json.loads(path.read_text())
+                for path in (tmp_path / "results").glob("*-result.json")]
+    assert result["status"] == "failed"
+    assert result["statusDetails"]["message"].startswith(
+        "hil.errors.ConformanceFailure: download phase:")
+    [attempt] = [step for step in result["steps"] if step["name"].startswith("attempt 1")]
+    statuses = {step["name"].split(":")[0]: step["status"] for step in attempt["steps"]}
+    assert statuses["download"] == "failed", statuses
+    assert attempt["status"] == "failed"
+    assert statuses["detect"] == "passed"      # the phases before it went as they should

@@ -771,15 +771,17 @@ class SignOff:
     def environment(self) -> dict[str, str]:
         """The Environment widget: the verdict, the rule, the coverage, the build and the
         waivers, key by key (the results' own environment is folded in)."""
+        # Allure shows the first five rows until "Show all" is clicked: the verdict, the
+        # coverage of each board and the build come first, the rule after them.
         values = {"sign-off": self.verdict_line(),
-                  **{f"rule {number}": says for number, says in enumerate(self.rule, 1)},
-                  **{f"coverage {board.board}": board.line() for board in self.coverage},
-                  "firmware build (target)": self.build, "package md5": self.package_md5,
-                  "base image": self.base, "base version": self.base_version,
-                  "base md5": self.base_md5, "expectation profile": self.profile,
-                  "date": self.date, "host": self.hosts, "hil version": self.hil_version}
+                  **{f"coverage {board.board}": board.line() for board in self.coverage}}
         if not self.coverage:
             values["coverage"] = self.coverage_line().split(": ", 1)[1]
+        values.update({"firmware build (target)": self.build, "package md5": self.package_md5,
+                       "base image": self.base, "base version": self.base_version,
+                       "base md5": self.base_md5, "expectation profile": self.profile,
+                       "date": self.date, "host": self.hosts, "hil version": self.hil_version,
+                       **{f"rule {number}": says for number, says in enumerate(self.rule, 1)}})
         values.update({f"waiver {number}": waiver.describe()
                        for number, waiver in enumerate(self.waivers, 1)})
         values.update(self.other_environment)
