@@ -494,8 +494,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _report(prog: str, results_dirs: list[Path], output: Path, waive: Path | None) -> int:
     """The Allure report of ``results_dirs`` in ``output`` and the sign-off beside it; 0 on GO."""
+    import json
+
     from hil.report.generate import GeneratorFailed, generate
-    from hil.report.signoff import decide, load_waivers, read_results, write
+    from hil.report.signoff import Redactor, decide, load_waivers, read_results, write
 
     # Input first, so a typo costs no report generation; the report replaces -o, so it goes
     # first and the sign-off is written into it after.
@@ -503,14 +505,19 @@ def _report(prog: str, results_dirs: list[Path], output: Path, waive: Path | Non
         results = read_results(results_dirs)
         waivers = load_waivers(waive) if waive else ()
         signoff = decide(results, waivers)
-        index = generate(results_dirs, output)
-        markdown, document = write(signoff, output)
+        redact = Redactor.from_environment()
+        index = generate(results_dirs, output,
+                         environment={key: redact(value)
+                                      for key, value in signoff.environment().items()},
+                         executor=json.loads(redact(json.dumps(signoff.executor()))))
+        markdown, document = write(signoff, output, redact)
     except (ConfigError, GeneratorFailed) as error:
         _fail(prog, str(error))
     except OSError as error:
         _fail(prog, f"-o: cannot write {output}: {error.strerror}")
     print(f"report:   {index} (serve it over HTTP: python3 -m http.server -d {output})")
     print(f"sign-off: {markdown}, {document}")
+    print(signoff.coverage_line())
     print(signoff.verdict_line())
     return 0 if signoff.go else 1
 

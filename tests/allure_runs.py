@@ -27,6 +27,7 @@ from pathlib import Path
 from hil.pytest_plugin import reporting
 
 BUILD = "1.1.0+g4f2a9c1"
+RIG_CHIPS = {"esp32": "esp32", "gd32": "gd32f103c8", "nrf52832": "nrf52832"}
 PACKAGE_MD5 = "9e107d9d372bb6826bd81d3542a419d6"
 
 # The categories are the plugin's own (what every results directory of the suite carries).
@@ -45,11 +46,25 @@ HERE = pathlib.Path(__file__).parent
 CASES = json.loads((HERE / "cases.json").read_text())
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_scenario(case):
+@pytest.fixture
+def ota(rig):
+    """Stands for the plugin's scenario (a test using ``ota`` is a conformance scenario): the
+    plugin's own rig fixture, parametrization over the rigs and coverage are real."""
+    return rig
+
+
+def _case(name):
+    marks = [pytest.mark.board(CASES[name]["board"])]
+    if CASES[name]["needs"]:
+        marks.append(pytest.mark.needs(*CASES[name]["needs"]))
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("case", [_case(name) for name in sorted(CASES)])
+def test_scenario(case, ota):
     board, phase, story, outcome = (CASES[case][key] for key in
                                     ("board", "phase", "story", "outcome"))
-    rig = f"bench-{board}"
+    rig = ota.name
     allure.dynamic.feature(phase)
     allure.dynamic.story(story)
     allure.dynamic.label("board", board)
@@ -79,6 +94,7 @@ class Case:
     phase: str
     story: str
     outcome: str = "passed"   # passed | failed | broken | service | skipped | fail:<message>
+    needs: tuple[str, ...] = ()   # @pytest.mark.needs: a rig lacking one skips the case
 
 
 class AllureRun:
@@ -90,18 +106,41 @@ class AllureRun:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "test_ota.py").write_text(TEST_FILE)
 
+    def _rigs(self, cases: dict[str, Case], power_cut: tuple[str, ...]) -> list[str]:
+        """A rig ``bench-<board>`` per board of the cases (no bench supply: it lacks power_cut),
+        and a rig ``bench-<board>-b`` with one for each board in ``power_cut``."""
+        names = []
+        for board in sorted({case.board for case in cases.values()} | set(power_cut)):
+            for name, power in ((f"bench-{board}", {"kind": "none"}),) + (
+                    ((f"bench-{board}-b", {"kind": "scpi", "url": "/dev/null",
+                                           "empty_volts": 3.3, "full_volts": 4.2}),)
+                    if board in power_cut else ()):
+                document = {
+                    "name": name, "board": board, "chip": RIG_CHIPS[board],
+                    "identity": {"product_id": "245528", "dev_id": name,
+                                 "access_key_env": "HIL_ACCESS_KEY"},
+                    "console": {"port": "/dev/null"},
+                    "flasher": {"kind": "none"}, "power": power, "rf": {"kind": "none"},
+                    "ota": {"service": "mock"}}
+                (self.directory / f"{name}.yaml").write_text(json.dumps(document))
+                names += ["--hil-rig", str(self.directory / f"{name}.yaml")]
+        return names
+
     def run(self, cases: dict[str, Case], *, build: str | None = BUILD,
-            package_md5: str = PACKAGE_MD5, extra_env: dict[str, str] | None = None) -> Path:
+            package_md5: str = PACKAGE_MD5, extra_env: dict[str, str] | None = None,
+            power_cut: tuple[str, ...] = (), args: tuple[str, ...] = ()) -> Path:
         (self.directory / "cases.json").write_text(
             json.dumps({name: asdict(case) for name, case in cases.items()}))
         environment = {name: value for name, value in os.environ.items()
                        if not name.startswith(("PYTEST_", "HIL_ALLURE"))}
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-             f"--alluredir={self.results}", "test_ota.py"],
+             f"--alluredir={self.results}", "test_ota.py", *self._rigs(cases, power_cut),
+             "--hil-lease-dir", str(self.directory / "leases"), *args],
             cwd=self.directory, env={**environment, **(extra_env or {})},
             capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode in (0, 1), done.stdout + done.stderr   # 1: some tests failed
+        (self.results / "environment.properties").unlink(missing_ok=True)   # the plugin's
         properties = {"package.md5": package_md5, "rigs": "bench-esp32,bench-gd32",
                       "service": "mock", "hil.version": "0.1.0"}
         if build is not None:

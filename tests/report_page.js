@@ -1,5 +1,6 @@
 // Open an Allure 2 report in headless Chromium (Debian's, through playwright-core), expand
-// every group of its Suites tree, print what the page lists as JSON, save a screenshot.
+// every group of its Suites tree, read the Overview's widgets (the sign-off's verdict, rule,
+// coverage and build live there), print what the page shows as JSON, save a screenshot.
 //   node report_page.js URL SCREENSHOT.png CHROMIUM USER_DATA_DIR
 const { chromium } = require("playwright-core");
 
@@ -39,7 +40,22 @@ async function main() {
         .map((node) => node.textContent.trim()),
     }));
     await page.screenshot({ path: screenshot });
-    console.log(JSON.stringify({ ...listed, errors }));
+    // The Overview: each widget's text by its id (summary, environment, executors...).
+    await page.goto(`${url}#`);
+    await page.waitForSelector('.widget[data-id="environment"] .table__row', { timeout: 30000 });
+    await page.waitForSelector('.widget[data-id="executors"] .table__row', { timeout: 30000 });
+    // The Environment widget shows five rows until its "Show all" is clicked.
+    await page.evaluate(() => {
+      const more = [...document.querySelectorAll('.widget[data-id="environment"] *')]
+        .find((node) => node.children.length === 0 && node.textContent.trim() === "Show all");
+      if (more) more.click();
+    });
+    await page.waitForFunction(() => !document.querySelector('.widget[data-id="environment"]')
+      .innerText.includes("Show all"), null, { timeout: 10000 }).catch(() => {});
+    const widgets = await page.evaluate(() => Object.fromEntries(
+      [...document.querySelectorAll(".widget[data-id]")]
+        .map((widget) => [widget.getAttribute("data-id"), widget.innerText])));
+    console.log(JSON.stringify({ ...listed, widgets, errors }));
   } finally {
     await context.close();
   }

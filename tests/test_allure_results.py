@@ -6,6 +6,7 @@ without secrets), and the session's environment.properties and categories.json."
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -105,3 +106,45 @@ def test_the_session_writes_its_environment_and_categories(results):
     assert {"hil.version", "pytest.version", "pyocd.version", "esptool.version"} \
         <= set(properties)
     assert json.loads((directory / "categories.json").read_text()) == CATEGORIES
+
+
+def test_steps_carry_their_real_times_the_attempt_spans_its_phases(results):
+    _, _, by_name = results
+    result = by_name["test_a_failing_request_once_is_retried_and_the_update_finishes"]
+    [attempt] = [step for step in result["steps"] if step["name"].startswith("attempt 1")]
+    phases = attempt["steps"]
+    # The stall held one range for 2 s: the attempt, written after it, still spans it.
+    assert attempt["stop"] - attempt["start"] >= 2000
+    assert result["start"] <= attempt["start"] <= attempt["stop"] <= result["stop"]
+    assert phases[0]["start"] == attempt["start"]
+    for before, after in itertools.pairwise(phases):   # back to back, in order
+        assert before["stop"] == after["start"]
+        assert after["start"] <= after["stop"] <= attempt["stop"]
+    download = next(step for step in phases if step["name"].startswith("download:"))
+    assert download["stop"] - download["start"] >= 2000          # the stalled phase holds it
+    assert {step["status"] for step in [attempt, *phases]} == {"passed"}
+
+
+def test_the_step_of_the_phase_that_failed_is_failed_not_green(tmp_path):
+    """A board that never reports its failure (defect silent-after-failure) fails the
+    persistent stall scenario in its download phase: that step is red, and its attempt."""
+    rig = private_sim_rig(tmp_path)
+    document = {**rig.document, "sim": {**rig.document["sim"],
+                                        "defects": ["silent-after-failure"]}}
+    rig.path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "testcases/test_download.py", "--hil-rig",
+         str(rig.path), "-k", "persistently and stall", f"--alluredir={tmp_path / 'results'}",
+         "-p", "no:cacheprovider", "-q"],
+        cwd=ROOT, env=rig.env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1, done.stdout[-3000:]
+    [result] = [json.loads(path.read_text())
+                for path in (tmp_path / "results").glob("*-result.json")]
+    assert result["status"] == "failed"
+    assert result["statusDetails"]["message"].startswith(
+        "hil.errors.ConformanceFailure: download phase:")
+    [attempt] = [step for step in result["steps"] if step["name"].startswith("attempt 1")]
+    statuses = {step["name"].split(":")[0]: step["status"] for step in attempt["steps"]}
+    assert statuses["download"] == "failed", statuses
+    assert attempt["status"] == "failed"
+    assert statuses["detect"] == "passed"      # the phases before it went as they should

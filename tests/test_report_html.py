@@ -83,7 +83,8 @@ def test_hil_report_prints_where_the_report_is_and_the_verdict(suite_run):
     lines = command.stdout.splitlines()
     assert lines[0].startswith(f"report:   {report / 'index.html'} (serve it over HTTP")
     assert lines[1] == f"sign-off: {report / 'signoff.md'}, {report / 'signoff.json'}"
-    assert lines[2].startswith(f"{summary['verdict']} ({summary['decided_by']}): ")
+    assert lines[2] == "coverage: nrf52832 15/15", lines
+    assert lines[3].startswith(f"{summary['verdict']} ({summary['decided_by']}): ")
     assert summary["tests"] == len(list(suite_run["results"].glob("*-result.json")))
 
 
@@ -116,6 +117,18 @@ def test_the_page_lists_the_suites_and_the_tests(suite_run, served, tmp_path):
     assert png[12:16] == b"IHDR"
     assert struct.unpack(">II", png[16:24]) == (1400, 1000)
     assert len(png) > 20_000          # a rendered page, not a blank one
+    # The release verdict is on the page a release manager opens, not only in signoff.md.
+    summary = json.loads((suite_run["report"] / "signoff.json").read_text())
+    widgets = listed["widgets"]
+    assert widgets["summary"].startswith(f"Release sign-off: {summary['verdict']}")
+    environment = widgets["environment"]
+    for shown in ("sign-off", summary["verdict"], "rule 1", "rule 5", "coverage nrf52832",
+                  "nrf52832 15/15", "base md5", "package md5", "hil version", "host",
+                  "expectation profile", "onenet"):
+        assert shown in environment, f"{shown!r} is not in the Environment widget"
+    assert summary["firmware"]["base_md5"] in environment
+    assert summary["firmware"]["package_md5"] in environment
+    assert f"{summary['verdict']} ({summary['decided_by']})" in widgets["executors"]
 
 
 def test_no_access_key_in_the_results_or_the_report(suite_run):
@@ -154,7 +167,7 @@ def _category(report: Path, name: str) -> list[dict[str, Any]]:
 
 def test_a_failing_scenario_is_a_firmware_defect_with_its_phase(category_report):
     [test] = _category(category_report, "Firmware defect")
-    assert test["name"] == "test_scenario[esp32-download]"
+    assert test["name"] == "test_scenario[bench-esp32-esp32-download]"
     assert test["status"] == "failed"
     assert test["message"] == \
         "AssertionError: download phase: expected report codes [104], received [101]"
@@ -166,11 +179,11 @@ def test_a_failing_scenario_is_a_firmware_defect_with_its_phase(category_report)
 
 def test_a_rig_fault_and_a_service_fault_have_their_own_categories(category_report):
     [rig] = _category(category_report, "Rig fault")
-    assert (rig["name"], rig["status"]) == ("test_scenario[gd32-flash]", "broken")
+    assert (rig["name"], rig["status"]) == ("test_scenario[bench-gd32-gd32-flash]", "broken")
     assert rig["message"] == \
         "hil.errors.RigFault: rig bench-gd32: flasher: SWD probe 000683000000 not found"
     [service] = _category(category_report, "Service or infrastructure fault")
-    assert service["name"] == "test_scenario[gd32-token]"
+    assert service["name"] == "test_scenario[bench-gd32-gd32-token]"
     widget = json.loads((category_report / "widgets" / "categories.json").read_text())
     assert {item["name"]: item["statistic"]["total"] for item in widget["items"]} == \
         {"Firmware defect": 1, "Rig fault": 1, "Service or infrastructure fault": 1}

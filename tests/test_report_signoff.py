@@ -17,7 +17,7 @@ GOOD = {
     "esp32-detect": Case("esp32", "detect", "happy path"),
     "esp32-download": Case("esp32", "download", "stall once"),
     "gd32-download": Case("gd32", "download", "stall once"),
-    "gd32-flash": Case("gd32", "flash", "power cut", "skipped"),
+    "gd32-flash": Case("gd32", "flash", "power cut"),
 }
 
 
@@ -34,16 +34,17 @@ def test_every_test_passed_is_go_with_the_build_and_the_board_x_phase_table(tmp_
     assert (signoff.build, signoff.tests) == (BUILD, 4)
     assert counts(signoff, "gd32", "download") == \
         {"passed": 1, "failed": 0, "broken": 0, "skipped": 0}
-    assert counts(signoff, "gd32", "flash")["skipped"] == 1      # counted, not blocking
-    assert [run.name for run in signoff.skipped] == ["test_scenario[gd32-flash]"]
+    assert signoff.coverage_line() == "coverage: esp32 2/2, gd32 2/2"
     assert [(row.board, row.phase) for row in signoff.rows] == \
         [("esp32", "detect"), ("esp32", "download"), ("gd32", "download"), ("gd32", "flash")]
 
     markdown, document = write(signoff, tmp_path / "report")
     summary = json.loads(document.read_text())
     assert summary["verdict"] == "GO"
-    assert summary["firmware"] == {"build": BUILD, "package_md5": signoff.package_md5}
-    assert summary["totals"] == {"passed": 3, "failed": 0, "broken": 0, "skipped": 1}
+    assert summary["firmware"]["build"] == BUILD
+    assert summary["totals"] == {"passed": 4, "failed": 0, "broken": 0, "skipped": 0}
+    assert [(board["board"], board["ran"], board["expected"]) for board in summary["coverage"]] \
+        == [("esp32", 2, 2), ("gd32", 2, 2)]
     text = markdown.read_text()
     assert f"# Release sign-off: firmware {BUILD}" in text
     assert "| gd32 | download | 1 | 0 | 0 | 0 |" in text
@@ -56,8 +57,8 @@ def test_a_failed_scenario_is_no_go_naming_board_phase_and_message(tmp_path):
     assert signoff.decided_by == "no failed test"
     assert signoff.verdict_line() == (
         "NO-GO (no failed test): failed on gd32/download, rig bench-gd32: "
-        "test_scenario[gd32-download]: AssertionError: download phase: expected report codes "
-        "[104], received [101]")
+        "test_scenario[bench-gd32-gd32-download]: AssertionError: download phase: expected "
+        "report codes [104], received [101]")
     assert counts(signoff, "gd32", "download")["failed"] == 1
 
 
@@ -223,3 +224,72 @@ def test_a_report_dir_that_would_wipe_the_results_or_other_files_is_refused(tmp_
 def test_the_waiver_file_path_is_checked(tmp_path: Path):
     with pytest.raises(Exception, match=r"nope\.yaml: cannot read: No such file"):
         load_waivers(tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------------------------- coverage
+FLASH = {**GOOD, "gd32-flash": Case("gd32", "flash", "power cut", needs=("power_cut",))}
+
+
+def test_a_partial_run_is_no_go_naming_the_missing_scenarios_per_board(tmp_path):
+    results = AllureRun(tmp_path).run(GOOD, args=("-k", "detect"))
+    signoff = decide(read_results([results]))
+    assert (signoff.go, signoff.decided_by) == (False, "every scenario on every board")
+    assert signoff.coverage_line() == "coverage: esp32 1/2, gd32 0/2"
+    assert "esp32 1/2 ran, 1 missing: (none)/scenario[esp32-download] on esp32: rig " \
+           "bench-esp32: deselected (-k, -m or --deselect)" in signoff.reason
+    assert "(and 1 more)" in signoff.reason           # gd32's finding
+    text = signoff.as_markdown()
+    assert "(none)/scenario[gd32-flash] on gd32: rig bench-gd32: deselected" in text
+
+
+def test_a_capability_skip_is_no_go_unless_another_rig_of_the_board_covers_it(tmp_path):
+    results = AllureRun(tmp_path / "one").run(FLASH)
+    signoff = decide(read_results([results]))
+    assert not signoff.go
+    assert signoff.reason == ("gd32 1/2 ran, 1 missing: (none)/scenario[gd32-flash] on gd32: "
+                              "rig bench-gd32: skipped: rig bench-gd32 lacks power_cut")
+    # A second gd32 rig with a bench supply runs it: the board is covered.
+    covered = AllureRun(tmp_path / "two").run(FLASH, power_cut=("gd32",))
+    signoff = decide(read_results([covered]))
+    assert signoff.go, signoff.verdict_line()
+    assert signoff.coverage_line() == "coverage: esp32 2/2, gd32 2/2"
+
+
+def test_a_waiver_by_name_makes_a_missing_scenario_go_and_is_shown(tmp_path):
+    results = read_results([AllureRun(tmp_path).run(FLASH)])
+    waivers = tmp_path / "waivers.yaml"
+    waivers.write_text("- {test: '*gd32-flash*', board: gd32, reason: no supply "
+                       "on the gd32 bench until HIL-240}\n")
+    signoff = decide(results, load_waivers(waivers))
+    assert signoff.go, signoff.verdict_line()
+    assert signoff.coverage_line() == "coverage: esp32 2/2, gd32 1/2 (+1 waived)"
+    assert signoff.unused_waivers == ()
+    assert "— waived: no supply on the gd32 bench until HIL-240" in signoff.as_markdown()
+    assert signoff.environment()["waiver 1"] == \
+        "*gd32-flash* on board gd32: no supply on the gd32 bench until HIL-240"
+    # The old form {test, rig, reason} names it too; a waiver for another board does not.
+    waivers.write_text("- {test: 'test_ota#test_scenario', rig: bench-gd32, reason: known}\n")
+    assert decide(results, load_waivers(waivers)).go
+    waivers.write_text("- {test: '*gd32-flash*', board: esp32, reason: elsewhere}\n")
+    assert not decide(results, load_waivers(waivers)).go
+
+
+def test_results_without_a_coverage_file_are_no_go_coverage_unknown(tmp_path):
+    results = AllureRun(tmp_path).run(GOOD)
+    for path in results.glob("*-hil-coverage.json"):     # as a plain allure-pytest run leaves
+        path.unlink()
+    signoff = decide(read_results([results]))
+    assert (signoff.go, signoff.decided_by) == (False, "every scenario on every board")
+    assert signoff.reason.startswith(f"coverage unknown: {results} has test results but no "
+                                     "hil coverage file")
+    assert signoff.coverage_line() == "coverage: unknown (no hil coverage file)"
+
+
+def test_a_re_run_into_the_same_directory_adds_to_the_coverage(tmp_path):
+    run = AllureRun(tmp_path)
+    results = run.run(GOOD, args=("-k", "esp32"))
+    assert not decide(read_results([results])).go
+    run.run(GOOD, args=("-k", "gd32"))
+    signoff = decide(read_results([results]))
+    assert signoff.go, signoff.verdict_line()
+    assert signoff.coverage_line() == "coverage: esp32 2/2, gd32 2/2"

@@ -58,7 +58,7 @@ from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, Rf
 from hil.errors import ConfigError, RigFault, Unsupported
 from hil.gateway import Gateway
 from hil.onenet.tasks import Package, Task
-from hil.pytest_plugin import reporting
+from hil.pytest_plugin import coverage, reporting
 from hil.rig.board import Board
 from hil.rig.check import PartCheck, check_rig
 from hil.rig.lease import DEFAULT_LOCK_DIR, RigLease
@@ -283,6 +283,10 @@ def pytest_runtest_makereport(item: pytest.Item,
             item.add_report_section("call", f"console {parts.rig.name}", log)
         scenario = item.funcargs.get("ota")   # type: ignore[attr-defined]
         if isinstance(scenario, OtaScenario) and reporting.alluredir(item.config):
+            clock = item.stash.get(reporting.CLOCK, None)
+            reporting.attempt_steps(scenario, console.lines() if console is not None else [],
+                                    clock.ends if clock else [],
+                                    call.excinfo.value if call.excinfo else None)
             reporting.attach_evidence(scenario, log)
     rig = getattr(item, "funcargs", {}).get("rig")
     if call.excinfo is not None and isinstance(call.excinfo.value, RigFault) \
@@ -565,12 +569,20 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
                            base_package=hil_options.base_package(rig))
     if reporting.alluredir(request.config):
         reporting.label(request.node, rig, firmware=board.version(), target=target)
-        scenario.observers.append(reporting.attempt_steps)
+        clock = request.node.stash[reporting.CLOCK] = reporting.AttemptClock()
+        scenario.observers.append(clock)
     return scenario
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    options = session.config.stash.get(OPTIONS, None)
+    if options is not None:
+        coverage.register(session.config, options.rigs)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """The results directory's environment and categories, once, by the controller."""
+    """The results directory's environment, categories and this session's coverage, once, by
+    the controller."""
     config = session.config
     directory = reporting.alluredir(config)
     options = config.stash.get(OPTIONS, None)
@@ -578,9 +590,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     builds = {rig.board: build for rig in options.rigs
               if (build := options.update_package(rig)) is not None}
+    bases = {rig.board: image for rig in options.rigs
+             if (image := options.base_package(rig)) is not None}
     base = options.firmware.name if options.firmware else \
         "the simulated boards' factory images (fixtures/images/<board>-1.0.0.bin)"
+    profile = f"{options.profile.name} ({options.profile.path})" if options.profile else ""
+    recorder = coverage.recorder(config)
     reporting.write_session_files(
         directory, build=", ".join(sorted({target for _, target in builds.values()})),
         base=base, packages={board: package for board, (package, _) in builds.items()},
-        rigs=list(options.rigs), service=options.ota_service)
+        rigs=list(options.rigs), service=options.ota_service, bases=bases, profile=profile,
+        started=recorder.started if recorder else None)
+    if recorder is not None:
+        recorder.write(directory, {"args": list(config.invocation_params.args)})

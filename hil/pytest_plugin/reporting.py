@@ -20,8 +20,13 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -29,10 +34,13 @@ from typing import Any
 import allure
 import pytest
 import yaml
+from allure_commons.model2 import StatusDetails
 from allure_commons.types import AttachmentType
 
 from hil.conformance.scenario import Attempt, OtaScenario, started_at
-from hil.drivers.contract import Event
+from hil.drivers.base import LogLine
+from hil.drivers.contract import Event, parse_event
+from hil.errors import ConformanceFailure
 from hil.onenet.messages import Endpoint
 from hil.onenet.tasks import Package
 from hil.rig.model import Rig
@@ -105,29 +113,181 @@ def label(item: pytest.Item, rig: Rig, firmware: str, target: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- steps
-def attempt_steps(scenario: OtaScenario, attempt: Attempt) -> None:
-    """The attempt's OTA phases as steps (an observer of ``OtaScenario.update``)."""
-    number = len(scenario.attempts)
-    with allure.step(f"attempt {number}: ota check" + ("" if attempt.ended else
-                                                       " (cut short)" if not attempt.timed_out
-                                                       else " (did not end in time)")):
-        for title, exchanges in _phases(attempt):
-            faults = sorted({e.fault for e in exchanges if e.fault})
-            with allure.step(title + (f" [fault: {', '.join(faults)}]" if faults else "")):
-                if exchanges:
-                    allure.attach("\n\n".join(_exchange_text(e) for e in exchanges),
-                                  "requests and answers", AttachmentType.TEXT)
+class AttemptClock:
+    """An observer of ``OtaScenario.update``: when each attempt was over (its steps are written
+    at the end of the test, when the phase that failed is known)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def __call__(self, scenario: OtaScenario, attempt: Attempt) -> None:
+        self.ends.append(time.time())
 
 
-def _phases(attempt: Attempt) -> Iterator[tuple[str, list[Exchange]]]:
-    """(step title, its exchanges) in the order the board went through them: the console's
-    narration, each event matched with the exchanges of its phase in order."""
+CLOCK = pytest.StashKey[AttemptClock]()
+
+
+@dataclass(frozen=True)
+class _Step:
+    title: str
+    phase: str                    # version detect token download verify flash report reboot
+    exchanges: list[Exchange]
+    start: float
+    stop: float
+
+
+def attempt_steps(scenario: OtaScenario, console: list[LogLine], ends: list[float],
+                  failure: BaseException | None) -> None:
+    """Each attempt as a step, its OTA phases as steps within, with their real start and stop
+    (the console's stamps and the exchanges' times) and the status of their phase: the phase a
+    ``ConformanceFailure`` names is failed (the last step of it), a rig or service fault leaves
+    the last step broken. Called at the end of the test, the Allure test result still open."""
+    reporter = _allure_reporter()
+    checks = [line for line in console
+              if line.sent and line.text == scenario.board.contract.command("check")]
+    failed_at = _failed_step(scenario, failure)
+    before = 0.0
+    for number, attempt in enumerate(scenario.attempts):
+        first = started_at(attempt.exchanges[0]) if attempt.exchanges else before
+        begun = checks[number].at if len(checks) == len(scenario.attempts) else first
+        over = ends[number] if number < len(ends) else max(
+            [begun, *(e.at for e in attempt.exchanges)])
+        steps = _timed(attempt, _event_times(scenario, attempt, console, begun), begun, over)
+        title = f"attempt {number + 1}: ota check" + (
+            "" if attempt.ended else " (cut short)" if not attempt.timed_out
+            else " (did not end in time)")
+        status = message = None
+        with _step(reporter, title, begun, over) as attempt_result:
+            for index, step in enumerate(steps):
+                faults = sorted({e.fault for e in step.exchanges if e.fault})
+                here = failed_at == (number, index) or (
+                    failed_at == (number, -1) and index == len(steps) - 1)
+                with _step(reporter, step.title + (f" [fault: {', '.join(faults)}]"
+                                                   if faults else ""), step.start, step.stop,
+                           _status(failure) if here else None, _message(failure)):
+                    if step.exchanges:
+                        allure.attach("\n\n".join(_exchange_text(e) for e in step.exchanges),
+                                      "requests and answers", AttachmentType.TEXT)
+                if here:
+                    status, message = _status(failure), _message(failure)
+        if status is not None and attempt_result is not None:
+            attempt_result.status = status
+            attempt_result.statusDetails = StatusDetails(message=message)
+        before = over
+
+
+def _allure_reporter() -> Any:
+    """allure-pytest's reporter (the listener's), where the open test's steps are."""
+    from allure_commons import plugin_manager
+
+    for plugin in plugin_manager.get_plugins():
+        reporter = getattr(plugin, "allure_logger", None)
+        if reporter is not None:
+            return reporter
+    return None
+
+
+@contextmanager
+def _step(reporter: Any, title: str, start: float, stop: float, status: str | None = None,
+          message: str | None = None) -> Iterator[Any]:
+    """An Allure step, then its real times and status set on its result (allure's own step
+    stamps the time it is written, which is after the fact)."""
+    context = allure.step(title)
+    with context:
+        result = reporter.get_item(context.uuid) if reporter is not None else None
+        yield result
+    if result is not None:
+        result.start, result.stop = int(start * 1000), int(max(stop, start) * 1000)
+        if status is not None:
+            result.status, result.statusDetails = status, StatusDetails(message=message)
+
+
+def _failed_step(scenario: OtaScenario, failure: BaseException | None
+                 ) -> tuple[int, int] | None:
+    """(attempt, step) the failure belongs to: the last step of the phase a ConformanceFailure
+    names; (last attempt, -1), its last step, for any other failure; None when it passed."""
+    if failure is None or not scenario.attempts:
+        return None
+    phase = getattr(failure, "phase", None) if isinstance(failure, ConformanceFailure) else None
+    if phase is not None:
+        for number in reversed(range(len(scenario.attempts))):
+            names = [name for _, _, name in _phases(scenario.attempts[number])]
+            if phase in names:
+                return number, len(names) - 1 - names[::-1].index(phase)
+    return len(scenario.attempts) - 1, -1
+
+
+def _status(failure: BaseException | None) -> str:
+    # A firmware fault (an AssertionError) is "failed"; anything else (a rig or service fault)
+    # is "broken", as allure-pytest says of the test.
+    return "failed" if isinstance(failure, AssertionError) else "broken"
+
+
+def _message(failure: BaseException | None) -> str | None:
+    return f"{type(failure).__name__}: {failure}" if failure is not None else None
+
+
+def _event_times(scenario: OtaScenario, attempt: Attempt, console: list[LogLine],
+                 since: float) -> list[float | None]:
+    """When the console printed each event of ``attempt.trace``: its lines from the attempt's
+    ``ota check`` on, matched in order with the events the scenario read from them."""
+    events = scenario.board.contract.events
+    lines = iter([line for line in console if not line.sent and line.at >= since])
+    times: list[float | None] = []
+    for event in attempt.trace:
+        found = None
+        for line in lines:
+            if _event_of(line.text, events) == event:
+                found = line.at
+                break
+        times.append(found)
+        if found is None:         # the console's log ran out: the rest are unknown
+            lines = iter(())
+    return times
+
+
+def _event_of(text: str, events: Mapping[str, re.Pattern[str]]) -> Event | None:
+    """The event a console line is, as ``Board.wait_update_end`` reads it."""
+    booted = events["boot"].search(text)
+    if booted:
+        return Event("boot", {"version": booted.group("version")})
+    if events["phase"].search(text):
+        return parse_event(text) or Event(text.strip(), {})
+    return None
+
+
+def _timed(attempt: Attempt, times: list[float | None], start: float, stop: float
+           ) -> list[_Step]:
+    """The phases of an attempt, back to back: each from where the one before ended to its
+    console line (or its last answer, when later)."""
+    stamps = dict(zip(map(id, attempt.trace), times, strict=True))
+    steps: list[_Step] = []
+    at = start
+    for title, exchanges, phase, event in _phases_with_events(attempt):
+        ends = [stamp for stamp in ([stamps.get(id(event))] if event is not None else [])
+                if stamp is not None] + [e.at for e in exchanges]
+        end = min(max([at, *ends]), max(stop, at))
+        steps.append(_Step(title, phase, exchanges, at, end))
+        at = end
+    return steps
+
+
+def _phases(attempt: Attempt) -> Iterator[tuple[str, list[Exchange], str]]:
+    for title, exchanges, phase, _ in _phases_with_events(attempt):
+        yield title, exchanges, phase
+
+
+def _phases_with_events(attempt: Attempt
+                        ) -> Iterator[tuple[str, list[Exchange], str, Event | None]]:
+    """(step title, its exchanges, its phase, the console event that ended it) in the order the
+    board went through them: the console's narration, each event matched with the exchanges
+    of its phase in order."""
     queues: dict[Endpoint, list[Exchange]] = {}
     for exchange in attempt.exchanges:
         queues.setdefault(exchange.phase, []).append(exchange)
     versions = queues.pop(Endpoint.VERSION, [])
     if versions:
-        yield "version report", versions
+        yield "version report", versions, "version", None
     downloads: list[Event] = []
     for event in [*attempt.trace, Event("(end)", {})]:
         phase = event.fields.get("phase")
@@ -136,23 +296,23 @@ def _phases(attempt: Attempt) -> Iterator[tuple[str, list[Exchange]]]:
             continue
         if downloads:
             taken = queues.get(Endpoint.DOWNLOAD, [])
-            yield _download_title(taken), list(taken)
+            yield _download_title(taken), list(taken), "download", downloads[-1]
             queues.pop(Endpoint.DOWNLOAD, None)
             downloads = []
         if event.tag == "boot":
-            yield f"reboot: boot version={event.fields.get('version')}", []
+            yield f"reboot: boot version={event.fields.get('version')}", [], "reboot", event
         elif phase in ("detect", "token", "report"):
             endpoint = {"detect": Endpoint.DETECT, "token": Endpoint.TOKEN_CHECK,
                         "report": Endpoint.REPORT}[phase]
             queue = queues.get(endpoint, [])
             taken = queue[:1] if queue else []
             del queue[:1]
-            yield _event_title(phase, event), taken
+            yield _event_title(phase, event), taken, phase, event
         elif phase in ("verify", "flash"):
-            yield _event_title(phase, event), []
+            yield _event_title(phase, event), [], phase, event
     for leftover in queues.values():       # requests the console did not narrate
         for exchange in leftover:
-            yield f"{exchange.phase.value} (not narrated)", [exchange]
+            yield f"{exchange.phase.value} (not narrated)", [exchange], exchange.phase.value, None
 
 
 def _event_title(phase: str, event: Event) -> str:
@@ -262,19 +422,33 @@ def _version_of(package: str) -> str:
 
 
 def write_session_files(directory: Path, *, build: str, base: str,
-                        packages: dict[str, Package], rigs: list[Rig], service: str) -> None:
+                        packages: dict[str, Package], rigs: list[Rig], service: str,
+                        bases: dict[str, Package] | None = None, profile: str = "",
+                        started: float | None = None) -> None:
     """environment.properties and categories.json of a results directory. ``build`` is the
     version under test (the OTA packages' target), ``base`` what the boards start from,
-    ``packages`` the package of each board family."""
+    ``packages`` the package of each board family, ``bases`` the base image of each (its file,
+    md5 and the version inside it), ``profile`` the expectation profile, ``started`` when the
+    session began (the run's date; the host is this one)."""
     directory.mkdir(parents=True, exist_ok=True)
     md5 = ", ".join(f"{name}={package.md5}" for name, package in sorted(packages.items()))
+    bases = bases or {}
     values = {
         "firmware.build": build, "firmware.base": base,
         "firmware.packages": ", ".join(f"{name}={package.filename}"
                                        for name, package in sorted(packages.items())),
         "package.md5": md5,
+        "base.images": ", ".join(f"{name}={package.filename}"
+                                 for name, package in sorted(bases.items())),
+        "base.md5": ", ".join(f"{name}={package.md5}" for name, package in sorted(bases.items())),
+        "base.version": ", ".join(f"{name}={_image_version(name, package)}"
+                                  for name, package in sorted(bases.items())),
+        "profile": profile,
         "rigs": ", ".join(f"{rig.name} ({rig.board})" for rig in rigs),
-        "service": service, "hil.version": _version_of("hil"),
+        "service": service, "host": platform.node(),
+        "date": datetime.fromtimestamp(started or time.time(), UTC).strftime(
+            "%Y-%m-%d %H:%M:%S UTC"),
+        "hil.version": _version_of("hil"),
         "pytest.version": _version_of("pytest"), "pyocd.version": _version_of("pyocd"),
         "esptool.version": _version_of("esptool"),
     }
@@ -282,6 +456,16 @@ def write_session_files(directory: Path, *, build: str, base: str,
     lines = [f"{key}={_escape(value)}" for key, value in values.items() if value]
     (directory / "environment.properties").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (directory / "categories.json").write_text(json.dumps(CATEGORIES, indent=1), encoding="utf-8")
+
+
+def _image_version(board: str, package: Package) -> str:
+    """The version an image carries (MCUboot header, ESP-IDF app descriptor), or "unknown"."""
+    from hil.sim.images import image_version
+
+    try:
+        return image_version(board, package.data)
+    except ValueError:
+        return "unknown"
 
 
 def _escape(value: str) -> str:

@@ -21,8 +21,10 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import hil
 from hil.errors import ConfigError, HilError
@@ -100,11 +102,60 @@ def check_report_dir(report_dir: Path, results_dirs: Sequence[Path]) -> None:
                                               "wiping it; give a new or an old report directory")
 
 
-def generate(results_dirs: Sequence[Path], report_dir: Path) -> Path:
-    """Run the generator over ``results_dirs`` into ``report_dir``; return its index.html."""
+def generate(results_dirs: Sequence[Path], report_dir: Path, *,
+             environment: Mapping[str, str] | None = None,
+             executor: Mapping[str, Any] | None = None) -> Path:
+    """Run the generator over ``results_dirs`` into ``report_dir``; return its index.html.
+
+    ``environment`` and ``executor`` (the sign-off: the verdict, computed from every results
+    directory) replace the directories' own ``environment.properties`` and ``executor.json``:
+    the generator then reads a merged copy of the results (hard links where it can), so the
+    user's directories are never written to."""
     check_report_dir(report_dir, results_dirs)
     allure = find_generator()
     _check_java()
+    if environment is None and executor is None:
+        return _run(allure, results_dirs, report_dir)
+    with tempfile.TemporaryDirectory(prefix="hil-report-") as scratch:
+        merged = Path(scratch) / "results"
+        _merged_copy(results_dirs, merged)
+        if environment is not None:
+            (merged / "environment.properties").write_text(properties_text(environment),
+                                                           encoding="utf-8")
+        if executor is not None:
+            (merged / "executor.json").write_text(json.dumps(executor, ensure_ascii=False),
+                                                  encoding="utf-8")
+        return _run(allure, [merged], report_dir)
+
+
+_REPLACED = {"environment.properties", "executor.json"}
+
+
+def _merged_copy(results_dirs: Sequence[Path], merged: Path) -> None:
+    """Every file of every results directory in one (Allure's result and attachment names are
+    UUIDs: they do not collide; categories.json is the plugin's, the same in each)."""
+    merged.mkdir(parents=True)
+    for directory in results_dirs:
+        for source in directory.iterdir():
+            target = merged / source.name
+            if not source.is_file() or source.name in _REPLACED or target.exists():
+                continue
+            try:
+                os.link(source, target)
+            except OSError:          # another file system, or links not allowed
+                shutil.copy2(source, target)
+
+
+def properties_text(values: Mapping[str, str]) -> str:
+    """Java properties, as Allure's Environment widget reads them (keys' spaces escaped)."""
+    def escape(text: str, key: bool = False) -> str:
+        text = text.replace("\\", "\\\\").replace("\n", " ")
+        return text.replace(" ", "\\ ").replace("=", "\\=").replace(":", "\\:") if key \
+            else text
+    return "".join(f"{escape(key, key=True)}={escape(value)}\n" for key, value in values.items())
+
+
+def _run(allure: Path, results_dirs: Sequence[Path], report_dir: Path) -> Path:
     command = [str(allure), "generate", "--clean", "--output", str(report_dir),
                *(str(path) for path in results_dirs)]
     # No analytics beacon in the page: reports are read offline and on lab networks.

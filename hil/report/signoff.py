@@ -128,12 +128,55 @@ class Environment:
 
 
 @dataclass(frozen=True)
+class Planned:
+    """One scenario on one rig, as a session's coverage file (``*-hil-coverage.json``, written
+    by the plugin, ``hil.pytest_plugin.coverage``) records it: what came of it, and why."""
+
+    scenario: str          # the scenario's id, the same on every rig ("download/stall[once]")
+    board: str
+    rig: str
+    names: tuple[str, ...]     # test name, node id, allure fullName: what a waiver may name
+    state: str             # passed failed error skipped deselected "not run" "not applicable"
+    reason: str
+    source: Path
+
+    @property
+    def ran(self) -> bool:
+        return self.state in ("passed", "failed")
+
+    @property
+    def why(self) -> str:
+        if self.state == "deselected":
+            return f"rig {self.rig}: {self.reason or 'deselected'}"
+        if self.state == "not run" and not self.reason:
+            return f"rig {self.rig}: not run (the session stopped before it: -x, Ctrl-C or a " \
+                   "lost worker)"
+        return f"rig {self.rig}: {self.state}" + (f": {self.reason}" if self.reason else "")
+
+
+@dataclass(frozen=True)
+class CoverageFile:
+    """One session's coverage: its rigs, the scenarios it knew (each with the boards it is
+    for, None for every board), the modules it could not see into, and the plan."""
+
+    path: Path
+    directory: Path
+    host: str
+    rigs: Mapping[str, str]                        # rig -> board
+    scenarios: Mapping[str, tuple[str, ...] | None]
+    uncollected: tuple[tuple[str, str], ...]       # (module, reason)
+    planned: tuple[Planned, ...]
+
+
+@dataclass(frozen=True)
 class Results:
-    """Every attempt of every results directory, and each directory's environment."""
+    """Every attempt of every results directory, each directory's environment, and the
+    coverage files of the sessions that wrote them."""
 
     directories: tuple[Path, ...]
     attempts: tuple[Attempt, ...]
     environments: tuple[Environment, ...]
+    coverage: tuple[CoverageFile, ...] = ()
 
     def tests(self) -> dict[str, tuple[Attempt, ...]]:
         """Each test's attempts, oldest first (Allure orders retries the same way)."""
@@ -160,6 +203,7 @@ def read_results(directories: Iterable[Path], redact: Redactor | None = None) ->
     dirs = tuple(directories)
     attempts: list[Attempt] = []
     environments: list[Environment] = []
+    coverage: list[CoverageFile] = []
     for directory in dirs:
         if not directory.is_dir():
             what = "not a directory" if directory.exists() else "no such directory"
@@ -167,17 +211,48 @@ def read_results(directories: Iterable[Path], redact: Redactor | None = None) ->
         for path in sorted(directory.glob("*-result.json")):
             attempts.append(_attempt(path, _read_json(path), directory, redact))
         environments.append(Environment(directory, _read_properties(directory)))
-    return Results(dirs, tuple(attempts), tuple(environments))
+        coverage += [_coverage_file(path, directory, redact)
+                     for path in sorted(directory.glob(COVERAGE_GLOB))]
+    return Results(dirs, tuple(attempts), tuple(environments), tuple(coverage))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+COVERAGE_GLOB = "*-hil-coverage.json"     # hil.pytest_plugin.coverage.GLOB
+
+
+def _coverage_file(path: Path, directory: Path, redact: Redactor) -> CoverageFile:
+    document = _read_json_document(path)
+    if not isinstance(document, dict) or document.get("hil_coverage") != 1:
+        raise ConfigError(str(path), "hil_coverage: not a hil coverage file of format 1")
     try:
-        document = json.loads(path.read_bytes())
+        rigs = {str(rig["name"]): str(rig["board"]) for rig in document["rigs"]}
+        scenarios = {str(name): tuple(boards) if boards else None
+                     for name, boards in document["scenarios"].items()}
+        uncollected = tuple((str(entry["module"]), str(entry["reason"]))
+                            for entry in document["uncollected"])
+        planned = tuple(Planned(
+            scenario=str(entry["scenario"]), board=str(entry["board"]), rig=str(entry["rig"]),
+            names=tuple(str(entry[key]) for key in ("name", "nodeid", "full_name")),
+            state=str(entry["state"]), reason=redact(str(entry["reason"])), source=directory)
+            for entry in document["entries"])
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(str(path), f"not a hil coverage file ({type(error).__name__}: "
+                                     f"{error})") from None
+    return CoverageFile(path, directory, str(document.get("host", "")), rigs, scenarios,
+                        uncollected, planned)
+
+
+def _read_json_document(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
     except OSError as error:
         raise ConfigError(str(path), f"cannot read: {error.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         line = f"line {error.lineno}: " if isinstance(error, json.JSONDecodeError) else ""
         raise ConfigError(str(path), f"{line}not valid JSON") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    document = _read_json_document(path)
     if not isinstance(document, dict) or not isinstance(document.get("status"), str):
         raise ConfigError(str(path), "not an Allure test result (no status)")
     return document
@@ -259,28 +334,136 @@ def _read_properties(directory: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- waivers
-class RigFaultWaiver(BaseModel):
-    """One entry of a waiver file: this test's rig fault on this rig is known, and why."""
+class Waiver(BaseModel):
+    """One entry of a waiver file: a known rig fault, or a scenario knowingly not run, and why.
+
+    ``test`` names the test (its name, node id or Allure fullName), its scenario (the id shared
+    by every rig, ``flash/power_cut_while_flashing``) or, for a module that was not collected,
+    the module's path; shell-style patterns allowed. ``rig`` and ``board`` narrow it ("*", the
+    default, for any). Files of the earlier form, ``{test, rig, reason}``, mean the same."""
 
     model_config = STRICT
 
-    test: str = Field(min_length=1)     # a fullName or name, shell-style patterns allowed
-    rig: str = Field(min_length=1)      # a rig name, patterns allowed ("*" for any rig)
+    test: str = Field(min_length=1)
+    rig: str = Field(default="*", min_length=1)
+    board: str = Field(default="*", min_length=1)
     reason: str = Field(min_length=1, pattern=r"\S")
 
+    def matches_name(self, names: Iterable[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, self.test) for name in names)
+
     def covers(self, attempt: Attempt) -> bool:
-        named = any(fnmatch.fnmatchcase(name, self.test)
-                    for name in (attempt.full_name, attempt.name))
-        return named and fnmatch.fnmatchcase(attempt.rig, self.rig)
+        return self.matches_name((attempt.full_name, attempt.name)) \
+            and fnmatch.fnmatchcase(attempt.rig, self.rig) \
+            and fnmatch.fnmatchcase(attempt.board, self.board)
+
+    def covers_gap(self, gap: Gap) -> bool:
+        """A scenario missing on a board: named by its id or any of its tests there, on the
+        board, and on one of the board's rigs that could have run it (any, when none did)."""
+        names = (gap.scenario, *(name for planned in gap.planned for name in planned.names))
+        rigs = [planned.rig for planned in gap.planned] or ["*"]
+        return self.matches_name(names) and fnmatch.fnmatchcase(gap.board, self.board) \
+            and (self.rig == "*" or any(fnmatch.fnmatchcase(rig, self.rig) for rig in rigs))
+
+    def describe(self) -> str:
+        where = " and ".join(f"{key} {value}" for key, value in
+                             (("board", self.board), ("rig", self.rig)) if value != "*")
+        return f"{self.test}" + (f" on {where}" if where else "") + f": {self.reason}"
 
 
-class WaiverFile(RootModel[tuple[RigFaultWaiver, ...]]):
+RigFaultWaiver = Waiver     # the earlier name: waiver files and callers of it stay valid
+
+
+class WaiverFile(RootModel[tuple[Waiver, ...]]):
     model_config = ConfigDict(frozen=True)
 
 
-def load_waivers(path: Path) -> tuple[RigFaultWaiver, ...]:
-    """A YAML list of ``{test, rig, reason}``; every mistake one line naming file and key."""
+def load_waivers(path: Path) -> tuple[Waiver, ...]:
+    """A YAML list of ``{test, rig, board, reason}`` (rig and board optional); every mistake
+    one line naming file and key."""
     return load_model(WaiverFile, path).root
+
+
+# ---------------------------------------------------------------------------------- coverage
+@dataclass(frozen=True)
+class Gap:
+    """A scenario that did not run (to a verdict) on any rig of a board; ``planned`` are its
+    entries on that board's rigs (none: no session collected it for the board)."""
+
+    scenario: str
+    board: str
+    planned: tuple[Planned, ...]
+    waived_by: Waiver | None = None
+
+    @property
+    def why(self) -> str:
+        if not self.planned:
+            return "not collected for this board (no session that ran it knew the scenario)"
+        return "; ".join(dict.fromkeys(planned.why for planned in self.planned))
+
+    def text(self) -> str:
+        return f"{self.scenario} on {self.board}: {self.why}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "board": self.board, "why": self.why,
+                "waived": self.waived_by.reason if self.waived_by else None}
+
+
+@dataclass(frozen=True)
+class BoardCoverage:
+    """How many of the scenarios meant for a board ran on one of its rigs."""
+
+    board: str
+    expected: int
+    ran: int
+    gaps: tuple[Gap, ...]          # waived or not
+
+    @property
+    def waived(self) -> int:
+        return sum(1 for gap in self.gaps if gap.waived_by is not None)
+
+    def line(self) -> str:
+        return f"{self.board} {self.ran}/{self.expected}" + \
+            (f" (+{self.waived} waived)" if self.waived else "")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"board": self.board, "ran": self.ran, "expected": self.expected,
+                "waived": self.waived, "missing": [gap.as_json() for gap in self.gaps]}
+
+
+def coverage_of(results: Results, waivers: Sequence[Waiver] = ()) -> tuple[BoardCoverage, ...]:
+    """Per board: every scenario any session knew (for that board), and whether a rig of the
+    board ran it in any session; the gaps, each with the waiver that names it, if one does."""
+    scenarios: dict[str, tuple[str, ...] | None] = {}
+    boards: set[str] = set()
+    by_pair: dict[tuple[str, str], list[Planned]] = defaultdict(list)
+    for session in results.coverage:
+        for name, only in session.scenarios.items():
+            known = scenarios.get(name, ())
+            scenarios[name] = None if only is None or known is None else (*known, *only)
+        boards |= set(session.rigs.values())
+        for entry in session.planned:
+            by_pair[(entry.scenario, entry.board)].append(entry)
+    found = []
+    for board in sorted(boards):
+        expected = sorted(name for name, only in scenarios.items()
+                          if only is None or board in only)
+        gaps = []
+        ran = 0
+        for scenario in expected:
+            planned = [entry for entry in by_pair[(scenario, board)]
+                       if entry.state != "not applicable"]
+            if any(entry.ran for entry in planned):
+                ran += 1
+                continue
+            # One line per rig: its latest session's word (a later session may have skipped
+            # what an earlier one errored on; neither ran it).
+            latest = tuple({entry.rig: entry for entry in planned}.values())
+            gap = Gap(scenario, board, latest)
+            waiver = next((waiver for waiver in waivers if waiver.covers_gap(gap)), None)
+            gaps.append(Gap(scenario, board, latest, waiver))
+        found.append(BoardCoverage(board, len(expected), ran, tuple(gaps)))
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------------- the rule
@@ -308,7 +491,8 @@ class Evidence:
 
     results: Results
     tests: Mapping[str, tuple[Attempt, ...]]
-    waivers: tuple[RigFaultWaiver, ...]
+    waivers: tuple[Waiver, ...]
+    coverage: tuple[BoardCoverage, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -394,6 +578,37 @@ def _rig_faults_explained(evidence: Evidence) -> list[Finding]:
     return findings
 
 
+def _every_scenario_ran(evidence: Evidence) -> list[Finding]:
+    """Coverage: every scenario ran on every board, or its absence is waived by name. A
+    results directory that carries no coverage (a run without the hil plugin) is unknown."""
+    check = "every scenario on every board"
+    findings = []
+    with_coverage = {session.directory for session in evidence.results.coverage}
+    for directory in evidence.results.directories:
+        holds = any(attempt.source == directory for attempt in evidence.results.attempts)
+        if holds and directory not in with_coverage:
+            findings.append(Finding(check, f"coverage unknown: {directory} has test results but "
+                                    f"no hil coverage file ({COVERAGE_GLOB}): not a run of the "
+                                    "hil plugin, which records what the suite could have run"))
+    for session in evidence.results.coverage:
+        for module, reason in session.uncollected:
+            if not any(waiver.matches_name((module,)) for waiver in evidence.waivers):
+                findings.append(Finding(check, f"{module} was not collected ({reason}): its "
+                                        f"scenarios are unknown ({session.path.name})"))
+    if evidence.results.coverage and not any(session.scenarios
+                                             for session in evidence.results.coverage):
+        findings.append(Finding(check, "no conformance scenario was collected (no test uses "
+                                "the ota fixture)"))
+    for board in evidence.coverage:
+        missing = [gap for gap in board.gaps if gap.waived_by is None]
+        if missing:
+            shown = "; ".join(gap.text() for gap in missing[:3])
+            more = f"; and {len(missing) - 3} more" if len(missing) > 3 else ""
+            findings.append(Finding(check, f"{board.board} {board.ran}/{board.expected} ran, "
+                                    f"{len(missing)} missing: {shown}{more}"))
+    return findings
+
+
 DEFAULT_RULE: tuple[Check, ...] = (
     Check("something tested", "the results hold at least one test", _nothing_tested),
     Check("one firmware build", "the results name one firmware build and package", _one_build),
@@ -401,6 +616,10 @@ DEFAULT_RULE: tuple[Check, ...] = (
           _no_failed),
     Check("no unexplained rig fault", "no rig fault (broken) is left unexplained: a later "
           "passing retry or a waiver explains one", _rig_faults_explained),
+    Check("every scenario on every board", "every collected conformance scenario ran (passed "
+          "or failed) on a rig of every selected board, or is waived by name: a deselected, "
+          "uncollected or skipped scenario (a rig lacking a capability included) is not "
+          "coverage", _every_scenario_ran),
 )
 
 
@@ -431,7 +650,23 @@ class SignOff:
     blocking: tuple[Finding, ...]
     explained: tuple[Finding, ...]
     skipped: tuple[Attempt, ...]
-    unused_waivers: tuple[RigFaultWaiver, ...] = field(default=())
+    unused_waivers: tuple[Waiver, ...] = field(default=())
+    coverage: tuple[BoardCoverage, ...] = field(default=())
+    base: str = "unknown"             # the base image of each board, its md5 and version
+    base_md5: str = "unknown"
+    base_version: str = "unknown"
+    profile: str = "unknown"          # the expectation profile
+    hosts: str = "unknown"
+    date: str = "unknown"             # when the sessions ran
+    hil_version: str = "unknown"
+    waivers: tuple[Waiver, ...] = field(default=())
+    # The rest of the results' environment.properties (rigs, service, tool versions), joined.
+    other_environment: tuple[tuple[str, str], ...] = field(default=())
+
+    def coverage_line(self) -> str:
+        """``coverage: esp32 56/56, gd32 56/56, nrf52832 56/56``."""
+        boards = ", ".join(board.line() for board in self.coverage)
+        return f"coverage: {boards or 'unknown (no hil coverage file)'}"
 
     @property
     def verdict(self) -> str:
@@ -452,7 +687,15 @@ class SignOff:
             "decided_by": self.decided_by,
             "reason": self.reason,
             "rule": list(self.rule),
-            "firmware": {"build": self.build, "package_md5": self.package_md5},
+            "firmware": {"build": self.build, "package_md5": self.package_md5,
+                         "base": self.base, "base_md5": self.base_md5,
+                         "base_version": self.base_version},
+            "profile": self.profile,
+            "date": self.date,
+            "hosts": self.hosts,
+            "hil_version": self.hil_version,
+            "coverage": [board.as_json() for board in self.coverage],
+            "waivers": [waiver.model_dump() for waiver in self.waivers],
             "results": list(self.directories),
             "tests": self.tests,
             "attempts": self.attempts,
@@ -471,10 +714,25 @@ class SignOff:
                  "| | |", "|---|---|",
                  f"| firmware build | {_md(self.build)} |",
                  f"| package md5 | {_md(self.package_md5)} |",
+                 f"| base image | {_md(self.base)} |",
+                 f"| base version | {_md(self.base_version)} |",
+                 f"| base md5 | {_md(self.base_md5)} |",
+                 f"| expectation profile | {_md(self.profile)} |",
+                 f"| {_md(self.coverage_line().split(': ', 1)[0])} | "
+                 f"{_md(self.coverage_line().split(': ', 1)[1])} |",
+                 f"| date | {_md(self.date)} |",
+                 f"| host | {_md(self.hosts)} |",
+                 f"| hil version | {_md(self.hil_version)} |",
                  f"| results | {_md(', '.join(self.directories))} |",
                  f"| tests | {self.tests} ({self.attempts} attempts, retries included) |", "",
                  "Rule: GO when every check holds —", ""]
         lines += [f"{number}. {_md(says)}" for number, says in enumerate(self.rule, 1)]
+        if self.coverage:
+            lines += ["", "## Coverage", "", "| board | ran | scenarios | waived | missing |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {_md(board.board)} | {board.ran} | {board.expected} | "
+                      f"{board.waived} | {len(board.gaps) - board.waived} |"
+                      for board in self.coverage]
         lines += ["", "## Board x phase", "",
                   "| board | phase | " + " | ".join(COLUMNS) + " |",
                   "|---|---|" + "---:|" * len(COLUMNS)]
@@ -483,17 +741,51 @@ class SignOff:
                   for row in self.rows]
         lines.append("| **total** | | " + " | ".join(f"**{count}**" for count in
                                                       self.totals().values()) + " |")
+        gaps = [gap for board in self.coverage for gap in board.gaps]
         sections = (("Blocking", [finding.text for finding in self.blocking]),
+                    ("Not run (blocking unless waived)",
+                     [gap.text() for gap in gaps if gap.waived_by is None]),
+                    ("Not run, waived",
+                     [f"{gap.text()} — waived: {gap.waived_by.reason}" for gap in gaps
+                      if gap.waived_by is not None]),
+                    ("Waivers given", [waiver.describe() for waiver in self.waivers]),
                     ("Rig faults explained", [finding.text for finding in self.explained]),
                     ("Skipped (not blocking)",
                      [f"{run.name} on {run.where}: {run.message}" for run in self.skipped]),
                     ("Waivers that matched nothing",
-                     [f"{waiver.test} on {waiver.rig}: {waiver.reason}"
-                      for waiver in self.unused_waivers]))
+                     [waiver.describe() for waiver in self.unused_waivers]))
         for title, items in sections:
             if items:
                 lines += ["", f"## {title}", ""] + [f"- {_md(item)}" for item in items]
         return "\n".join(lines) + "\n"
+
+
+    # ------------------------------------------------------------ in the HTML report
+    def executor(self) -> dict[str, Any]:
+        """Allure 2's ``executor.json``: the verdict is the report's name (the Overview's
+        title) and the Executors widget's build line."""
+        return {"name": "hil release sign-off", "type": "hil",
+                "reportName": f"Release sign-off: {self.verdict} — firmware {self.build}",
+                "buildName": f"{self.verdict_line()} | {self.coverage_line()}"}
+
+    def environment(self) -> dict[str, str]:
+        """The Environment widget: the verdict, the rule, the coverage, the build and the
+        waivers, key by key (the results' own environment is folded in)."""
+        # Allure shows the first five rows until "Show all" is clicked: the verdict, the
+        # coverage of each board and the build come first, the rule after them.
+        values = {"sign-off": self.verdict_line(),
+                  **{f"coverage {board.board}": board.line() for board in self.coverage}}
+        if not self.coverage:
+            values["coverage"] = self.coverage_line().split(": ", 1)[1]
+        values.update({"firmware build (target)": self.build, "package md5": self.package_md5,
+                       "base image": self.base, "base version": self.base_version,
+                       "base md5": self.base_md5, "expectation profile": self.profile,
+                       "date": self.date, "host": self.hosts, "hil version": self.hil_version,
+                       **{f"rule {number}": says for number, says in enumerate(self.rule, 1)}})
+        values.update({f"waiver {number}": waiver.describe()
+                       for number, waiver in enumerate(self.waivers, 1)})
+        values.update(self.other_environment)
+        return values
 
 
 def _md(text: str) -> str:
@@ -501,10 +793,16 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def decide(results: Results, waivers: Sequence[RigFaultWaiver] = (),
+def decide(results: Results, waivers: Sequence[Waiver] = (),
            rule: Sequence[Check] = DEFAULT_RULE) -> SignOff:
-    tests = results.tests()
-    evidence = Evidence(results, tests, tuple(waivers))
+    # A test ``@pytest.mark.board`` keeps off its rig's board is no test of that board: its
+    # skip is not counted (the coverage knows it as not applicable).
+    elsewhere = {name for session in results.coverage for planned in session.planned
+                 if planned.state == "not applicable" for name in planned.names[:1]}
+    tests = {key: runs for key, runs in results.tests().items()
+             if runs[-1].name not in elsewhere}
+    coverage = coverage_of(results, waivers)
+    evidence = Evidence(results, tests, tuple(waivers), coverage)
     blocking: list[Finding] = []
     for check in rule:
         blocking += check.find(evidence)
@@ -533,7 +831,10 @@ def decide(results: Results, waivers: Sequence[RigFaultWaiver] = (),
                                      f"{last.status} on {last.where}: {last.name}: "
                                      f"{last.message} — {why}", last))
     broken = [run for run in results.attempts if run.status in (Status.BROKEN, Status.UNKNOWN)]
-    unused = tuple(waiver for waiver in waivers if not any(map(waiver.covers, broken)))
+    gap_waivers = [gap.waived_by for board in coverage for gap in board.gaps]
+    modules = [module for session in results.coverage for module, _ in session.uncollected]
+    unused = tuple(waiver for waiver in waivers if not any(map(waiver.covers, broken))
+                   and waiver not in gap_waivers and not waiver.matches_name(modules))
 
     used = {attempt.source for attempt in results.attempts}
     environments = [env for env in results.environments if env.directory in used] \
@@ -544,11 +845,38 @@ def decide(results: Results, waivers: Sequence[RigFaultWaiver] = (),
         build=_joined(env.build for env in environments),
         package_md5=_joined(env.package_md5 for env in environments),
         directories=tuple(str(directory) for directory in results.directories),
-        rows=rows, tests=len(tests), attempts=len(results.attempts),
+        rows=rows, tests=len(tests), attempts=sum(len(runs) for runs in tests.values()),
         blocking=tuple(blocking), explained=tuple(explained),
         skipped=tuple(final for final in finals if final.status is Status.SKIPPED),
-        unused_waivers=unused,
+        unused_waivers=unused, coverage=coverage,
+        base=_property(environments, "base.images", "firmware.base"),
+        base_md5=_property(environments, "base.md5"),
+        base_version=_property(environments, "base.version"),
+        profile=_property(environments, "profile"),
+        hosts=_joined([env.properties["host"] for env in environments
+                       if env.properties.get("host")]
+                      + [session.host for session in results.coverage if session.host]
+                      or [None]),
+        date=_property(environments, "date"),
+        hil_version=_property(environments, "hil.version"),
+        waivers=tuple(waivers),
+        other_environment=tuple(
+            (key, _joined(env.properties.get(key) for env in environments))
+            for key in dict.fromkeys(key for env in environments for key in env.properties)
+            if key not in _SIGNED_PROPERTIES),
     )
+
+
+# The properties the sign-off shows under its own names (SignOff.environment).
+_SIGNED_PROPERTIES = {"firmware.build", "firmware.base", "firmware.packages", "package.md5",
+                      "base.images", "base.md5", "base.version", "profile", "host", "date",
+                      "hil.version"}
+
+
+def _property(environments: Sequence[Environment], *keys: str) -> str:
+    """One property of the environments (the first of ``keys`` each has), hosts joined."""
+    return _joined(next((env.properties[key] for key in keys if env.properties.get(key)), None)
+                   for env in environments)
 
 
 def _joined(values: Iterable[str | None]) -> str:
