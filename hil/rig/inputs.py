@@ -95,15 +95,15 @@ def resolve_builds(boards: Sequence[str], *, firmware: Sequence[str], package: S
     firmwares, packages, targets = (per_board(flags.firmware, firmware),
                                     per_board(flags.package, package),
                                     per_board(flags.target, target))
-    for version in targets.values():
-        if not is_valid_version(version):
-            raise ConfigError(flags.target, f"{version!r} is not a OneNET version (1..20 of "
+    for given in targets.values():
+        if not is_valid_version(given):
+            raise ConfigError(flags.target, f"{given!r} is not a OneNET version (1..20 of "
                               "[a-zA-Z0-9_.-])")
     builds = {}
     for board in dict.fromkeys(boards):
         own_firmware = _file(flags.firmware, board, firmwares, base_dir)
         own_package = _file(flags.package, board, packages, base_dir)
-        version = targets.get(board, targets.get(None))
+        version: str | None = targets.get(board, targets.get(None))
         if own_package is None:
             version = version or DEFAULT_TARGET
             fixture = root / "fixtures" / "images" / f"{board}-{version}.bin"
