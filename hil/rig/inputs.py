@@ -131,7 +131,8 @@ def _file(flag: str, board: str, given: Mapping[str | None, str], base_dir: Path
         return None
     value = given.get(board, given.get(None))
     if value is None:
-        raise ConfigError(flag, f"none for {board}, and the other boards have one: give "
+        named = ", ".join(str(key) for key in given)
+        raise ConfigError(flag, f"none for {board} (given for {named} only): give "
                           f"{flag} {board}=FILE")
     path = base_dir / value
     if not path.is_file():
@@ -165,15 +166,15 @@ def _read(path: Path, what: str) -> FirmwareImage:
 
 
 def _for_board(path: Path, what: str, image: FirmwareImage, rig: Rig, flag: str,
-               plain: bool) -> None:
+               hint: bool) -> None:
     if image.board == rig.board:
         return
     if image.board is None:
         raise BadInput(path, f"{what}: {image.format} for {image.target}, not a board hil "
-                       f"knows; rig {rig.name} is a {rig.board}")
-    hint = f" (several boards: give {flag} {rig.board}=FILE)" if plain else ""
-    raise BadInput(path, f"{what}: {image.describe()}, but rig {rig.name} is a "
-                   f"{rig.board}{hint}")
+                       f"knows; rig {rig.name}'s board is {rig.board}")
+    per_board = f" (several boards: give {flag} {rig.board}=FILE)" if hint else ""
+    raise BadInput(path, f"{what}: {image.describe()}, but rig {rig.name}'s board is "
+                   f"{rig.board}{per_board}")
 
 
 def check_builds(builds: Mapping[str, BoardBuild], rigs: Sequence[Rig], *,
@@ -193,7 +194,7 @@ def check_builds(builds: Mapping[str, BoardBuild], rigs: Sequence[Rig], *,
         if build.package is not None:
             package = _read(build.package, "package")
             _for_board(build.package, "package", package, rig, flags.package,
-                       build.plain_package)
+                       build.plain_package and len(builds) > 1)
             if package.damage:
                 raise BadInput(build.package, f"package is damaged: {package.damage}")
             if package.version is None:
@@ -211,7 +212,7 @@ def check_builds(builds: Mapping[str, BoardBuild], rigs: Sequence[Rig], *,
         if build.base is not None:
             base = _read(build.base, "base image")
             _for_board(build.base, "base image", base, rig, flags.firmware,
-                       build.plain_firmware)
+                       build.plain_firmware and len(builds) > 1)
             if base.damage:
                 raise BadInput(build.base, f"base image is damaged: {base.damage}")
             if base.version is not None and base.version == build.target:
