@@ -197,10 +197,10 @@ def _value(config: pytest.Config, name: str) -> Any:
 
 def _given(config: pytest.Config, name: str) -> tuple[list[str], Path]:
     """A repeatable option's values and the directory its relative paths start from: the
-    invocation directory for the command line, the root directory for the ini file."""
+    current directory for the command line, the root directory for the ini file."""
     given = config.getoption(name)
     if given:
-        return list(given), config.invocation_params.dir
+        return list(given), Path()    # as given: pytest runs where it was started
     return list(config.getini(name) or []), config.rootpath
 
 

@@ -99,6 +99,10 @@ def resolve_builds(boards: Sequence[str], *, firmware: Sequence[str], package: S
         if not is_valid_version(given):
             raise ConfigError(flags.target, f"{given!r} is not a OneNET version (1..20 of "
                               "[a-zA-Z0-9_.-])")
+    for flag, given in ((flags.firmware, firmwares), (flags.package, packages)):
+        for value in given.values():     # a file named is checked, selected board or not
+            if not (base_dir / value).is_file():
+                raise ConfigError(flag, f"no such file {base_dir / value}")
     builds = {}
     for board in dict.fromkeys(boards):
         own_firmware = _file(flags.firmware, board, firmwares, base_dir)
@@ -134,10 +138,7 @@ def _file(flag: str, board: str, given: Mapping[str | None, str], base_dir: Path
         named = ", ".join(str(key) for key in given)
         raise ConfigError(flag, f"none for {board} (given for {named} only): give "
                           f"{flag} {board}=FILE")
-    path = base_dir / value
-    if not path.is_file():
-        raise ConfigError(flag, f"no such file {path}")
-    return path
+    return base_dir / value
 
 
 # ---------------------------------------------------------------------------------- checks
