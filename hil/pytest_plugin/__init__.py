@@ -387,8 +387,8 @@ def _short_name(nodeid: str, rig: str) -> str:
     function, _, params = rest.partition("[")
     module = Path(path).stem.removeprefix("test_")
     name = function.split("::")[-1].removeprefix("test_").replace("_", " ")
-    others = "-".join(part for part in params.rstrip("]").split("-") if part) \
-        .replace(rig, "").strip("-") if params else ""
+    # The rig is one whole dash-separated part of the parameters (its name may hold dashes).
+    others = f"-{params.removesuffix(']')}-".replace(f"-{rig}-", "-", 1)[1:-1]
     return f"{module}/{name}" + (f" [{others}]" if others else "")
 
 
