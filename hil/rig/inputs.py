@@ -99,8 +99,8 @@ def resolve_builds(boards: Sequence[str], *, firmware: Sequence[str], package: S
         if not is_valid_version(given):
             raise ConfigError(flags.target, f"{given!r} is not a OneNET version (1..20 of "
                               "[a-zA-Z0-9_.-])")
-    for flag, given in ((flags.firmware, firmwares), (flags.package, packages)):
-        for value in given.values():     # a file named is checked, selected board or not
+    for flag, files in ((flags.firmware, firmwares), (flags.package, packages)):
+        for value in files.values():     # a file named is checked, selected board or not
             if not (base_dir / value).is_file():
                 raise ConfigError(flag, f"no such file {base_dir / value}")
     builds = {}
