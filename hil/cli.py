@@ -6,13 +6,16 @@
     hil serve         the mock OneNET OTA service for one device (or a --tasks file of several)
     hil token         print an Authorization value (the seed's Python snippet, as a command)
     hil rigs          list the rigs in rigs/ with their board and capabilities
-    hil rigs check    check rig files and that each part of each rig answers
+    hil rigs check    check rig files and that each part of each rig answers (with --firmware,
+                      that the base image is for the rig's board and boots on a simulated one)
     hil flash         flash an image through a rig's flasher
     hil console       an interactive terminal on a rig's console
     hil sim image     write a firmware image for a simulated board, its version inside
     hil sim up        run a simulated rig's bench until stopped (a board on a pty for others)
     hil suite         the conformance suite on the simulated rigs (or the rigs named), then
-                      its Allure report and sign-off (what `python3 dev.py run` runs)
+                      its Allure report and sign-off (what `python3 dev.py run` runs); the
+                      build (--firmware, --package, --target-version) is checked first, each
+                      finished test is a line, Ctrl-C stops it all in one line (exit 130)
     hil defects       the suite's power: the conformance suite against each named defect of
                       the simulated firmware, a table of the tests that caught each one
     hil report        the Allure HTML report of one or several results directories, and the
@@ -745,7 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     # `hil rigs [RIG...]` lists, `hil rigs check [RIG...]` checks. One positional list read by
     # hand: argparse cannot put an optional sub-command before a variable-length positional.
     rigs = commands.add_parser(
-        "rigs", parents=[rigs_dir], usage="hil rigs [check] [--rigs-dir DIR] [RIG ...]",
+        "rigs", parents=[rigs_dir],
+        usage="hil rigs [check] [--rigs-dir DIR] [--firmware [BOARD=]FILE] [RIG ...]",
         help="list the rigs; 'hil rigs check' checks that every part answers")
     rigs.add_argument("rigs", nargs="*", metavar="RIG",
                       help="names or paths (default: all); 'check' first checks them")
