@@ -251,3 +251,25 @@ def test_hil_suite_stops_before_starting_pytest_in_one_line(images, case, tmp_pa
     assert "-m pytest" not in run.stdout          # pytest never started
     _no_test_ran(out, run.stdout)
     assert not (out / "allure-results").exists()
+
+
+def test_hil_rigs_check_boots_the_base_on_a_simulated_board(images, tmp_path):
+    rig = private_sim_rig(tmp_path)
+    name = rig.document["name"]
+
+    def check(firmware: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hil.cli", "rigs", "check", str(rig.path), "--firmware",
+             f"nrf52832={firmware}"], cwd=tmp_path, env=rig.env, capture_output=True,
+            text=True, timeout=120, check=False)
+
+    good = check(images["nrf52832-1.0.0"])
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert re.search(rf"^{re.escape(name)} +boot +ok +base nrf52832-1\.0\.0\.bin: MCUboot image, "
+                     r"version 1\.0\.0, for nrf52832; boots 1\.0\.0 on a simulated nrf52832$",
+                     good.stdout, re.MULTILINE), good.stdout
+    bad = check(images["raw"])
+    assert bad.returncode == 1
+    assert re.search(rf"^{re.escape(name)} +boot +FAULT +{re.escape(str(images['raw']))}: base "
+                     r"image does not boot on a simulated nrf52832: the bootloader said",
+                     bad.stdout, re.MULTILINE), bad.stdout
