@@ -295,10 +295,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """The build checked once, by the controller, before any test runs (xdist starts its
-    workers after this hook): a bad input stops the run in one line (exit status 4)."""
+    """Coverage recorded from here on (controller and workers); the build checked once, by
+    the controller, before any test runs (xdist starts its workers after this hook): a bad
+    input stops the run in one line (exit status 4)."""
     config = session.config
     options = config.stash.get(OPTIONS, None)
+    if options is not None:
+        coverage.register(config, options.rigs)
     if options is None or hasattr(config, "workerinput") or not options.rigs:
         return
     try:
@@ -778,12 +781,6 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
     return scenario
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    options = session.config.stash.get(OPTIONS, None)
-    if options is not None:
-        coverage.register(session.config, options.rigs)
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """The results directory's environment, categories and this session's coverage, once, by
     the controller."""
@@ -796,8 +793,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
               if (build := options.update_package(rig)) is not None}
     bases = {rig.board: image for rig in options.rigs
              if (image := options.base_package(rig)) is not None}
-    base = options.firmware.name if options.firmware else \
-        "the simulated boards' factory images (fixtures/images/<board>-1.0.0.bin)"
+    base = ", ".join(f"{board}={package.filename}" for board, package in sorted(bases.items()))
     profile = f"{options.profile.name} ({options.profile.path})" if options.profile else ""
     recorder = coverage.recorder(config)
     reporting.write_session_files(
