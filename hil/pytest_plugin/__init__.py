@@ -39,7 +39,9 @@ one; ``@pytest.mark.phase("verify")`` names a conformance test's OTA phase (defa
 
 A rig fault (probe missing, port gone, instrument silent) ends the test as an ERROR naming the rig
 and the part, also when it happens inside the test; a firmware fault is a FAILED test; a scenario
-the rig or service cannot run (``hil.errors.Unsupported``) is SKIPPED with its reason.
+the rig or service cannot run (``hil.errors.Unsupported``) is SKIPPED with its reason. A scenario
+whose injected fault never hit where and when it asked (``hil.errors.FaultNotLanded``) ends as
+an ERROR too, also when its assertions held or failed: they were not about that fault.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import pytest
 from hil.conformance.expectations import Profile, load_profile
 from hil.conformance.scenario import OtaScenario
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, RfProtocol
-from hil.errors import ConfigError, RigFault, Unsupported
+from hil.errors import ConfigError, FaultNotLanded, FirmwareFault, RigFault, Unsupported
 from hil.gateway import Gateway
 from hil.onenet.tasks import Package, Task
 from hil.pytest_plugin import reporting
@@ -289,7 +291,7 @@ def pytest_runtest_makereport(item: pytest.Item,
             and isinstance(rig, Rig):
         call.excinfo.value.for_rig(rig.name)   # a driver's fault, named for the report
     report: pytest.TestReport = yield
-    if call.excinfo is not None and call.excinfo.errisinstance(RigFault):
+    if call.excinfo is not None and call.excinfo.errisinstance((RigFault, FaultNotLanded)):
         report.hil_rig_fault = str(call.excinfo.value)  # type: ignore[attr-defined]
     return report
 
@@ -297,15 +299,33 @@ def pytest_runtest_makereport(item: pytest.Item,
 @pytest.hookimpl(wrapper=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
     try:
-        return (yield)
+        outcome = yield
     except Unsupported as unsupported:
         pytest.skip(str(unsupported))
+    except FirmwareFault as failure:
+        # A verdict drawn under a fault that hit elsewhere (or never) is no verdict.
+        _check_faults_landed(pyfuncitem, failure)
+        raise
+    _check_faults_landed(pyfuncitem, None)
+    return outcome
+
+
+def _check_faults_landed(item: pytest.Function, failure: BaseException | None) -> None:
+    """A scenario whose fault did not hit where and when it asked ends as an ERROR (raised in
+    the test's call, so it is the test's outcome: not a pass with an error in teardown)."""
+    scenario = item.funcargs.get("ota")
+    if isinstance(scenario, OtaScenario):
+        try:
+            scenario.check_faults_landed()
+        except FaultNotLanded as not_landed:
+            raise not_landed from failure
 
 
 def pytest_report_teststatus(report: pytest.TestReport,
                              config: pytest.Config) -> tuple[str, str, str] | None:
     # A rig fault inside the test body is the bench's failure, not the firmware's: count it
-    # with the errors, as pytest counts a fault while setting the rig up.
+    # with the errors, as pytest counts a fault while setting the rig up. So is a fault that
+    # never landed: the test did not test what it says.
     if report.when == "call" and report.failed and getattr(report, "hil_rig_fault", None):
         return "error", "E", "ERROR"
     return None
