@@ -41,7 +41,8 @@ A rig fault (probe missing, port gone, instrument silent) ends the test as an ER
 and the part, also when it happens inside the test; a firmware fault is a FAILED test; a scenario
 the rig or service cannot run (``hil.errors.Unsupported``) is SKIPPED with its reason. A scenario
 whose injected fault never hit where and when it asked (``hil.errors.FaultNotLanded``) ends as
-an ERROR too, also when its assertions held or failed: they were not about that fault.
+an ERROR, never PASSED (its assertions were not about that fault); one that failed stays FAILED,
+with a note naming the fault that missed.
 """
 
 from __future__ import annotations
@@ -303,22 +304,30 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, o
     except Unsupported as unsupported:
         pytest.skip(str(unsupported))
     except FirmwareFault as failure:
-        # A verdict drawn under a fault that hit elsewhere (or never) is no verdict.
-        _check_faults_landed(pyfuncitem, failure)
+        # The board's failure stays the verdict (a defect must not hide behind an ERROR);
+        # the fault that missed is said beside it, for whoever reads the failure.
+        not_landed = _faults_not_landed(pyfuncitem)
+        if not_landed is not None:
+            failure.add_note(f"note: {not_landed} (this failure may not be about it)")
         raise
-    _check_faults_landed(pyfuncitem, None)
+    not_landed = _faults_not_landed(pyfuncitem)
+    if not_landed is not None:
+        # Raised in the test's call, so it is the test's outcome (ERROR, Allure's broken),
+        # not a pass with an error in teardown.
+        raise not_landed
     return outcome
 
 
-def _check_faults_landed(item: pytest.Function, failure: BaseException | None) -> None:
-    """A scenario whose fault did not hit where and when it asked ends as an ERROR (raised in
-    the test's call, so it is the test's outcome: not a pass with an error in teardown)."""
+def _faults_not_landed(item: pytest.Function) -> FaultNotLanded | None:
+    """The first fault of the test's scenario that did not hit where and when it asked."""
     scenario = item.funcargs.get("ota")
-    if isinstance(scenario, OtaScenario):
-        try:
-            scenario.check_faults_landed()
-        except FaultNotLanded as not_landed:
-            raise not_landed from failure
+    if not isinstance(scenario, OtaScenario):
+        return None
+    try:
+        scenario.check_faults_landed()
+    except FaultNotLanded as not_landed:
+        return not_landed
+    return None
 
 
 def pytest_report_teststatus(report: pytest.TestReport,
