@@ -46,7 +46,7 @@ from hil.onenet.tasks import Package, Task
 from hil.rig.board import Board
 from hil.rig.model import Rig
 from hil.service.server import MockOneNet
-from hil.service.timeline import Exchange
+from hil.service.timeline import Exchange, FaultHit
 
 DEFAULT_RETRY = 2                 # the suite's tasks: two retries, one second apart
 DEFAULT_INTERVAL = 1
@@ -258,11 +258,13 @@ class OtaScenario:
             if trigger.phase != phase or (trigger.when is not None and not trigger.when(event)):
                 continue
             self._triggers.remove(trigger)
-            detail = trigger.action(event)
+            started = time.time()          # the hit is when the action began (a cut's dark
+            detail = trigger.action(event)  # period comes after it)
             fault = trigger.fault
             fault.fired.append(len(self.trace))
             fault.hits.append(self.gateway.timeline.record_hit(
-                self.dev_id, fault.label, phase, event=event_text(event), detail=detail))
+                self.dev_id, fault.label, phase, at=started, event=event_text(event),
+                detail=detail))
 
     # ================================================================ did the faults land
     def check_faults_landed(self) -> None:
@@ -340,6 +342,11 @@ class OtaScenario:
     # ================================================================ what the service saw
     def exchanges(self, phase: Endpoint | None = None) -> list[Exchange]:
         return self.gateway.timeline.exchanges(self.dev_id, phase)
+
+    def fault_hits(self) -> list[FaultHit]:
+        """The hits of this scenario's faults that no exchange shows (a power cut at a console
+        event, a level set before the update), in order."""
+        return self.gateway.timeline.hits(self.dev_id)
 
     def accepted_codes(self) -> list[int]:
         return self.gateway.timeline.reported_codes(self.dev_id)

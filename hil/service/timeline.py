@@ -162,12 +162,14 @@ class Timeline:
         for listener in self._listeners:
             listener(exchange)
 
-    def record_hit(self, dev_id: str | None, fault: str, phase: str, **where: Any) -> FaultHit:
-        """Record a hit of ``fault`` (a ``FaultHit`` with the next seq, stamped now)."""
+    def record_hit(self, dev_id: str | None, fault: str, phase: str, *,
+                   at: float | None = None, **where: Any) -> FaultHit:
+        """Record a hit of ``fault`` (a ``FaultHit`` with the next seq, stamped ``at``, by
+        default now)."""
         with self._changed:
             self._seq += 1
-            hit = FaultHit(seq=self._seq, at=time.time(), dev_id=dev_id, fault=fault,
-                           phase=phase, **where)
+            hit = FaultHit(seq=self._seq, at=time.time() if at is None else at, dev_id=dev_id,
+                           fault=fault, phase=phase, **where)
             if self.keep:
                 self._hits.append(hit)
             if self._sink is not None:
