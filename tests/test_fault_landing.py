@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from private_rig import ROOT, private_sim_rig
 
-from hil.faults.catalog import CATALOG, check_params, fault_spec
+from hil.drivers.contract import Event, parse_event
+from hil.faults.catalog import CATALOG, InjectedFault, _cut_mid_write, check_params, fault_spec
 
 SCENARIOS = '''
 def test_a_cut_during_a_flash_that_never_comes(ota):
@@ -159,3 +160,40 @@ def test_an_unsupported_moment_is_refused_naming_the_fault_and_what_it_takes(
 def test_every_fault_taking_during_lists_what_it_takes():
     for spec in CATALOG.values():
         assert ("during" in spec.params) == bool(spec.during), spec.name
+
+
+# ---------------------------------------------------------------------------------- the cut
+class _Board:
+    """What the power cut's landing check reads of a scenario: the trace and the target."""
+
+    target = "1.1.0"
+
+    def __init__(self, *lines: str) -> None:
+        self.trace = [parse_event(line) or Event(line, {}) for line in lines]
+
+
+def _boot(version: str) -> Event:
+    return Event("boot", {"version": version})
+
+
+@pytest.mark.parametrize(("after", "landed"), [
+    # the installer starts the interrupted copy over, then boots the target: landed
+    (["ota phase=flash bytes=66088", "boot"], True),
+    # the board boots its old image (the install did not take) or stays silent: landed
+    (["boot-old"], True),
+    ([], True),
+    # the target booted before the cut took the board: the write was over, not landed
+    (["boot", "ota phase=report result=201 errno=0", "boot"], False),
+])
+def test_a_cut_lands_only_between_the_write_start_and_the_boot_of_the_target(after, landed):
+    board = _Board("ota phase=verify md5=ok", "ota phase=flash bytes=66088")
+    fault = InjectedFault("power-cut during=flash", "rig", fired=[len(board.trace)])
+    for line in after:
+        board.trace.append(_boot("1.1.0") if line == "boot" else _boot("1.0.0")
+                           if line == "boot-old" else parse_event(line))
+    reason = _cut_mid_write(board)(fault)   # type: ignore[arg-type]
+    if landed:
+        assert reason is None
+    else:
+        assert reason == "the cut came after the write: the board printed 'boot " \
+                         "version=1.1.0' before the cut took it"

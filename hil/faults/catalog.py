@@ -120,6 +120,10 @@ class Injection(Protocol):
         """Arm a gateway fault for this scenario (targeted at this board's requests)."""
 
     @property
+    def target(self) -> str:
+        """The version the update under test boots as."""
+
+    @property
     def base_package(self) -> Any:
         """The base build the board starts from (a ``Package``), or None."""
 
@@ -332,8 +336,10 @@ def _boots_again(injection: Injection) -> Landing:
 
 def _cut_mid_write(injection: Injection) -> Landing:
     """The cut came between the write's start and the end of that write: after it, the board
-    printed no boot line before it announced a write again (the installer starting the
-    interrupted copy over) or went silent (a board the cut left without a bootable image)."""
+    did not boot the target before it announced a write again (the installer starting the
+    interrupted copy over); or it booted its old image (the install did not take), or went
+    silent (a board the cut left without a bootable image). A boot of the target first means
+    the write was over when the cut came."""
     def check(fault: InjectedFault) -> str | None:
         trace = injection.trace
         if not fault.fired:
@@ -343,7 +349,8 @@ def _cut_mid_write(injection: Injection) -> Landing:
         after = trace[fault.fired[0]:]
         first = next((e for e in after if e.tag == "boot" or e.fields.get("phase") == "flash"),
                      None)
-        if first is not None and first.tag == "boot":
+        if first is not None and first.tag == "boot" \
+                and first.fields.get("version") == injection.target:
             return f"the cut came after the write: the board printed {event_text(first)!r} " \
                    "before the cut took it"
         return None
