@@ -248,7 +248,7 @@ def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
             axes.annotate(f"{hit.fault} " + (f"at {hit.event}" if hit.event
                                              else f"({hit.phase})"),
                           (at, total / 1024 * 0.5 or 1), rotation=90, fontsize=7,
-                          color="#9467bd", va="center", ha="right")
+                          color="#9467bd", va="center", ha="left")
         axes.set_xlabel("seconds since the first request")
         axes.set_ylabel("KiB")
         faults = ", ".join(f.label for f in scenario.faults) or "no fault"
