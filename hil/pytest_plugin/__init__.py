@@ -51,7 +51,10 @@ one; ``@pytest.mark.phase("verify")`` names a conformance test's OTA phase (defa
 
 A rig fault (probe missing, port gone, instrument silent) ends the test as an ERROR naming the rig
 and the part, also when it happens inside the test; a firmware fault is a FAILED test; a scenario
-the rig or service cannot run (``hil.errors.Unsupported``) is SKIPPED with its reason.
+the rig or service cannot run (``hil.errors.Unsupported``) is SKIPPED with its reason. A scenario
+whose injected fault never hit where and when it asked (``hil.errors.FaultNotLanded``) ends as
+an ERROR, never PASSED (its assertions were not about that fault); one that failed stays FAILED,
+with a note naming the fault that missed.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ import pytest
 from hil.conformance.expectations import Profile, load_profile
 from hil.conformance.scenario import OtaScenario
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, RfProtocol
-from hil.errors import ConfigError, RigFault, Unsupported
+from hil.errors import ConfigError, FaultNotLanded, FirmwareFault, RigFault, Unsupported
 from hil.gateway import Gateway
 from hil.onenet.tasks import Package, Task
 from hil.pytest_plugin import coverage, reporting
@@ -486,7 +489,7 @@ def pytest_runtest_makereport(item: pytest.Item,
             and isinstance(rig, Rig):
         call.excinfo.value.for_rig(rig.name)   # a driver's fault, named for the report
     report: pytest.TestReport = yield
-    if call.excinfo is not None and call.excinfo.errisinstance(RigFault):
+    if call.excinfo is not None and call.excinfo.errisinstance((RigFault, FaultNotLanded)):
         report.hil_rig_fault = str(call.excinfo.value)  # type: ignore[attr-defined]
     return report
 
@@ -494,15 +497,41 @@ def pytest_runtest_makereport(item: pytest.Item,
 @pytest.hookimpl(wrapper=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
     try:
-        return (yield)
+        outcome = yield
     except Unsupported as unsupported:
         pytest.skip(str(unsupported))
+    except FirmwareFault as failure:
+        # The board's failure stays the verdict (a defect must not hide behind an ERROR);
+        # the fault that missed is said beside it, for whoever reads the failure.
+        not_landed = _faults_not_landed(pyfuncitem)
+        if not_landed is not None:
+            failure.add_note(f"note: {not_landed} (this failure may not be about it)")
+        raise
+    not_landed = _faults_not_landed(pyfuncitem)
+    if not_landed is not None:
+        # Raised in the test's call, so it is the test's outcome (ERROR, Allure's broken),
+        # not a pass with an error in teardown.
+        raise not_landed
+    return outcome
+
+
+def _faults_not_landed(item: pytest.Function) -> FaultNotLanded | None:
+    """The first fault of the test's scenario that did not hit where and when it asked."""
+    scenario = item.funcargs.get("ota")
+    if not isinstance(scenario, OtaScenario):
+        return None
+    try:
+        scenario.check_faults_landed()
+    except FaultNotLanded as not_landed:
+        return not_landed
+    return None
 
 
 def pytest_report_teststatus(report: pytest.TestReport,
                              config: pytest.Config) -> tuple[str, str, str] | None:
     # A rig fault inside the test body is the bench's failure, not the firmware's: count it
-    # with the errors, as pytest counts a fault while setting the rig up.
+    # with the errors, as pytest counts a fault while setting the rig up. So is a fault that
+    # never landed: the test did not test what it says.
     if report.when == "call" and report.failed and getattr(report, "hil_rig_fault", None):
         return "error", "E", "ERROR"
     return None
