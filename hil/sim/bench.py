@@ -21,6 +21,13 @@ whose bootloader region is blank gets its bootloader's vector table back, as a t
 reflash MCUboot after a chip erase. The bench starts with the supply on at full charge and the
 attenuator at 0 dB.
 
+A shipped-firmware rig (``sim.shipped``) runs the firmware as it ships: no shell, a check at
+every boot, the hard-coded ``sim.host``:``sim.port``. Its network is the bench's ``resolve``:
+the one place where the firmware's host name becomes an address. Until the rig has hil's DNS,
+it answers what ``route_ota_host`` was told (the gateway the scenario runs: what a lab's
+DHCP-given DNS and the router's port forward do for a real board); with the DNS, ``resolve``
+asks it for the name instead, and nothing else changes.
+
 ``stop()`` powers the board off and stops the firmware's threads, the ptys and the instruments:
 nothing outlives the bench. Flash and settings stay in the state directory for the next start.
 """
@@ -128,6 +135,7 @@ class SimBench:
         self._started = False
         self._wait = wait
         self._claim: filelock.FileLock | None = None
+        self._routes: dict[tuple[str, int], str] = {}   # the network: (host, port) -> base URL
 
     # ================================================================== lifecycle
     def start(self) -> SimBench:
@@ -145,7 +153,9 @@ class SimBench:
             self._install_factory_image()
             self.firmware = Firmware(self, self.state_dir, identity, defects=self.defects,
                                      http_timeout=self.sim.http_timeout,
-                                     chunk_size=self.sim.chunk_size)
+                                     chunk_size=self.sim.chunk_size, shipped=self.sim.shipped,
+                                     host=self.sim.host, port=self.sim.port,
+                                     check_period=self.rig.ota.check_period)
             self._hook_board()
             self._started = True
             self._apply_power()
@@ -232,6 +242,23 @@ class SimBench:
         reset or power-cycled."""
         if self.firmware is not None:
             self.firmware.stop()
+
+    # ================================================================== the network
+    def route_ota_host(self, base_url: str) -> None:
+        """From now on the network takes the firmware's OTA host (``sim.host``:``sim.port``)
+        to ``base_url``: the gateway hil runs, as a lab's DNS and port forward would."""
+        self._routes[(self.sim.host, self.sim.port)] = base_url.rstrip("/")
+
+    def resolve(self, host: str, port: int) -> str | None:
+        """Platform.resolve: the base URL ``host:port`` reaches on this bench's network, or
+        None. The single seam hil's DNS (``ota.dns``) replaces: it will answer the name."""
+        return self._routes.get((host, port))
+
+    def erase_settings(self) -> None:
+        """The settings partition erased (the OTA state with it), as a full chip erase does:
+        how a shell-less board, which has no ``test factory``, is brought back to its base."""
+        if self.firmware is not None:
+            self.firmware.nvs.erase()
 
     def __enter__(self) -> SimBench:
         return self.start()
