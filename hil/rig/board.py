@@ -230,7 +230,8 @@ class Board:
         """Back to the base state: flash ``firmware`` where the rig has a flasher, else the
         firmware's factory reset. Returns the version the board boots.
 
-        A board without a shell has no factory reset: it is flashed (and a simulated one's
+        A board without a shell has no factory reset: it is flashed (a simulated one with its
+        factory image when no ``firmware`` is given, and its
         settings partition erased, as a full chip erase does: its OTA state goes with it; a
         real board's base image must clear its OTA state itself, or the rig's flasher erase
         the whole chip). Returns its boot line's version, or None when only the service can
@@ -267,6 +268,8 @@ class Board:
 
     def _restore_shell_less(self, firmware: Path | None, progress: Progress | None
                             ) -> str | None:
+        if firmware is None and self.parts.bench is not None:
+            firmware = self.parts.bench.factory_image     # a simulated board's own base
         flasher = self.parts.flasher() if firmware is not None else None
         if firmware is None or flasher is None:
             raise RigFault("flasher", "a board without a shell has no factory reset: give "

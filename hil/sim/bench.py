@@ -254,6 +254,12 @@ class SimBench:
         None. The single seam hil's DNS (``ota.dns``) replaces: it will answer the name."""
         return self._routes.get((host, port))
 
+    @property
+    def factory_image(self) -> Path:
+        """The image the board came with (``sim.factory_version``): a shell-less board's base
+        when no other is given, flashed as a production line would."""
+        return self.state_dir / FACTORY_FILE
+
     def erase_settings(self) -> None:
         """The settings partition erased (the OTA state with it), as a full chip erase does:
         how a shell-less board, which has no ``test factory``, is brought back to its base."""
