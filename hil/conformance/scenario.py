@@ -11,16 +11,16 @@ The console explains it: its events are kept in order with the boot lines (``tra
 "201 only after the reboot" can be checked from the board's own narration.
 
 A board without a shell (``console.shell: none``) is read at the service instead: an attempt
-starts with the rig's trigger (a reset, a power cycle, the firmware's timer) and its first boot
-(a version report at the service, or the boot-log line when the rig names one); it ends on a
+starts with the rig's trigger (a reset, a power cycle, the firmware's timer) and is its
+requests from then on; it ends on a
 final report (any result but 101) or a refused detect followed by ``QUIET_AFTER_END_S`` with no
 request, on ``silence()`` seconds with no request at all, or (``until_boot``) on the next boot.
 Its events are the exchanges, told as the contract's events (``ota phase=report result=201``);
-its boot lines are the version reports that follow (or the log's boot lines). From the service
-alone a 201 sent just before the reboot cannot be told from one sent just after it, and a boot
-line's console stamp cannot be ordered against an exchange's to the millisecond (the console is
-read by polling; on a loaded host it lags): on a shell-less board the order check is that the
-board booted the target after its 201 (its version report, or its boot line).
+its boot lines are the version reports that follow the first (a boot-log line, ``console.events.boot``,
+tells ``Board.version`` what runs, but its stamp cannot bound exchanges: the console is polled,
+and lags on a loaded host). From the service
+alone a 201 sent just before the reboot cannot be told from one sent just after it: on a
+shell-less board the order check is that the board reported the target version after its 201.
 
 A broken expectation raises ``ConformanceFailure`` naming the phase, the expected and the
 received codes; a scenario the rig or service cannot run raises ``Unsupported`` (a skip). Once
@@ -434,38 +434,25 @@ class OtaScenario:
         return [(started_at(e), version) for e in exchanges
                 if e.phase is phase and (version := reported_version(e)) is not None]
 
-    def _boots(self, since: float) -> list[tuple[float, str]]:
-        """The board's boots from ``since`` on: its boot-log lines when the rig names them,
-        else its version reports at the service."""
-        if not self.board.boot_line:
-            return [boot for boot in self._service_versions() if boot[0] >= since]
-        pattern = self.board.contract.events["boot"]
-        return [(line.at, match.group("version")) for line in self.board.console.lines()
-                if not line.sent and line.at >= since
-                and (match := pattern.search(line.text)) is not None]
-
     def _update_shell_less(self, until_boot: bool, limit: float) -> Attempt:
         """One attempt of a board without a shell (see the module docstring)."""
-        waited_for_timer = False
         if self._next_start is not None:
             # The boot that cut the last attempt short began this one: the board checks at boot.
             since, self._next_start = self._next_start, None
         else:
             since = time.time()
             self.board.start_update()
-            waited_for_timer = self.rig.trigger == "wait"
         deadline = time.monotonic() + limit
         quiet_for = self.silence()
         traced = len(self.trace)
         while True:
             time.sleep(_POLL_S)
             now = time.time()
-            boots = self._boots(since)
+            # Read at the service alone: a console's stamps lag its lines (it is polled), so
+            # they cannot bound an attempt's exchanges.
+            boots = [boot for boot in self._service_versions() if boot[0] >= since]
             mine = [e for e in self.exchanges() if started_at(e) >= since]
-            if waited_for_timer:
-                begun: float | None = started_at(mine[0]) if mine else None
-            else:
-                begun = boots[0][0] if boots else None
+            begun = started_at(mine[0]) if mine else None
             if begun is None:
                 if time.monotonic() > deadline:
                     return Attempt([], [], False, True, [])
