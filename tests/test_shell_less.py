@@ -1,0 +1,179 @@
+"""Boards without a test shell (``console.shell: none``): the rig keys, the simulated firmware's
+shipped mode, and an attempt read at the service alone, on a simulated shipped nRF52832."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hil.conformance.expectations import load_profile
+from hil.conformance.scenario import OtaScenario
+from hil.errors import ConfigError, RigFault, Unsupported
+from hil.gateway import Gateway
+from hil.onenet.codes import Errno
+from hil.onenet.messages import Endpoint
+from hil.onenet.tasks import Package
+from hil.rig.board import Board
+from hil.rig.model import load_rig
+from hil.rig.parts import RigParts
+from hil.service.server import MockOneNet, new_access_key
+from hil.service.timeline import Timeline
+from hil.sim.images import build_image
+from tests.sim_board import KEY_ENV, rig_document
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shipped_document(state_dir: Path, name: str = "shipped", **changes: Any) -> dict[str, Any]:
+    doc = rig_document(name, "nrf52832", state_dir, shipped=True, http_timeout=1.0)
+    doc["console"]["shell"] = "none"
+    doc["console"]["events"] = {"boot": r"^I: app: firmware version (?P<version>\S+)$"}
+    doc["ota"] = {"service": "mock", "trigger": "reset"}
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            doc.setdefault(section, {})[field] = value
+        else:
+            doc[section] = value
+    return doc
+
+
+def load(tmp_path: Path, doc: dict[str, Any]) -> Any:
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_rig(path)
+
+
+# ------------------------------------------------------------------------------- rig keys
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"ota__trigger": "power-cycle", "power": {"kind": "none"}},
+     "ota.trigger: power-cycle needs power the rig can cut (power.kind: scpi), not power.kind:"
+     " none"),
+    ({"ota__trigger": "wait"},
+     "ota.trigger: wait needs ota.check_period (the seconds between the firmware's own checks)"),
+    ({"rf": {"kind": "console"}},
+     "rf.kind: console is the firmware's test hook, and this board has no shell"),
+    ({"sim__shipped": False},
+     "console.shell: none on a simulated rig needs sim.shipped: true"),
+    ({"console__shell": "contract", "console__events": {}},
+     "ota.trigger: only a board without a test shell (console.shell: none) is triggered so"),
+    ({"console__shell": "maybe"}, "console.shell"),
+])
+def test_a_shell_less_rig_file_mistake_is_one_line_naming_file_and_key(tmp_path, changes,
+                                                                        message):
+    with pytest.raises(ConfigError) as error:
+        load(tmp_path, shipped_document(tmp_path / "state", **changes))
+    text = str(error.value)
+    assert "\n" not in text
+    assert text.startswith(str(tmp_path / "rig.yaml"))
+    assert message in text
+
+
+def test_a_reset_trigger_needs_a_flasher(tmp_path):
+    doc = shipped_document(tmp_path / "state", flasher={"kind": "none"})
+    del doc["sim"]          # a lab rig: no simulated board to need the probe
+    with pytest.raises(ConfigError, match="ota.trigger: reset needs a flasher"):
+        load(tmp_path, doc)
+
+
+def test_the_shipped_rig_files_load_and_lack_the_shell_hooks():
+    for board in ("nrf52832", "esp32", "gd32"):
+        rig = load_rig(ROOT / "rigs" / f"sim-{board}-shipped.yaml")
+        assert rig.shell_less and rig.sim is not None and rig.sim.shipped
+        assert "space" not in rig.capabilities       # `test space` is a shell's hook
+        assert rig.sim.host == "ota.heclouds.com" and rig.sim.port == 80
+
+
+# ------------------------------------------------------------------------------- the scenario
+class Shipped:
+    """A simulated shipped nRF52832, a mock service and a gateway, and a scenario over them."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.rig = load(tmp_path, shipped_document(tmp_path / "state"))
+        self.mock = MockOneNet(access_key=os.environ[KEY_ENV],
+                               timeline_path=tmp_path / "mock.jsonl").start()
+        self.gateway = Gateway(self.mock.url, timeline=Timeline(tmp_path / "gw.jsonl")).start()
+        self.parts = RigParts(self.rig).__enter__()
+        self.board = Board(self.parts)
+        self.board.restore_base(None)
+        self.package = Package(build_image("nrf52832", "1.1.0"), "app-1.1.0.bin")
+        self.ota = OtaScenario(rig=self.rig, board=self.board, gateway=self.gateway,
+                               mock=self.mock,
+                               profile=load_profile(ROOT / "fixtures/expectations/onenet.yaml"),
+                               package=self.package, target="1.1.0")
+
+    def close(self) -> None:
+        self.parts.close()
+        self.gateway.stop()
+        self.gateway.timeline.close()
+        self.mock.stop()
+
+
+@pytest.fixture
+def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shipped]:
+    monkeypatch.setenv(KEY_ENV, new_access_key())
+    setup = Shipped(tmp_path)
+    yield setup
+    setup.close()
+
+
+def nothing_typed(setup: Shipped) -> None:
+    sent = [line.text for line in setup.board.console.lines() if line.sent]
+    assert sent == [], f"a shell-less board was typed at: {sent}"
+
+
+def test_an_attempt_ends_on_its_final_report_and_reads_the_booted_version_at_the_service(
+        shipped):
+    attempt = shipped.ota.update()
+    assert attempt.ended and not attempt.timed_out
+    shipped.ota.expect("success")
+    # The version the board booted is the one it reported at the service after its 201.
+    assert shipped.ota.booted_versions() == ["1.1.0"]
+    reports = [e for e in attempt.exchanges if e.phase is Endpoint.VERSION]
+    assert [e.request_body for e in reports][-1].count("1.1.0") == 1
+    # Hard-coded host: the firmware named it, whatever address it reached.
+    assert {e.request_headers.get("host") for e in attempt.exchanges} == {"ota.heclouds.com"}
+    assert shipped.board.version() == "1.1.0"       # its boot-log line, after a reset
+    nothing_typed(shipped)
+
+
+def test_an_attempt_ends_on_a_refused_detect(shipped):
+    shipped.ota.inject("no-task")
+    attempt = shipped.ota.update()
+    assert attempt.ended and not attempt.timed_out
+    shipped.ota.expect_detect(attempt, Errno.NO_TASK)
+    assert [e.phase for e in attempt.exchanges] == [Endpoint.VERSION, Endpoint.DETECT]
+    nothing_typed(shipped)
+
+
+def test_an_attempt_ends_on_silence(shipped):
+    # A cancelled token: the board gives up without a report (ONENET.md): nothing final.
+    shipped.ota.inject("cancel")
+    attempt = shipped.ota.update()
+    assert attempt.ended and not attempt.timed_out
+    assert attempt.exchanges[-1].phase is Endpoint.TOKEN_CHECK
+    assert attempt.exchanges[-1].errno == Errno.TASK_CANCELLED
+    shipped.ota.expect("token-ended")
+    nothing_typed(shipped)
+
+
+@pytest.mark.parametrize(("name", "params", "hook"), [
+    ("no-space", {}, "`test space`"),
+    ("reboot", {}, "`sys reboot`"),
+    ("power-cut", {"during": "flash"}, "`ota phase=flash bytes=N`"),
+])
+def test_a_fault_that_needs_a_firmware_hook_is_unsupported_naming_it(shipped, name, params,
+                                                                     hook):
+    with pytest.raises(Unsupported, match=f"rig shipped has no shell: fault {name}.*{hook}"):
+        shipped.ota.inject(name, **params)
+
+
+def test_no_shell_command_is_ever_sent(shipped):
+    with pytest.raises(RigFault, match="has no shell"):
+        shipped.board.command("version")
+    nothing_typed(shipped)
