@@ -44,7 +44,11 @@ def _run(part: str, check: Callable[[], str]) -> PartCheck:
 def check_rig(rig: Rig) -> list[PartCheck]:
     with RigParts(rig) as parts:
         def console() -> str:
-            return f"{rig.console.address}, firmware {Board(parts).version()}"
+            board = Board(parts)
+            if not board.boot_line:       # no shell, no boot line: only the service can tell
+                parts.console()
+                return f"{rig.console.address}, a read-only log (no shell)"
+            return f"{rig.console.address}, firmware {board.version()}"
 
         def flasher() -> str:
             spec = rig.flasher
