@@ -77,16 +77,19 @@ def test_a_shell_less_rig_file_mistake_is_one_line_naming_file_and_key(tmp_path,
 def test_a_reset_trigger_needs_a_flasher(tmp_path):
     doc = shipped_document(tmp_path / "state", flasher={"kind": "none"})
     del doc["sim"]          # a lab rig: no simulated board to need the probe
-    with pytest.raises(ConfigError, match="ota.trigger: reset needs a flasher"):
+    with pytest.raises(ConfigError, match=r"ota\.trigger: reset needs a flasher"):
         load(tmp_path, doc)
 
 
 def test_the_shipped_rig_files_load_and_lack_the_shell_hooks():
     for board in ("nrf52832", "esp32", "gd32"):
         rig = load_rig(ROOT / "rigs" / f"sim-{board}-shipped.yaml")
-        assert rig.shell_less and rig.sim is not None and rig.sim.shipped
+        assert rig.shell_less
+        assert rig.sim is not None
+        assert rig.sim.shipped
         assert "space" not in rig.capabilities       # `test space` is a shell's hook
-        assert rig.sim.host == "ota.heclouds.com" and rig.sim.port == 80
+        assert rig.sim.host == "ota.heclouds.com"
+        assert rig.sim.port == 80
 
 
 # ------------------------------------------------------------------------------- the scenario
@@ -130,7 +133,8 @@ def nothing_typed(setup: Shipped) -> None:
 def test_an_attempt_ends_on_its_final_report_and_reads_the_booted_version_at_the_service(
         shipped):
     attempt = shipped.ota.update()
-    assert attempt.ended and not attempt.timed_out
+    assert attempt.ended
+    assert not attempt.timed_out
     shipped.ota.expect("success")
     # The version the board booted is the one it reported at the service after its 201.
     assert shipped.ota.booted_versions() == ["1.1.0"]
@@ -145,7 +149,8 @@ def test_an_attempt_ends_on_its_final_report_and_reads_the_booted_version_at_the
 def test_an_attempt_ends_on_a_refused_detect(shipped):
     shipped.ota.inject("no-task")
     attempt = shipped.ota.update()
-    assert attempt.ended and not attempt.timed_out
+    assert attempt.ended
+    assert not attempt.timed_out
     shipped.ota.expect_detect(attempt, Errno.NO_TASK)
     assert [e.phase for e in attempt.exchanges] == [Endpoint.VERSION, Endpoint.DETECT]
     nothing_typed(shipped)
@@ -155,7 +160,8 @@ def test_an_attempt_ends_on_silence(shipped):
     # A cancelled token: the board gives up without a report (ONENET.md): nothing final.
     shipped.ota.inject("cancel")
     attempt = shipped.ota.update()
-    assert attempt.ended and not attempt.timed_out
+    assert attempt.ended
+    assert not attempt.timed_out
     assert attempt.exchanges[-1].phase is Endpoint.TOKEN_CHECK
     assert attempt.exchanges[-1].errno == Errno.TASK_CANCELLED
     shipped.ota.expect("token-ended")

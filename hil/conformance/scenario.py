@@ -16,9 +16,9 @@ requests from then on; it ends on a
 final report (any result but 101) or a refused detect followed by ``QUIET_AFTER_END_S`` with no
 request, on ``silence()`` seconds with no request at all, or (``until_boot``) on the next boot.
 Its events are the exchanges, told as the contract's events (``ota phase=report result=201``);
-its boot lines are the version reports that follow the first (a boot-log line, ``console.events.boot``,
-tells ``Board.version`` what runs, but its stamp cannot bound exchanges: the console is polled,
-and lags on a loaded host). From the service
+its boot lines are the version reports that follow the first (a boot-log line,
+``console.events.boot``, tells ``Board.version`` what runs, but its stamp cannot bound
+exchanges: the console is polled, and lags on a loaded host). From the service
 alone a 201 sent just before the reboot cannot be told from one sent just after it: on a
 shell-less board the order check is that the board reported the target version after its 201.
 
