@@ -45,7 +45,7 @@ from hil.errors import RigFault
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 5            # seconds: a board re-asks soon, so a stale gateway address dies fast
-_TCP_IDLE = 10.0           # a TCP client that sends nothing is dropped after this (seconds)
+_TCP_IDLE = 3.0            # a TCP client that sends nothing is dropped after this (seconds)
 _BIND_TRIES = 20           # port 0: attempts to find a port free for both UDP and TCP
 
 
@@ -153,7 +153,6 @@ class _ServerMixin:
 
     daemon_threads = False
     block_on_close = True
-    allow_reuse_address = True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("DNS: a question from %s could not be answered", client_address,
@@ -161,11 +160,11 @@ class _ServerMixin:
 
 
 class _UDPServer(_ServerMixin, socketserver.ThreadingMixIn, socketserver.UDPServer):
-    pass
+    allow_reuse_address = False   # on UDP, SO_REUSEADDR lets a second server share the port
 
 
 class _TCPServer(_ServerMixin, socketserver.ThreadingMixIn, socketserver.TCPServer):
-    pass
+    allow_reuse_address = True    # a restart within TIME_WAIT binds again
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -308,8 +308,11 @@ class Ota(BaseModel):
             raise ValueError(f"{value!r} is an IP address; the firmware's host name goes here "
                              "(a board with a hard-coded address reaches gateway_host)")
         name = value.rstrip(".").lower()
-        if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        labels = name.split(".")
+        if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
             raise ValueError(f"{value!r} is not a DNS name (labels of a-z, 0-9 and -)")
+        if labels[-1].isdigit():   # no top-level domain is a number; a C resolver reads an address
+            raise ValueError(f"{value!r} is not a DNS name (it ends in a number)")
         return name
 
     @model_validator(mode="after")
