@@ -65,6 +65,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -73,6 +74,7 @@ from hil.conformance.scenario import OtaScenario
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, RfProtocol
 from hil.errors import ConfigError, FaultNotLanded, FirmwareFault, RigFault, Unsupported
 from hil.gateway import Gateway
+from hil.gateway.dns import DnsServer, check_no_loop
 from hil.onenet.tasks import Package, Task
 from hil.pytest_plugin import coverage, reporting
 from hil.rig.board import Board
@@ -732,22 +734,54 @@ def mock_onenet(_mock_onenet_session: MockOneNet) -> Iterator[MockOneNet]:
 
 # ---------------------------------------------------------------------------------- gateway
 class _GatewayPool:
-    """One gateway per address boards reach this host at (``ota.gateway_host``), for the
-    session; each test gives it its upstream and a fresh timeline."""
+    """One gateway per address boards reach this host at (``ota.gateway_host``, and the
+    firmware's ``ota.port``), for the session; each test gives it its upstream and a fresh
+    timeline. A rig whose firmware has a hard-coded host (``ota.host``) gets hil's DNS beside
+    its gateway, answering that host with the gateway's address, for the session too."""
 
     def __init__(self) -> None:
-        self._gateways: dict[str, Gateway] = {}
+        self._gateways: dict[tuple[str, int, bool], Gateway] = {}
+        self._dns: dict[tuple[str, int], DnsServer] = {}
 
-    def get(self, host: str, upstream: str) -> Gateway:
-        if host not in self._gateways:
-            self._gateways[host] = Gateway(upstream, host=host).start()
-        gateway = self._gateways[host]
+    def get(self, rig: Rig, upstream: str) -> Gateway:
+        ota = rig.ota
+        host = ota.gateway_host or "127.0.0.1"
+        key = (host, ota.gateway_port, ota.host is not None)
+        if key not in self._gateways:
+            try:
+                # A board with a hard-coded host sends Host: <that host>: kept upstream.
+                self._gateways[key] = Gateway(upstream, host=host, port=key[1],
+                                              keep_host=key[2]).start()
+            except OSError as error:
+                hint = " (below 1024: root or CAP_NET_BIND_SERVICE)" if 0 < key[1] < 1024 else ""
+                raise RigFault("gateway", f"cannot listen on {host}:{key[1]}: "
+                               f"{error.strerror or error}{hint}", rig.name) from None
+        gateway = self._gateways[key]
         gateway.upstream = upstream
+        dns = ota.dns_config
+        if dns is not None and ota.host is not None:
+            listen = dns.listen_address(host)
+            if listen not in self._dns:
+                try:
+                    check_no_loop(urlsplit(upstream).hostname or "", {ota.host: host})
+                    self._dns[listen] = DnsServer({ota.host: host}, *listen, ttl=dns.ttl,
+                                                  forward=dns.forward_address).start()
+                except RigFault as fault:
+                    raise fault.for_rig(rig.name) from None
         return gateway
+
+    def dns(self, rig: Rig) -> DnsServer | None:
+        """The DNS server answering the rig's ``ota.host`` (once its gateway is up)."""
+        dns = rig.ota.dns_config
+        if dns is None:
+            return None
+        return self._dns.get(dns.listen_address(rig.ota.gateway_host or "127.0.0.1"))
 
     def close(self) -> None:
         for gateway in self._gateways.values():
             gateway.stop()
+        for dns in self._dns.values():
+            dns.stop()
 
 
 @pytest.fixture(scope="session")
@@ -776,7 +810,7 @@ def gateway(rig: Rig, hil_options: HilOptions, _hil_gateways: _GatewayPool,
     ``<timeline dir>/<test>.timeline.jsonl``."""
     upstream = (request.getfixturevalue("ota_service").url if hil_options.ota_service == "mock"
                 else hil_options.ota_service)
-    gateway = _hil_gateways.get(rig.ota.gateway_host or "127.0.0.1", upstream)
+    gateway = _hil_gateways.get(rig, upstream)
     path = _test_file(pytestconfig, tmp_path_factory, request.node.nodeid, "timeline.jsonl")
     gateway.clear()
     gateway.timeline = Timeline(path)
@@ -784,6 +818,14 @@ def gateway(rig: Rig, hil_options: HilOptions, _hil_gateways: _GatewayPool,
     gateway.clear()
     gateway.timeline.close()
     gateway.raise_errors()
+
+
+@pytest.fixture
+def ota_dns(gateway: Gateway, rig: Rig, _hil_gateways: _GatewayPool) -> DnsServer | None:
+    """hil's DNS server answering the rig's ``ota.host`` with the gateway's address (None for a
+    rig without a hard-coded host): ``hil.gateway.dns.resolve(rig.ota.host, ota_dns.address)``
+    is what the board gets."""
+    return _hil_gateways.dns(rig)
 
 
 @pytest.fixture

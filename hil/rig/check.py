@@ -13,6 +13,7 @@ gone after), which must print its boot line; the check of the build before a sui
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -139,6 +140,8 @@ def boots_on_sim(board: str, image: Path) -> PartCheck:
                 console = parts.console()
                 pattern = f"(?:{contract.events['boot'].pattern})|(?:{BOOTLOADER_ERROR})"
                 deadline = time.monotonic() + BOOT_CHECK_S
+                if rig.flasher.kind == "esp":
+                    return _esp_booted(Board(parts), pattern, deadline)
                 while True:
                     try:
                         line = console.expect(pattern, max(deadline - time.monotonic(), 0.0),
@@ -157,3 +160,24 @@ def boots_on_sim(board: str, image: Path) -> PartCheck:
                 return PartCheck("boot", True, booted.group("version"))
         except RigFault as fault:
             return PartCheck("boot", False, fault.message)
+
+
+def _esp_booted(board: Board, pattern: str, deadline: float) -> PartCheck:
+    """An ESP32's boot line comes while esptool still holds the port (its reset is on the
+    same USB bridge), so it may be gone: ask the booted firmware its version, as
+    ``Board.restore_base`` does, watching for what its bootloader said meanwhile."""
+    console = board.console
+    while True:
+        try:
+            version = board.version(timeout=0.3)
+        except ExpectTimeout:
+            said = [line for line in console.log_text().splitlines()
+                    if re.search(BOOTLOADER_ERROR, line)]
+            if said:
+                return PartCheck("boot", False, f"the bootloader said {said[-1].strip()!r}")
+            if time.monotonic() > deadline:
+                return PartCheck("boot", False, f"no boot within {BOOT_CHECK_S:g} s (no "
+                                 "answer to the version query)")
+            continue
+        if version != BOOT_CHECK_FACTORY:
+            return PartCheck("boot", True, version)
