@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -15,6 +16,7 @@ from hil.conformance.expectations import load_profile
 from hil.conformance.scenario import OtaScenario
 from hil.errors import ConfigError, RigFault, Unsupported
 from hil.gateway import Gateway
+from hil.gateway.dns import DnsServer
 from hil.onenet.codes import Errno
 from hil.onenet.messages import Endpoint
 from hil.onenet.tasks import Package
@@ -27,13 +29,15 @@ from hil.sim.images import build_image
 from tests.sim_board import KEY_ENV, rig_document
 
 ROOT = Path(__file__).resolve().parent.parent
+HOST = "ota.heclouds.com"
 
 
 def shipped_document(state_dir: Path, name: str = "shipped", **changes: Any) -> dict[str, Any]:
     doc = rig_document(name, "nrf52832", state_dir, shipped=True, http_timeout=1.0)
     doc["console"]["shell"] = "none"
     doc["console"]["events"] = {"boot": r"^I: app: firmware version (?P<version>\S+)$"}
-    doc["ota"] = {"service": "mock", "trigger": "reset"}
+    doc["ota"] = {"service": "mock", "trigger": "reset", "host": HOST, "port": 0,
+                  "dns": {"listen": "127.0.0.1:0"}}
     for key, value in changes.items():
         section, _, field = key.partition("__")
         if field:
@@ -63,6 +67,12 @@ def load(tmp_path: Path, doc: dict[str, Any]) -> Any:
     ({"console__shell": "contract", "console__events": {}},
      "ota.trigger: only a board without a test shell (console.shell: none) is triggered so"),
     ({"console__shell": "maybe"}, "console.shell"),
+    ({"ota": {"service": "mock", "trigger": "reset"}},
+     "sim.shipped: the firmware is built to reach ota.host; give it"),
+    ({"ota": {"service": "mock", "host": HOST, "dns": False}},
+     "ota.dns: false: a simulated network has no DNS but hil's"),
+    ({"ota": {"service": "mock", "host": HOST, "port": 0}},
+     "ota.dns.listen: give one on a simulated rig, '127.0.0.1:0'"),
 ])
 def test_a_shell_less_rig_file_mistake_is_one_line_naming_file_and_key(tmp_path, changes,
                                                                         message):
@@ -88,19 +98,33 @@ def test_the_shipped_rig_files_load_and_lack_the_shell_hooks():
         assert rig.sim is not None
         assert rig.sim.shipped
         assert "space" not in rig.capabilities       # `test space` is a shell's hook
-        assert rig.sim.host == "ota.heclouds.com"
-        assert rig.sim.port == 80
+        # The firmware's build target is the rig's ota.host; port 0: the gateway's free port.
+        assert rig.ota.host == HOST
+        assert rig.ota.gateway_port == 0
+        dns = rig.ota.dns_config
+        assert dns is not None
+        assert dns.listen_address(rig.ota.gateway_host or "127.0.0.1") == ("127.0.0.1", 0)
 
 
 # ------------------------------------------------------------------------------- the scenario
 class Shipped:
-    """A simulated shipped nRF52832, a mock service and a gateway, and a scenario over them."""
+    """A simulated shipped nRF52832, a mock service, a gateway and hil's DNS answering the
+    firmware's host with the gateway's address, and a scenario over them."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.rig = load(tmp_path, shipped_document(tmp_path / "state"))
         self.mock = MockOneNet(access_key=os.environ[KEY_ENV],
                                timeline_path=tmp_path / "mock.jsonl").start()
-        self.gateway = Gateway(self.mock.url, timeline=Timeline(tmp_path / "gw.jsonl")).start()
+        self.gateway = Gateway(self.mock.url, timeline=Timeline(tmp_path / "gw.jsonl"),
+                               keep_host=True).start()
+        self.dns = DnsServer({HOST: "127.0.0.1"}, "127.0.0.1", 0).start()
+        self.questions: list[str] = []       # every name the DNS was asked for
+        answer = self.dns.resolver.resolve
+
+        def counted(request: Any, handler: Any) -> Any:
+            self.questions.append(str(request.q.qname).rstrip("."))
+            return answer(request, handler)
+        self.dns.resolver.resolve = counted  # type: ignore[method-assign]
         self.parts = RigParts(self.rig).__enter__()
         self.board = Board(self.parts)
         self.board.restore_base(None)
@@ -108,10 +132,11 @@ class Shipped:
         self.ota = OtaScenario(rig=self.rig, board=self.board, gateway=self.gateway,
                                mock=self.mock,
                                profile=load_profile(ROOT / "fixtures/expectations/onenet.yaml"),
-                               package=self.package, target="1.1.0")
+                               package=self.package, target="1.1.0", dns=self.dns)
 
     def close(self) -> None:
         self.parts.close()
+        self.dns.stop()
         self.gateway.stop()
         self.gateway.timeline.close()
         self.mock.stop()
@@ -140,9 +165,28 @@ def test_an_attempt_ends_on_its_final_report_and_reads_the_booted_version_at_the
     assert shipped.ota.booted_versions() == ["1.1.0"]
     reports = [e for e in attempt.exchanges if e.phase is Endpoint.VERSION]
     assert [e.request_body for e in reports][-1].count("1.1.0") == 1
-    # Hard-coded host: the firmware named it, whatever address it reached.
-    assert {e.request_headers.get("host") for e in attempt.exchanges} == {"ota.heclouds.com"}
+    # Hard-coded host: the firmware named it (and its build's port, not http's 80), whatever
+    # address it reached, which it asked hil's DNS for: at the check at boot and at the report
+    # after the reboot into the new image, at least.
+    port = urlsplit(shipped.gateway.url).port
+    assert {e.request_headers.get("host") for e in attempt.exchanges} == {f"{HOST}:{port}"}
+    assert shipped.questions.count(HOST) >= 2
     assert shipped.board.version() == "1.1.0"       # its boot-log line, after a reset
+    nothing_typed(shipped)
+
+
+@pytest.mark.parametrize("dns", ["stopped", "refusing"])
+def test_a_shipped_board_whose_dns_answers_nothing_never_reaches_the_gateway(shipped, dns):
+    address = shipped.dns.address
+    shipped.dns.stop()
+    if dns == "refusing":      # up, but authoritative for no name the firmware asks
+        shipped.dns = DnsServer({}, *address).start()
+    shipped.board.point_at(shipped.gateway.url, address)
+    since = shipped.board.console.mark()
+    shipped.board.start_update()                    # a reset: the firmware checks at boot
+    shipped.board.console.expect(rf"^E: ota: cannot resolve {HOST}; no update check$", 30,
+                                 since=since)
+    assert shipped.ota.exchanges() == []
     nothing_typed(shipped)
 
 

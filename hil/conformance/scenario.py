@@ -60,6 +60,7 @@ from hil.faults.catalog import (
     needs_a_shell,
 )
 from hil.gateway import Armed, Fault, FaultKind, Gateway
+from hil.gateway.dns import DnsServer
 from hil.onenet.codes import Errno
 from hil.onenet.messages import DetectAnswer, Endpoint
 from hil.onenet.ranges import resolve_range
@@ -193,10 +194,11 @@ class OtaScenario:
 
     def __init__(self, *, rig: Rig, board: Board, gateway: Gateway, mock: MockOneNet | None,
                  profile: Profile, package: Package, target: str,
-                 base_package: Package | None = None) -> None:
+                 base_package: Package | None = None, dns: DnsServer | None = None) -> None:
         self.rig = rig
         self.board = board
         self.gateway = gateway
+        self.dns = dns          # hil's DNS answering the rig's ota.host (a hard-coded host)
         self.mock = mock
         self.profile = profile
         self.package = package
@@ -383,7 +385,8 @@ class OtaScenario:
         than ``deadline()`` gives an attempt with ``timed_out``; ``expect`` says so."""
         self.ensure_task()
         if not self._pointed:
-            self.board.point_at(self.gateway.url)
+            self.board.point_at(self.gateway.url,
+                                self.dns.address if self.dns is not None else None)
             self._pointed = True
         if self.board.shell_less:
             return self._finished(self._update_shell_less(until_boot, timeout or self.deadline()))

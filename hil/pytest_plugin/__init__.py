@@ -844,7 +844,8 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
     mock = request.getfixturevalue("ota_service") if hil_options.ota_service == "mock" else None
     scenario = OtaScenario(rig=rig, board=board, gateway=gateway, mock=mock,
                            profile=hil_options.profile, package=package, target=target,
-                           base_package=hil_options.base_package(rig))
+                           base_package=hil_options.base_package(rig),
+                           dns=request.getfixturevalue("ota_dns"))
     if reporting.alluredir(request.config):
         reporting.label(request.node, rig, firmware=board.version(), target=target)
         clock = request.node.stash[reporting.CLOCK] = reporting.AttemptClock()

@@ -7,9 +7,9 @@
 
 A board without a shell (``console.shell: none``) is never typed at: ``command`` refuses (a
 RigFault), ``start_update`` pulls the rig's ``ota.trigger`` (a reset through the flasher, a power
-cycle through the supply, or nothing: the firmware's own timer), and ``point_at`` asks the
-network to take the firmware's hard-coded host to the gateway (a simulated bench's ``resolve``;
-on a lab network hil's DNS does it). Its version comes from its boot-log line
+cycle through the supply, or nothing: the firmware's own timer), and ``point_at`` tells a
+simulated bench's network which DNS server answers the firmware's hard-coded host (hil's; on a
+lab network the router hands hil's DNS out). Its version comes from its boot-log line
 (``console.events.boot``) when the rig gives one, else from the service (``watch_service``).
 """
 
@@ -78,12 +78,14 @@ class Board:
         raise RigFault("console", f"{self.contract.command('version')!r} printed no version "
                        "line before OK", self.rig.name)
 
-    def point_at(self, url: str) -> None:
+    def point_at(self, url: str, dns: tuple[str, int] | None = None) -> None:
+        """``ota server <url>``. A board without a shell reaches its hard-coded host: a
+        simulated bench's network is told the DNS server that answers it (hil's, ``dns``) and
+        the gateway's port; a lab network's DNS is the rig's own setup (README)."""
         if not self.shell_less:
             self.command("server", url=url)
         elif self.parts.bench is not None:
-            self.parts.bench.route_ota_host(url)
-        # else the lab network takes the firmware's host to the gateway (hil's DNS)
+            self.parts.bench.route_ota_host(url, dns)
 
     def start_update(self) -> None:
         """``ota check``; a board without a shell: the rig's ``ota.trigger``."""

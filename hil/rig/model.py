@@ -380,10 +380,9 @@ class Sim(BaseModel):
     http_timeout: Positive = 5.0      # the firmware's HTTP timeout, seconds
     chunk_size: Annotated[int, Field(gt=0, strict=True)] = 4096
     # The firmware as it ships (hil.sim.firmware): no shell, a check for an update at every
-    # boot (and every ota.check_period seconds when set), a hard-coded OTA host and port.
+    # boot (and every ota.check_period seconds when set), built to reach ota.host:ota.port,
+    # which it resolves through hil's DNS (ota.dns) at each attempt.
     shipped: bool = False
-    host: Annotated[str, Field(min_length=1)] = "ota.heclouds.com"
-    port: Annotated[int, Field(gt=0, lt=65536, strict=True)] = 80
 
     @field_validator("defects")
     @classmethod
@@ -472,6 +471,20 @@ class Rig(BaseModel):
                 raise ValueError("sim.shipped: firmware as it ships has no test shell; set "
                                  "console.shell: none")
             return self
+        if self.sim is not None and self.sim.shipped:
+            # The simulated network has no DNS but hil's: the firmware's host resolves there.
+            if self.ota.host is None:
+                raise ValueError("sim.shipped: the firmware is built to reach ota.host; give it "
+                                 "(ota: {host: ota.heclouds.com, port: 0, dns: {listen: "
+                                 "'127.0.0.1:0'}})")
+            if not self.ota.serves_dns:
+                raise ValueError("ota.dns: false: a simulated network has no DNS but hil's, "
+                                 f"and the shipped firmware could not resolve {self.ota.host}")
+            dns = self.ota.dns_config
+            if dns is not None and dns.listen is None:
+                raise ValueError("ota.dns.listen: give one on a simulated rig, '127.0.0.1:0' (a "
+                                 "free port: the bench asks hil's DNS where it listens; the "
+                                 "default, port 53, needs root)")
         for part in ("power", "rf"):
             if getattr(self, part).kind == "console":
                 raise ValueError(f"{part}.kind: console is the firmware's test hook, and this "

@@ -58,10 +58,10 @@ real firmware does, so the conformance suite's power to catch them can be measur
 runs it. No shell: console input is ignored, the console is a read-only log (``I: app: firmware
 version V`` at boot, ``I: ota: ...`` lines, never the contract's events). At every boot it reports
 the outcome of a pending install (201/204), then runs one attempt (steps 1..7); with a
-``check_period`` it runs one again every that many seconds. It talks to a hard-coded host and port
-(``host``, ``port``; ``Host:`` carries the name), whose address it asks the network for
-(``Platform.resolve``: the lab network's DNS and the router's port forward); an unresolved host
-skips the check, logged.
+``check_period`` it runs one again every that many seconds. It talks to the host and port its
+build names (``host``, ``port``: the rig's ``ota.host``/``ota.port``; ``Host:`` carries the
+name), whose address it asks the network for at each attempt (``Platform.resolve``: the rig's
+DNS, hil's); a name that does not resolve skips the check, logged (``cannot resolve``).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import requests
 
@@ -130,8 +131,9 @@ class Platform(Protocol):
         """The signal level the radio reports now (after the rig's attenuator)."""
 
     def resolve(self, host: str, port: int) -> str | None:
-        """The base URL the network takes ``host:port`` to (its DNS answer and any port
-        forward), or None when the name does not resolve. Shipped firmware only."""
+        """The base URL the network takes ``host:port`` to (its DNS answer), or None when the
+        name does not resolve. ``port`` 0: the free port a simulated build was given, which the
+        network knows. Shipped firmware only."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ class Firmware:
     def __init__(self, platform: Platform, state_dir: Path, identity: DeviceIdentity, *,
                  defects: frozenset[Defect] = frozenset(), http_timeout: float = HTTP_TIMEOUT_S,
                  chunk_size: int = CHUNK_SIZE, clock: Callable[[], float] = time.time,
-                 shipped: bool = False, host: str = "ota.heclouds.com", port: int = 80,
+                 shipped: bool = False, host: str | None = None, port: int = 80,
                  check_period: float | None = None) -> None:
         self.platform = platform
         self.board = platform.board
@@ -380,7 +382,7 @@ class Firmware:
         if not self.shipped:
             server = self.nvs.load().get("server")
             return server if isinstance(server, str) else None
-        resolved = self.platform.resolve(self.host, self.port)
+        resolved = self.platform.resolve(self.host, self.port) if self.host else None
         if resolved is None:
             self._say(generation, f"E: ota: cannot resolve {self.host}; no update check")
         return resolved
@@ -721,7 +723,7 @@ class Firmware:
         self._alive(generation)
         try:
             answer = http.get(f"{server}/ota/south/download/{task.token}",
-                              headers=self._headers(Range=f"bytes={start}-{end}"),
+                              headers=self._headers(server, Range=f"bytes={start}-{end}"),
                               timeout=self.http_timeout)
             body = answer.content
         except requests.Timeout:
@@ -758,12 +760,14 @@ class Firmware:
             http.trust_env = False       # a simulated board has no proxy settings
             yield http
 
-    def _headers(self, **more: str) -> dict[str, str]:
+    def _headers(self, server: str, **more: str) -> dict[str, str]:
         """Every request's headers: the Authorization, and (shipped) the name of the host it
-        was built to reach, whatever address that resolved to (as real clients send it)."""
+        was built to reach, whatever address that resolved to, with the port when it is not
+        http's 80 (as real clients send it)."""
         headers = {"Authorization": self._authorization(), **more}
-        if self.shipped:
-            headers["Host"] = self.host if self.port == 80 else f"{self.host}:{self.port}"
+        if self.shipped and self.host:
+            port = urlsplit(server).port or 80
+            headers["Host"] = self.host if port == 80 else f"{self.host}:{port}"
         return headers
 
     def _authorization(self) -> str:
@@ -777,7 +781,7 @@ class Firmware:
         self._alive(generation)
         try:
             answer = http.request(method, server + path, timeout=self.http_timeout,
-                                  headers=self._headers(), **kwargs)
+                                  headers=self._headers(server), **kwargs)
             body = answer.json()
         except (requests.RequestException, ValueError):
             body = None
