@@ -111,8 +111,8 @@ class Shipped:
     """A simulated shipped nRF52832, a mock service, a gateway and hil's DNS answering the
     firmware's host with the gateway's address, and a scenario over them."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.rig = load(tmp_path, shipped_document(tmp_path / "state"))
+    def __init__(self, tmp_path: Path, **changes: Any) -> None:
+        self.rig = load(tmp_path, shipped_document(tmp_path / "state", **changes))
         self.mock = MockOneNet(access_key=os.environ[KEY_ENV],
                                timeline_path=tmp_path / "mock.jsonl").start()
         self.gateway = Gateway(self.mock.url, timeline=Timeline(tmp_path / "gw.jsonl"),
@@ -200,8 +200,8 @@ def test_an_attempt_ends_on_a_refused_detect(shipped):
     nothing_typed(shipped)
 
 
-def test_an_attempt_ends_on_silence(shipped):
-    # A cancelled token: the board gives up without a report (ONENET.md): nothing final.
+def test_an_attempt_ends_on_a_token_check_that_ends_the_task(shipped):
+    # A cancelled token: the board gives up without a report (ONENET.md): that is its last word.
     shipped.ota.inject("cancel")
     attempt = shipped.ota.update()
     assert attempt.ended
@@ -210,6 +210,22 @@ def test_an_attempt_ends_on_silence(shipped):
     assert attempt.exchanges[-1].errno == Errno.TASK_CANCELLED
     shipped.ota.expect("token-ended")
     nothing_typed(shipped)
+
+
+def test_an_attempt_ends_on_silence(tmp_path, monkeypatch):
+    # A board that never reports a failure: after the corrupt package's md5 check its last
+    # request is the 101; only silence ends the attempt.
+    monkeypatch.setenv(KEY_ENV, new_access_key())
+    silent = Shipped(tmp_path, sim__defects=["silent-after-failure"])
+    try:
+        silent.ota.inject("corrupt")
+        attempt = silent.ota.update()
+        assert attempt.ended
+        assert not attempt.timed_out
+        assert [e.result for e in attempt.exchanges if e.phase is Endpoint.REPORT] == [101]
+        nothing_typed(silent)
+    finally:
+        silent.close()
 
 
 @pytest.mark.parametrize(("name", "params", "hook"), [

@@ -13,7 +13,8 @@ The console explains it: its events are kept in order with the boot lines (``tra
 A board without a shell (``console.shell: none``) is read at the service instead: an attempt
 starts with the rig's trigger (a reset, a power cycle, the firmware's timer) and is its
 requests from then on; it ends on a
-final report (any result but 101) or a refused detect followed by ``QUIET_AFTER_END_S`` with no
+final report (any result but 101), a refused detect or a token check answered 12/20/22 (the
+task is over: the board stops without a report) followed by ``QUIET_AFTER_END_S`` with no
 request, on ``silence()`` seconds with no request at all, or (``until_boot``) on the next boot.
 Its events are the exchanges, told as the contract's events (``ota phase=report result=201``);
 its boot lines are the version reports that follow the first (a boot-log line,
@@ -79,7 +80,7 @@ _SLOWEST_LINK = 20_000            # bytes/s a slow lab board still downloads at
 _SLACK_SIM_S, _SLACK_REAL_S = 4.0, 60.0
 # A shell-less board's attempt is over this long after its final report or refused detect, if
 # nothing followed (a board that goes on after either does so within a round trip).
-QUIET_AFTER_END_S = 1.0
+QUIET_AFTER_END_S = 0.5
 _POLL_S = 0.05
 
 
@@ -181,11 +182,18 @@ def told(exchange: Exchange) -> Event:
     return Event("ota", fields)
 
 
+# Token-check answers after which a board ends its attempt without a report (ONENET.md).
+_TOKEN_ENDED = (Errno.TOKEN_EXPIRED, Errno.TASK_FINISHED, Errno.TASK_CANCELLED)
+
+
 def _final(exchange: Exchange) -> bool:
-    """The board's last word in an attempt: a result other than 101, or a refused detect."""
+    """The board's last word in an attempt: a result other than 101, a refused detect, or a
+    token check answered that the task is over."""
     if exchange.result is not None and exchange.result > 101 and \
             (exchange.phase is Endpoint.REPORT or exchange.phase is Endpoint.PROGRESS):
         return True
+    if exchange.phase is Endpoint.TOKEN_CHECK:
+        return exchange.errno in _TOKEN_ENDED
     return exchange.phase is Endpoint.DETECT and exchange.errno not in (None, Errno.OK)
 
 
