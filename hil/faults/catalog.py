@@ -452,7 +452,8 @@ def needs_a_shell(name: str, params: Mapping[str, Any], *, power: str, rf: str) 
     if name == "power-cut" and params.get("during") == "flash":
         # The cut is timed to the write by the board's own line (``ota phase=flash bytes=N``):
         # the service sees nothing between the 101 and the reboot to time it by.
-        return "the contract's flash-write line `ota phase=flash bytes=N` to time the cut by"
+        return ("the firmware hook `ota phase=flash bytes=N` (the contract's flash-write line, "
+                "which the cut is timed by)")
     return None
 
 
