@@ -14,7 +14,7 @@ import yaml
 
 from hil.conformance.expectations import load_profile
 from hil.conformance.scenario import OtaScenario
-from hil.errors import ConfigError, RigFault, Unsupported
+from hil.errors import ConfigError, ConformanceFailure, RigFault, Unsupported
 from hil.gateway import Gateway
 from hil.gateway.dns import DnsServer
 from hil.onenet.codes import Errno
@@ -243,3 +243,17 @@ def test_no_shell_command_is_ever_sent(shipped):
     with pytest.raises(RigFault, match="has no shell"):
         shipped.board.command("version")
     nothing_typed(shipped)
+
+
+def test_a_201_sent_before_the_reboot_is_caught_at_the_service(tmp_path, monkeypatch):
+    # The console says nothing a test can read; the 201 came on the download's connection,
+    # which the reboot into the new image would have closed.
+    monkeypatch.setenv(KEY_ENV, new_access_key())
+    early = Shipped(tmp_path, sim__defects=["201-before-reboot"])
+    try:
+        early.ota.update()
+        with pytest.raises(ConformanceFailure, match=r"expected 201 only after the board "
+                           r"rebooted.*on the connection its download used"):
+            early.ota.expect("success")
+    finally:
+        early.close()

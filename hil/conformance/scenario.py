@@ -20,8 +20,10 @@ Its events are the exchanges, told as the contract's events (``ota phase=report 
 its boot lines are the version reports that follow the first (a boot-log line,
 ``console.events.boot``, tells ``Board.version`` what runs, but its stamp cannot bound
 exchanges: the console is polled, and lags on a loaded host). From the service
-alone a 201 sent just before the reboot cannot be told from one sent just after it: on a
-shell-less board the order check is that the board reported the target version after its 201.
+alone a 201 sent just before the reboot cannot be told by its time from one sent just after
+it: on a shell-less board the order checks are that the board reported the target version
+after its 201, and that the 201 did not come on a TCP connection its download or 101 used (a
+reboot closes them; the gateway numbers connections).
 
 A broken expectation raises ``ConformanceFailure`` naming the phase, the expected and the
 received codes; a scenario the rig or service cannot run raises ``Unsupported`` (a skip). Once
@@ -635,12 +637,33 @@ class OtaScenario:
                            f"(rig {self.rig.name}); the board downloaded {len(late)} more "
                            f"range(s) after reporting it, the first: {late[0].summary()}")
         if self.board.shell_less:
-            return      # see the module docstring: expect() checks the target booted after
+            # See the module docstring: expect() checks the target booted after its 201.
+            self._check_201_after_a_reboot(exchanges)
+            return
         reported = [e for e in self.trace if e.tag == "boot"
                     or (e.fields.get("phase") == "report" and e.fields.get("result") == "201")]
         if reported and reported[0].tag != "boot":
             self._fail("report", f"expected 201 only after the board rebooted into the new "
                        f"image (rig {self.rig.name}); it reported 201 before any boot line")
+
+    def _check_201_after_a_reboot(self, exchanges: list[Exchange]) -> None:
+        """From the service: a 201 on a TCP connection that carried the attempt's download or
+        101 was sent before the reboot, which closes every connection (the gateway numbers
+        them, ``Exchange.connection``). A board that opens a connection per request passes
+        whenever it sends the 201: this check can only catch, never wrongly fail."""
+        before_a_reboot: set[int] = set()
+        for exchange in exchanges:
+            if exchange.connection is None:
+                continue
+            if exchange.phase is Endpoint.REPORT and exchange.result == 201 \
+                    and exchange.connection in before_a_reboot:
+                self._fail("report", f"expected 201 only after the board rebooted into the new "
+                           f"image (rig {self.rig.name}); it came on the connection its "
+                           f"download used (connection {exchange.connection}), which a reboot "
+                           f"would have closed: {exchange.summary()}")
+            if exchange.phase is Endpoint.DOWNLOAD or (
+                    exchange.phase is Endpoint.REPORT and exchange.result == 101):
+                before_a_reboot.add(exchange.connection)
 
     def _fault_note(self) -> str:
         return f"; fault {', '.join(f.label for f in self.faults)}" if self.faults else ""
