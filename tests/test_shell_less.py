@@ -257,3 +257,18 @@ def test_a_201_sent_before_the_reboot_is_caught_at_the_service(tmp_path, monkeyp
             early.ota.expect("success")
     finally:
         early.close()
+
+
+def test_a_board_without_a_boot_line_is_read_at_the_service_before_any_update(tmp_path,
+                                                                              monkeypatch):
+    # What the report's labels ask first, before the scenario's first update: the board's
+    # network must already take it to the gateway, or its version report never comes.
+    monkeypatch.setenv(KEY_ENV, new_access_key())
+    quiet = Shipped(tmp_path, console__events={})
+    try:
+        assert not quiet.board.boot_line
+        assert quiet.board.version() == "1.0.0"
+        assert [e.phase for e in quiet.ota.exchanges()][:1] == [Endpoint.VERSION]
+        nothing_typed(quiet)
+    finally:
+        quiet.close()

@@ -224,7 +224,10 @@ class OtaScenario:
         self._pointed = False
         self._next_start: float | None = None   # a shell-less board's boot that began the next
         if board.shell_less:
+            # Its version is read at the service (a boot after a reset): the board's network
+            # must take it there from the start, before the first update.
             board.watch_service(self._service_versions)
+            self._point()
         # Called with each attempt once it is over (the report draws its steps from them).
         self.observers: list[Callable[[OtaScenario, Attempt], None]] = []
 
@@ -394,10 +397,7 @@ class OtaScenario:
         an attempt cut short by a power cut or a reboot never ends). A board that takes longer
         than ``deadline()`` gives an attempt with ``timed_out``; ``expect`` says so."""
         self.ensure_task()
-        if not self._pointed:
-            self.board.point_at(self.gateway.url,
-                                self.dns.address if self.dns is not None else None)
-            self._pointed = True
+        self._point()
         if self.board.shell_less:
             return self._finished(self._update_shell_less(until_boot, timeout or self.deadline()))
         before = len(self.gateway.timeline.exchanges(self.dev_id))
@@ -428,6 +428,14 @@ class OtaScenario:
             observer(self, attempt)
         self.gateway.raise_errors()
         return attempt
+
+    def _point(self) -> None:
+        """The board pointed at the gateway, once (``ota server``; a shell-less board's network
+        told hil's DNS)."""
+        if not self._pointed:
+            self.board.point_at(self.gateway.url,
+                                self.dns.address if self.dns is not None else None)
+            self._pointed = True
 
     # ---------------------------------------------------------------- boards without a shell
     def silence(self) -> float:
