@@ -339,7 +339,7 @@ def test_detect_answer_without_address_has_neither_key():
     ("8080", 8080),        # the platform's form
     (8080, 8080),          # a service that sends an integer: read as lenient clients do
     ("80", 80), ("65535", 65535),
-    ("0", None), ("65536", None), (-1, None), ("", None), ("8o8o", None), ("８０", None),
+    ("0", None), ("65536", None), (-1, None), ("", None), ("8o8o", None), ("\uff18\uff10", None),
     ("+80", None), (" 80", None), (80.0, None), (True, None), (None, None),
 ])
 def test_detect_answer_reads_ip_port_as_string_or_integer(ip_port, expected):
