@@ -6,13 +6,16 @@
     hil serve         the mock OneNET OTA service for one device (or a --tasks file of several)
     hil token         print an Authorization value (the seed's Python snippet, as a command)
     hil rigs          list the rigs in rigs/ with their board and capabilities
-    hil rigs check    check rig files and that each part of each rig answers
+    hil rigs check    check rig files and that each part of each rig answers (with --firmware,
+                      that the base image is for the rig's board and boots on a simulated one)
     hil flash         flash an image through a rig's flasher
     hil console       an interactive terminal on a rig's console
     hil sim image     write a firmware image for a simulated board, its version inside
     hil sim up        run a simulated rig's bench until stopped (a board on a pty for others)
     hil suite         the conformance suite on the simulated rigs (or the rigs named), then
-                      its Allure report and sign-off (what `python3 dev.py run` runs)
+                      its Allure report and sign-off (what `python3 dev.py run` runs); the
+                      build (--firmware, --package, --target-version) is checked first, each
+                      finished test is a line, Ctrl-C stops it all in one line (exit 130)
     hil defects       the suite's power: the conformance suite against each named defect of
                       the simulated firmware, a table of the tests that caught each one
     hil report        the Allure HTML report of one or several results directories, and the
@@ -316,19 +319,44 @@ def check_rig(rig: Rig) -> bool:
     return all(check.ok for check in checks)
 
 
+def check_base(rig: Rig, firmware: Path) -> bool:
+    """Is ``firmware`` a base image for ``rig`` that boots on a simulated board of its family?
+    One line; True when it is."""
+    from hil.rig.inputs import SUITE_FLAGS, BoardBuild, check_builds
+
+    build = BoardBuild(rig.board, None, None, firmware, firmware)
+    try:
+        found = check_builds({rig.board: build}, [rig], flags=SUITE_FLAGS)
+    except ConfigError as error:
+        print(f"{rig.name:<16} {'boot':<8} FAULT  {error}")
+        return False
+    detail = found.lines[-1].split(": ", 1)[1]
+    print(f"{rig.name:<16} {'boot':<8} ok     {detail}")
+    return True
+
+
 def cmd_rigs_check(args: argparse.Namespace) -> int:
+    from hil.rig.inputs import per_board
+
     paths = _rig_paths(args)
     if not paths:
         print(f"no rig files in {args.rigs_dir}")
         return 1
+    try:
+        firmware = per_board("--firmware", args.firmware or [])
+    except ConfigError as error:
+        _fail("hil rigs check", str(error))
     ok = True
     for path in paths:
         rig = _load(path)
         if isinstance(rig, ConfigError):
             print(f"{path.stem:<16} {'file':<8} FAULT  {rig}")
             ok = False
-        else:
-            ok = check_rig(rig) and ok
+            continue
+        ok = check_rig(rig) and ok
+        image = firmware.get(rig.board, firmware.get(None))
+        if image is not None:
+            ok = check_base(rig, Path(image)) and ok
     return 0 if ok else 1
 
 
@@ -535,6 +563,108 @@ def _report(prog: str, results_dirs: list[Path], output: Path, waive: Path | Non
     return 0 if signoff.go else 1
 
 
+EXIT_INTERRUPTED = 130     # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+STOP_GRACE_S = 30.0        # after Ctrl-C: how long pytest may take to tear its tests down
+
+
+def _suite_build(args: argparse.Namespace, prog: str) -> list[str]:
+    """The rigs and the build, checked before pytest starts (``hil.rig.inputs``); the pytest
+    options that pass them on, with the files as absolute paths."""
+    from hil.rig.inputs import SUITE_FLAGS, check_builds, resolve_builds
+    from hil.rig.model import find_rig
+
+    rigs_dir = args.root / "rigs"
+    paths = [find_rig(name, rigs_dir) for name in args.rigs] or sorted(rigs_dir.glob("sim-*.yaml"))
+    rigs = []
+    for path in paths:
+        rig = _load(path)
+        if isinstance(rig, ConfigError):
+            _fail(prog, str(rig))
+        rigs.append(rig)
+    try:
+        builds = resolve_builds([rig.board for rig in rigs], firmware=args.firmware or [],
+                                package=args.package or [], target=args.target_version or [],
+                                root=args.root, base_dir=Path.cwd(), flags=SUITE_FLAGS)
+        found = check_builds(builds, rigs, flags=SUITE_FLAGS)
+    except ConfigError as error:
+        _fail(prog, str(error))
+    for warning in found.warnings:
+        print(f"{prog}: warning: {warning}", file=sys.stderr, flush=True)
+    for line in found.lines:
+        print(f"{prog}: {line}", flush=True)
+    options = [f"--hil-rig={path.resolve()}" for path in paths] if args.rigs else []
+    for build in builds.values():
+        if build.firmware is not None:
+            options.append(f"--hil-firmware={build.board}={build.firmware.resolve()}")
+        if build.package_given and build.package is not None:
+            options.append(f"--hil-package={build.board}={build.package.resolve()}")
+        if build.target_given and build.target is not None:
+            options.append(f"--hil-target-version={build.board}={build.target}")
+    return options
+
+
+class _Suite:
+    """pytest run in its own session (so the terminal's Ctrl-C reaches hil alone), its output
+    relayed line by line. ``interrupt()`` sends SIGINT to pytest and its workers and stops the
+    relay: pytest's own interrupt report is not shown, hil says one line instead."""
+
+    def __init__(self, command: list[str], cwd: Path) -> None:
+        self.interrupted = threading.Event()
+        self.finished = ""       # the last progress count relayed, "12/168"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(  # noqa: S603 - this interpreter's own pytest
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace", start_new_session=True)
+        self._relay = threading.Thread(target=self._read, name="hil suite relay", daemon=True)
+        self._relay.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if self.interrupted.is_set():
+                continue
+            if line.startswith("[") and "/" in line.split("]", 1)[0]:
+                self.finished = line[1:].split("]", 1)[0]
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def _signal_group(self, signum: int) -> bool:
+        try:
+            os.killpg(self.process.pid, signum)
+            return True
+        except ProcessLookupError:
+            return False        # every process of the session is gone
+
+    def interrupt(self, *_: object) -> None:
+        if self.interrupted.is_set():          # a second Ctrl-C: no more waiting
+            self._signal_group(signal.SIGKILL)
+            return
+        self.interrupted.set()
+        self._signal_group(signal.SIGINT)
+
+    def wait(self) -> int:
+        """pytest's exit status, once it and its workers are gone (after an interrupt, each
+        gets STOP_GRACE_S to tear down, then SIGTERM, then SIGKILL)."""
+        deadline: float | None = None
+        while True:
+            try:
+                status = self.process.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if self.interrupted.is_set():
+                    deadline = deadline or time.monotonic() + STOP_GRACE_S
+                    if time.monotonic() > deadline:
+                        self._signal_group(signal.SIGKILL)
+        # Workers of an interrupted pytest may outlive it for a moment: none is left behind.
+        stop = time.monotonic() + (STOP_GRACE_S if self.interrupted.is_set() else 5.0)
+        while self._signal_group(0) and time.monotonic() < stop:
+            time.sleep(0.1)
+        if self._signal_group(signal.SIGKILL):
+            time.sleep(0.1)
+        self._relay.join(timeout=5.0)
+        return status
+
+
 def cmd_suite(args: argparse.Namespace) -> int:
     """The conformance suite on the rigs (default: the simulated ones), then its report."""
     import shutil
@@ -543,21 +673,42 @@ def cmd_suite(args: argparse.Namespace) -> int:
     testcases = args.root / "testcases"
     if not testcases.is_dir():
         _fail(prog, f"no testcases/ under {args.root}: give --root, the project directory")
+    started = time.monotonic()
+    try:
+        build = _suite_build(args, prog)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted while checking the build; no test ran", file=sys.stderr)
+        return EXIT_INTERRUPTED
     results = args.out / "allure-results"
     shutil.rmtree(results, ignore_errors=True)       # this run's results only
-    rigs = [arg for name in args.rigs for arg in ("--hil-rig", name)]
-    command = [sys.executable, "-m", "pytest", str(testcases), *rigs, "-n", str(args.workers),
+    command = [sys.executable, "-m", "pytest", str(testcases), *build, "-n", str(args.workers),
                "--dist", "loadgroup", "-p", "no:cacheprovider", "-q", "--no-header",
+               "--hil-progress", "-o", "console_output_style=classic",
                "--hil-check-rigs", f"--alluredir={results}",
                f"--hil-timeline-dir={args.out / 'timelines'}", "--rootdir", str(args.root)]
+    if args.lease_timeout is not None:
+        command.append(f"--hil-lease-timeout={args.lease_timeout}")
+    if sys.stdout.isatty():
+        command.append("--color=yes")
     print(f"{prog}: {' '.join(command[1:])}", flush=True)
-    started = time.monotonic()
-    # This interpreter's own pytest: the suite's summary goes straight to the terminal.
-    suite = subprocess.run(command, cwd=args.root, check=False)  # noqa: S603
-    print(f"{prog}: the suite exited {suite.returncode} after "
-          f"{time.monotonic() - started:.0f} s", flush=True)
-    if suite.returncode not in (0, 1):        # 1: tests failed; anything else: it did not run
-        _fail(prog, f"pytest could not run the suite (exit status {suite.returncode})")
+    suite = _Suite(command, args.root)
+    handlers = {signum: signal.signal(signum, suite.interrupt)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = suite.wait()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    elapsed = time.monotonic() - started
+    if suite.interrupted.is_set():
+        # No report: a partial run is NO-GO by its coverage; the results stay for a look.
+        print(f"{prog}: interrupted after {suite.finished or '0'} tests ({elapsed:.0f} s); "
+              f"pytest and its workers stopped, no report (partial results in {results})",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    print(f"{prog}: the suite exited {status} after {elapsed:.0f} s", flush=True)
+    if status not in (0, 1):        # 1: tests failed; anything else: it did not run
+        _fail(prog, f"pytest could not run the suite (exit status {status})")
     return _report(prog, [results], args.out / "allure-report", args.waive)
 
 
@@ -625,10 +776,14 @@ def build_parser() -> argparse.ArgumentParser:
     # `hil rigs [RIG...]` lists, `hil rigs check [RIG...]` checks. One positional list read by
     # hand: argparse cannot put an optional sub-command before a variable-length positional.
     rigs = commands.add_parser(
-        "rigs", parents=[rigs_dir], usage="hil rigs [check] [--rigs-dir DIR] [RIG ...]",
+        "rigs", parents=[rigs_dir],
+        usage="hil rigs [check] [--rigs-dir DIR] [--firmware [BOARD=]FILE] [RIG ...]",
         help="list the rigs; 'hil rigs check' checks that every part answers")
     rigs.add_argument("rigs", nargs="*", metavar="RIG",
                       help="names or paths (default: all); 'check' first checks them")
+    rigs.add_argument("--firmware", action="append", metavar="[BOARD=]FILE",
+                      help="check: also that this base image is for the rig's board and boots "
+                      "on a simulated one (BOARD=FILE per board, repeatable)")
     rigs.set_defaults(run=cmd_rigs)
 
     flash = commands.add_parser("flash", parents=[rigs_dir], help="flash through a rig")
@@ -665,6 +820,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where allure-results/, allure-report/ and timelines/ go "
                        "(default .hil)")
     suite.add_argument("--waive", type=Path, metavar="FILE", help="rig faults waived (YAML)")
+    per_board = "; BOARD=VALUE per board, repeatable"
+    suite.add_argument("--firmware", action="append", metavar="[BOARD=]FILE",
+                       help="base image flashed before each test (default: fixtures/images/"
+                       f"<board>-1.0.0.bin){per_board}")
+    suite.add_argument("--package", action="append", metavar="[BOARD=]FILE",
+                       help="the build under test, delivered over the air (default: "
+                       f"fixtures/images/<board>-1.1.0.bin){per_board}")
+    suite.add_argument("--target-version", action="append", metavar="[BOARD=]V",
+                       help=f"the version the package reports (default: its own){per_board}")
+    suite.add_argument("--lease-timeout", type=_positive, metavar="S",
+                       help="seconds a test waits for a busy rig (default 600)")
     suite.add_argument("--root", type=Path, default=Path.cwd(),
                        help="the project directory with testcases/ (default: here)")
     suite.set_defaults(run=cmd_suite)

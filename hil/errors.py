@@ -19,6 +19,8 @@ OTA service or the network between.
     │   └── ConformanceFailure an OTA phase ended with other report codes than the profile's
     ├── ServiceFault           the OTA service or the infrastructure around it failed
     │   └── ServiceCrashed     the mock raised on its server thread (re-raised on the test thread)
+    ├── FaultNotLanded         a scenario's injected fault never hit where and when it asked:
+    │                          the test proved nothing (Allure: broken, pytest: ERROR)
     └── Unsupported            this rig or service cannot run the scenario (a skip, with why)
 """
 
@@ -118,6 +120,22 @@ class ServiceFault(HilError):
 
 class ServiceCrashed(ServiceFault):
     """A request handler of the mock service raised; the device got errno 7 (internal error)."""
+
+
+class FaultNotLanded(HilError):
+    """A fault a scenario injected did not hit where and when it asked (a power cut meant for
+    the flash write that came after the board had booted, a gateway fault whose range was never
+    asked for): whatever the board did, the test did not test what it says. Neither the
+    firmware's failure (not an ``AssertionError``) nor the bench's (the rig worked; the fault's
+    timing or target did not meet the board's behaviour): the test is broken, an ERROR.
+
+    ``fault`` is the fault's label (``power-cut during=flash``), ``reason`` what happened
+    instead (``the board printed ota end first``)."""
+
+    def __init__(self, fault: str, reason: str) -> None:
+        super().__init__(f"fault {fault} never hit: {reason}")
+        self.fault = fault
+        self.reason = reason
 
 
 class Unsupported(HilError):

@@ -1,7 +1,8 @@
 """Download: every transport and HTTP fault at the gateway, once (the board must recover and
 finish) and persistently (it must give up with the right code after the first request and
 `retry` retries of the failing range, each at least `interval` after the failure); the final
-error bytes; the operator and the bench acting mid-download."""
+error bytes; the operator and the bench acting mid-download (a cancel, a pause, an expired
+token, a power cut, a reboot, the battery falling)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,20 @@ def test_a_token_expiring_mid_download_ends_in_107(ota):
     attempt = ota.update()
     ota.expect("download-error")
     assert max(attempt.download_starts()) == DEFAULT_AT
+
+
+def test_low_power_mid_download_stops_the_download_with_105(ota):
+    # The battery is fine at detect and falls while the download's third chunk is in flight:
+    # the board must stop writing its flash before the next chunk and report 105 ("download
+    # failed: low battery"), not download on and fail only before flashing (202).
+    ota.inject("thresholds", power=50)
+    ota.inject("low-power", level=20, during="download")
+    attempt = ota.update()
+    ota.expect("low-power-download")
+    assert max(attempt.download_starts()) == DEFAULT_AT, \
+        f"download phase: the board went on downloading on a low battery: " \
+        f"{attempt.download_starts()}"
+    assert ota.booted_versions() == [], "flash phase: the board flashed on a low battery"
 
 
 @pytest.mark.parametrize("fault", ["power-cut", "reboot"])

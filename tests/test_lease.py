@@ -251,3 +251,36 @@ def test_the_same_rig_in_another_lock_dir_is_another_lease(tmp_path, spawn):
     _held_by(spawn, "bench-01", tmp_path / "one")
     with RigLease("bench-01", tmp_path / "two", timeout=1) as lease:
         assert lease.held
+
+
+# ----------------------------------------------------------------- saying so while waiting
+def test_a_busy_rig_says_who_holds_it_once_then_waits(lock_dir, spawn):
+    holder = _held_by(spawn, "bench-01", lock_dir)
+    said: list[str] = []
+    lease = RigLease("bench-01", lock_dir, timeout=0.3, on_wait=said.append)
+    with pytest.raises(RigFault) as caught:
+        lease.acquire()
+    assert len(said) == 1
+    assert said[0].startswith(f"rig bench-01 is busy (held by pid {holder.pid} on ")
+    assert said[0].endswith("), waiting up to 0.3 s")
+    assert str(caught.value).startswith(
+        f"rig bench-01: lease: busy for 0.3 s, held by pid {holder.pid} on ")
+
+
+def test_a_free_rig_is_taken_without_a_word(lock_dir):
+    said: list[str] = []
+    with RigLease("bench-01", lock_dir, timeout=1, on_wait=said.append) as lease:
+        assert lease.held
+    assert said == []
+
+
+def test_by_default_the_waiting_line_goes_to_stderr(lock_dir, spawn):
+    with RigLease("bench-01", lock_dir, timeout=1):
+        waiter = spawn("bench-01", lock_dir, timeout=0.5)
+        waiter.expect("waiting")
+        waiter.expect("fault")
+        waiter.stop()
+    assert waiter.stderr.splitlines() == [
+        line for line in waiter.stderr.splitlines()
+        if line.startswith(f"hil: rig bench-01 is busy (held by pid {os.getpid()} on ")]
+    assert len(waiter.stderr.splitlines()) == 1

@@ -328,7 +328,7 @@ MISTAKES: dict[str, tuple[Any, str, str]] = {
                                   "Extra inputs"),
     "unknown rf key": (edited(NRF, rf__db=10), "rf.db", "Extra inputs"),
     "unknown identity key": (edited(NRF, identity__secret="x"), "identity.secret", "Extra inputs"),
-    "unknown ota key": (edited(NRF, ota__port=80), "ota.port", "Extra inputs"),
+    "unknown ota key": (edited(NRF, ota__url="http://x"), "ota.url", "Extra inputs"),
     # the key itself never lives in a rig file
     "access_key at top level": (edited(NRF, access_key="c2VjcmV0"), "access_key", "Extra inputs"),
     "access_key in identity": (edited(NRF, identity__access_key="c2VjcmV0"),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hil.sim.images import build_image
+
 RIG = """
 name: {name}
 board: {board}
@@ -188,7 +190,8 @@ def test_parts_a_rig_lacks_skip_rather_than_fail(pytester):
 
 def test_ota_task_is_made_for_the_rigs_device_from_the_build_under_test(pytester, monkeypatch):
     write_rig(pytester.path, "bench-esp", board="esp32", dev_id="527776560")
-    (pytester.path / "app.bin").write_bytes(b"\xe9" * 4096)
+    image = build_image("esp32", "2.0.0", payload_size=4096)
+    (pytester.path / "app.bin").write_bytes(image)
     monkeypatch.setenv("HIL_ACCESS_KEY", "KuF3NT/jUBJ62LNBB/A8XZA9CqS3Cu79B/ABmfA1UCw=")
     pytester.makepyfile(test_x="""
         import requests
@@ -196,7 +199,7 @@ def test_ota_task_is_made_for_the_rigs_device_from_the_build_under_test(pytester
         def test_task(ota_task, ota_service, timeline):
             assert (ota_task.dev_id, ota_task.target) == ("527776560", "2.0.0")
             assert (ota_task.manuf, ota_task.model) == ("101", "10101")
-            assert ota_task.package.size == 4096
+            assert ota_task.package.size == IMAGE_SIZE
             answer = requests.get(f"{ota_service.url}/ota/south/check", timeout=5, params={
                 "dev_id": "527776560", "type": 2, "version": "1.0.0", "cdn": "true",
                 "manuf": "101", "model": "10101"},
@@ -206,7 +209,7 @@ def test_ota_task_is_made_for_the_rigs_device_from_the_build_under_test(pytester
 
         def test_service_is_empty_again(ota_service, timeline):
             assert len(timeline) == 0
-    """)
+    """.replace("IMAGE_SIZE", str(len(image))))
     result = run(pytester, "--hil-rig", "bench-esp", "--hil-package", "app.bin",
                  "--hil-target-version", "2.0.0")
     result.assert_outcomes(passed=2)

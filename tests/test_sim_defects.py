@@ -9,6 +9,7 @@ runs afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -178,25 +179,57 @@ def power_cut_mid_download(setup: SimSetup, sim: SimBoard) -> Outcome:
     return observe(setup, sim, setup.update(sim))
 
 
-def battery_drops_during_download(setup: SimSetup, sim: SimBoard) -> Outcome:
-    """The task wants more than 50 % battery; there is 100 % at the start, but while the 10th
-    chunk is in flight the supply drops to 20 %, so the battery is low when it is time to
-    flash."""
+def _battery_drops_at_chunk(setup: SimSetup, sim: SimBoard, chunk: int) -> Outcome:
+    """The task wants more than 50 % battery; there is 100 % at the start, but while the
+    ``chunk``-th chunk is in flight the supply drops to 20 %."""
     in_flight = threading.Event()
     release = threading.Event()
 
-    def hold_tenth(n: int, _: str, __: Forwarded) -> None:
-        if n == 10:
+    def hold(n: int, _: str, __: Forwarded) -> None:
+        if n == chunk:
             in_flight.set()
             release.wait(10)
 
-    on_download(setup, hold_tenth)
+    on_download(setup, hold)
     setup.task(sim, "1.1.0", power=50)
     sim.board.start_update()
-    assert in_flight.wait(10), "the 10th download request never came"
+    assert in_flight.wait(10), f"download request {chunk} never came"
     sim.board.set_power(20)
     release.set()
     return observe(setup, sim, as_text(sim.board.wait_update_end(30)))
+
+
+def battery_drops_at_the_last_chunk(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The battery drops while the last chunk is in flight: the download is whole when the
+    board reads the battery again, before flashing."""
+    return _battery_drops_at_chunk(setup, sim, PACKAGE_SIZE // CHUNK + 1)
+
+
+def battery_drops_mid_download(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The battery drops while the 10th chunk is in flight: seven are still to come."""
+    return _battery_drops_at_chunk(setup, sim, 10)
+
+
+def power_cut_mid_install(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The power goes while the bootloader copies the new image over the primary slot (right
+    after it announced the write); the board is let run on for up to 10 s."""
+    setup.task(sim, "1.1.0")
+    on_download(setup, None)
+    console = sim.board.console
+    start = len(console.lines())
+    sim.board.start_update()
+    sim.board.console.expect(r"ota phase=flash bytes=\d+", 30)
+    supply(sim).output(False)
+    supply(sim).output(True)
+
+    def printed() -> list[str]:
+        return [line.text for line in console.lines()[start:] if not line.sent]
+
+    with contextlib.suppress(AssertionError):   # a board left with no bootable image is silent
+        wait_for(lambda: "ota end" in printed())
+    ended = "ota end" in printed()
+    events = [line for line in printed() if line.startswith("ota phase=")]
+    return observe(setup, sim, events, ended=ended, version=ended)
 
 
 def download_always_fails(setup: SimSetup, sim: SimBoard) -> Outcome:
@@ -310,11 +343,13 @@ def silent(good: Outcome, bad: Outcome) -> None:
 
 
 def installs_bad_md5(good: Outcome, bad: Outcome) -> None:
-    # Both see the bad md5; the good board stops there, the defective one flashes the package.
+    # Both see the bad md5; the good board stops there, the defective one reboots to install
+    # the package, which its bootloader refuses.
     assert "ota phase=verify md5=bad" in good.events
     assert "ota phase=verify md5=bad" in bad.events
-    assert index_of(good.events, "ota phase=flash") == -1
-    assert f"ota phase=flash bytes={PACKAGE_SIZE}" in bad.events
+    assert index_of(good.console, "I: ota: rebooting to install") == -1
+    assert index_of(bad.console, "I: ota: rebooting to install") >= 0
+    assert index_of(bad.console, "E: bootloader: secondary slot image rejected") >= 0
 
 
 def trusts_2xx(good: Outcome, bad: Outcome) -> None:
@@ -332,6 +367,27 @@ def flashes_on_low_battery(good: Outcome, bad: Outcome) -> None:
     assert good.events[-1] == "ota phase=report result=202 errno=0"
     assert index_of(good.events, "ota phase=flash") == -1
     assert f"ota phase=flash bytes={PACKAGE_SIZE}" in bad.events
+
+
+def downloads_on_low_battery(good: Outcome, bad: Outcome) -> None:
+    # The good board stops before the chunk after the drop; the defective one downloads the
+    # rest and is only stopped before flashing.
+    assert len(good.downloads) == 10
+    assert good.events[-2:] == [f"ota phase=download offset={10 * CHUNK} error=low-power",
+                                "ota phase=report result=105 errno=0"]
+    assert len(bad.downloads) == PACKAGE_SIZE // CHUNK + 1
+    assert index_of(bad.events, "ota phase=flash") == -1
+
+
+def installs_atomically(good: Outcome, bad: Outcome) -> None:
+    # Both were cut while copying; the good bootloader copies again from the start, the
+    # defective one boots half an image, which fails its image check.
+    assert "I: bootloader: the last copy was cut short; copying the secondary slot again" \
+        in good.console
+    assert good.events.count(f"ota phase=flash bytes={PACKAGE_SIZE}") == 2
+    assert bad.events.count(f"ota phase=flash bytes={PACKAGE_SIZE}") == 1
+    assert any(line.startswith("E: no bootable image in the primary slot")
+               for line in bad.console), bad.console
 
 
 def reports_after_token_end(good: Outcome, bad: Outcome) -> None:
@@ -392,8 +448,17 @@ DEFECT_SCENARIOS: dict[Defect, Case] = {
         garbage_answer, good=UPGRADED, defective=Expect([101, 205], state="failed"),
         evidence=trusts_2xx),
     Defect.FLASHES_ON_LOW_POWER: Case(
-        battery_drops_during_download, good=Expect([101, 202], state="failed"),
+        battery_drops_at_the_last_chunk, good=Expect([101, 202], state="failed"),
         defective=UPGRADED, evidence=flashes_on_low_battery),
+    Defect.DOWNLOADS_ON_LOW_POWER: Case(
+        battery_drops_mid_download, good=Expect([105], state="failed"),
+        defective=Expect([101, 202], state="failed"), evidence=downloads_on_low_battery),
+    Defect.NON_ATOMIC_INSTALL: Case(
+        # The good board ends up running 1.1.0; the defective one runs nothing, its task
+        # waits in "upgrading" for ever.
+        power_cut_mid_install, good=UPGRADED,
+        defective=Expect([101], version=None, state="upgrading", ended=False),
+        evidence=installs_atomically),
     Defect.REPORTS_AFTER_TOKEN_END: Case(
         expired_token, good=Expect([], state="pending"),
         defective=Expect([107], state="failed"), evidence=reports_after_token_end),

@@ -29,6 +29,15 @@ class BoardFamily:
     flash_base: int               # where flash starts in the address map
     app_offset: int               # where the application image goes, from flash_base
     description: str
+    # What the family's bootloader takes: an MCUboot image (header, then the Cortex-M vector
+    # table) or an ESP-IDF application image (esptool's chip name, its chip id in the header).
+    image_format: str = "mcuboot"
+    esp_chip: str | None = None
+    # Cortex-M parts: where flash and RAM are, to tell whose vector table an image carries
+    # (the initial stack pointer lies in RAM, the reset handler in flash). Ranges cover every
+    # part of the family hil knows (``chips``), end exclusive.
+    flash_range: tuple[int, int] | None = None
+    ram_range: tuple[int, int] | None = None
 
     @property
     def manuf(self) -> str:
@@ -45,16 +54,22 @@ class BoardFamily:
 
 # App offsets: ESP-IDF's default factory app partition; MCUboot's primary slot after a 48 KiB
 # bootloader on nRF52832 and a 32 KiB one on GD32F103 (the layouts the simulated boards use too).
+# Memory: nRF52832 up to 512 KiB flash at 0 and 64 KiB RAM (xxAA); GD32F103 flash at 0x08000000
+# (up to 3 MiB in the series) and up to 96 KiB RAM at 0x20000000.
 BOARDS: dict[str, BoardFamily] = {
     "esp32": BoardFamily(Chip.ESP32, FlasherKind.ESP, "esp32-wroom-32",
                          ("esp32-wroom-32", "esp32-wrover", "esp32"), None, False,
-                         0x0, 0x10000, "Espressif ESP32 (serial ROM bootloader, esptool)"),
+                         0x0, 0x10000, "Espressif ESP32 (serial ROM bootloader, esptool)",
+                         image_format="esp-app", esp_chip="esp32"),
     "nrf52832": BoardFamily(Chip.NRF52832, FlasherKind.SWD, "nrf52832_xxaa",
                             ("nrf52832_xxaa", "nrf52832_xxab"), "nrf52832", False,
-                            0x0, 0xC000, "Nordic nRF52832 (SWD, pyocd builtin target)"),
+                            0x0, 0xC000, "Nordic nRF52832 (SWD, pyocd builtin target)",
+                            flash_range=(0x0, 0x80000), ram_range=(0x20000000, 0x20010000)),
     "gd32": BoardFamily(Chip.GD32, FlasherKind.SWD, "gd32f103c8",
                         ("gd32f103c8", "gd32f103cb", "gd32f103rc"), "gd32f103c8", True,
-                        0x08000000, 0x8000, "GigaDevice GD32F103 (SWD, CMSIS pack)"),
+                        0x08000000, 0x8000, "GigaDevice GD32F103 (SWD, CMSIS pack)",
+                        flash_range=(0x08000000, 0x08300000),
+                        ram_range=(0x20000000, 0x20018000)),
 }
 
 

@@ -8,6 +8,10 @@ run on one worker. The JUnit XML it writes says which tests failed on which rig,
 message: the failure messages name the phase (``download phase: expected report codes [104]
 ...``), which is what the table shows.
 
+Only a failure catches a defect: a test that could not run (a setup error, a rig fault, a fault
+that never landed: ``BROKEN``) proves nothing about the firmware. The table counts those apart,
+and the control rig must have none.
+
     hil defects                              # on rigs/sim-nrf52832.yaml, every defect
     hil defects --rig rigs/sim-gd32.yaml --defect early-101 -n 4
 """
@@ -34,6 +38,9 @@ from hil.sim.bench import expected_addresses
 from hil.sim.defects import Defect
 
 _PHASE = re.compile(r"\b(detect|token|download|verify|flash|report) phase:")
+# A test that failed in its call with one of these did not test the firmware (pytest's JUnit
+# XML writes a call's exception as a <failure> whatever it is; the plugin calls them ERROR).
+BROKEN = ("hil.errors.FaultNotLanded", "hil.errors.RigFault")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Caught:
     messages: list[str] = field(default_factory=list)     # each failure's first line
     passed: int = 0
     skipped: int = 0
+    broken: list[str] = field(default_factory=list)       # tests that could not run
 
 
 def defect_rig(base: dict[str, Any], rig: Rig, defect: Defect | None, root: Path
@@ -106,10 +114,11 @@ def _read_junit(path: Path, rigs: list[tuple[Defect | None, str]]) -> list[Caugh
             continue
         entry = caught[name]
         failure = case.find("failure")
-        if failure is None:
-            failure = case.find("error")
+        message = failure.get("message", "") if failure is not None else ""
         if case.find("skipped") is not None:
             entry.skipped += 1
+        elif case.find("error") is not None or message.startswith(BROKEN):
+            entry.broken.append(re.sub(rf"\[{re.escape(name)}-?", "[", test).replace("[]", ""))
         elif failure is None:
             entry.passed += 1
         else:
@@ -136,6 +145,12 @@ def table(results: list[Caught]) -> str:
     for entry in results:
         if entry.defect and entry.messages:
             lines.append(f"{entry.defect.value}: {entry.messages[0]}")
+    for entry in results:
+        if entry.broken:
+            label = entry.defect.value if entry.defect else "the control"
+            lines.append(f"(not a catch) on {label}, {len(entry.broken)} test(s) could not "
+                         f"run: {', '.join(entry.broken[:3])}"
+                         + (f", +{len(entry.broken) - 3} more" if len(entry.broken) > 3 else ""))
     return "\n".join(lines)
 
 
@@ -145,6 +160,10 @@ def verdict(results: list[Caught]) -> tuple[bool, str]:
     if control.tests:
         return False, (f"the control rig (no defect) failed {len(control.tests)} test(s): "
                        f"{', '.join(control.tests[:3])}; the suite's verdicts mean nothing")
+    if control.broken:
+        return False, (f"the control rig (no defect) could not run {len(control.broken)} "
+                       f"test(s): {', '.join(control.broken[:3])}; the suite's verdicts mean "
+                       "nothing")
     if control.passed == 0:
         return False, "the control rig passed no test: the suite did not run"
     if missed:

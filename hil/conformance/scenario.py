@@ -11,11 +11,14 @@ The console explains it: its events are kept in order with the boot lines (``tra
 "201 only after the reboot" can be checked from the board's own narration.
 
 A broken expectation raises ``ConformanceFailure`` naming the phase, the expected and the
-received codes; a scenario the rig or service cannot run raises ``Unsupported`` (a skip).
+received codes; a scenario the rig or service cannot run raises ``Unsupported`` (a skip). Once
+the test is over, ``check_faults_landed`` raises ``FaultNotLanded`` for a fault that never hit
+where and when it asked (the plugin calls it: the test is an ERROR, whatever it asserted).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -27,9 +30,15 @@ import requests
 from hil.conformance.expectations import Profile
 from hil.drivers.contract import Event
 from hil.drivers.hooks import ConsoleHookPower, ConsoleHookRf
-from hil.errors import ConformanceFailure, ExpectTimeout, ProtocolError, Unsupported
-from hil.faults.catalog import check_params, fault_spec
-from hil.gateway import Armed, Fault, Gateway
+from hil.errors import (
+    ConformanceFailure,
+    ExpectTimeout,
+    FaultNotLanded,
+    ProtocolError,
+    Unsupported,
+)
+from hil.faults.catalog import InjectedFault, Landing, check_params, event_text, fault_spec
+from hil.gateway import Armed, Fault, FaultKind, Gateway
 from hil.onenet.codes import Errno
 from hil.onenet.messages import DetectAnswer, Endpoint
 from hil.onenet.ranges import resolve_range
@@ -37,7 +46,7 @@ from hil.onenet.tasks import Package, Task
 from hil.rig.board import Board
 from hil.rig.model import Rig
 from hil.service.server import MockOneNet
-from hil.service.timeline import Exchange
+from hil.service.timeline import Exchange, FaultHit
 
 DEFAULT_RETRY = 2                 # the suite's tasks: two retries, one second apart
 DEFAULT_INTERVAL = 1
@@ -85,10 +94,14 @@ class Attempt:
 
 
 @dataclass
-class InjectedFault:
-    label: str                    # "stall persistent", as the report shows it
-    where: str
-    armed: list[Armed] = field(default_factory=list)
+class _Trigger:
+    """A console trigger of one fault: ``action`` at the first event of ``phase`` that
+    ``when`` accepts."""
+
+    fault: InjectedFault
+    phase: str
+    action: Callable[[Event], str | None]
+    when: Callable[[Event], bool] | None
 
 
 def started_at(exchange: Exchange) -> float:
@@ -130,7 +143,7 @@ class OtaScenario:
         self.trace: list[Event] = []          # every event and boot line, in order
         self._task_options: dict[str, Any] = {}
         self._no_task = False
-        self._triggers: dict[str, list[Callable[[], None]]] = {}
+        self._triggers: list[_Trigger] = []
         self._pointed = False
         # Called with each attempt once it is over (the report draws its steps from them).
         self.observers: list[Callable[[OtaScenario, Attempt], None]] = []
@@ -160,10 +173,26 @@ class OtaScenario:
         return injected
 
     def arm(self, fault: Fault) -> Armed:
+        if self.faults and fault.kind is FaultKind.HOOK and fault.name is None:
+            # The exchange it hits says which fault it carried out, not just "hook".
+            fault = dataclasses.replace(fault, name=self.faults[-1].label)
         armed = self.gateway.arm(fault)
         if self.faults:
             self.faults[-1].armed.append(armed)
         return armed
+
+    def record_hit(self, phase: str, **where: Any) -> None:
+        fault = self._injecting()
+        fault.hits.append(self.gateway.timeline.record_hit(self.dev_id, fault.label, phase,
+                                                           **where))
+
+    def landing(self, check: Landing) -> None:
+        self._injecting().landings.append(check)
+
+    def _injecting(self) -> InjectedFault:
+        if not self.faults:
+            raise ValueError("no fault is being injected: use ota.inject(name, ...)")
+        return self.faults[-1]
 
     def shape_task(self, **options: Any) -> None:
         if self.task is not None:
@@ -218,8 +247,33 @@ class OtaScenario:
     def send_console(self, command: str, **values: object) -> None:
         self.board.console.send(self.board.contract.command(command, **values))
 
-    def on_event(self, phase: str, action: Callable[[], None]) -> None:
-        self._triggers.setdefault(phase, []).append(action)
+    def on_event(self, phase: str, action: Callable[[Event], str | None], *,
+                 when: Callable[[Event], bool] | None = None) -> None:
+        self._triggers.append(_Trigger(self._injecting(), phase, action, when))
+
+    def _fire(self, event: Event) -> None:
+        """Run the triggers ``event`` is for, once each; record each one's hit."""
+        phase = event.fields.get("phase", "")
+        for trigger in list(self._triggers):
+            if trigger.phase != phase or (trigger.when is not None and not trigger.when(event)):
+                continue
+            self._triggers.remove(trigger)
+            started = time.time()          # the hit is when the action began (a cut's dark
+            detail = trigger.action(event)  # period comes after it)
+            fault = trigger.fault
+            fault.fired.append(len(self.trace))
+            fault.hits.append(self.gateway.timeline.record_hit(
+                self.dev_id, fault.label, phase, at=started, event=event_text(event),
+                detail=detail))
+
+    # ================================================================ did the faults land
+    def check_faults_landed(self) -> None:
+        """Raise ``FaultNotLanded`` for the first fault that did not hit where and when it
+        asked (``InjectedFault.not_landed``)."""
+        for fault in self.faults:
+            reason = fault.not_landed()
+            if reason is not None:
+                raise FaultNotLanded(fault.label, reason)
 
     # ================================================================ running
     def ensure_task(self) -> Task | None:
@@ -268,8 +322,7 @@ class OtaScenario:
             self.trace.append(event)
             if event.tag == "boot":
                 booted.append(event)
-            for action in self._triggers.pop(event.fields.get("phase", ""), []):
-                action()
+            self._fire(event)
 
         try:
             events = self.board.wait_update_end(timeout or self.deadline(), on_event=seen,
@@ -289,6 +342,11 @@ class OtaScenario:
     # ================================================================ what the service saw
     def exchanges(self, phase: Endpoint | None = None) -> list[Exchange]:
         return self.gateway.timeline.exchanges(self.dev_id, phase)
+
+    def fault_hits(self) -> list[FaultHit]:
+        """The hits of this scenario's faults that no exchange shows (a power cut at a console
+        event, a level set before the update), in order."""
+        return self.gateway.timeline.hits(self.dev_id)
 
     def accepted_codes(self) -> list[int]:
         return self.gateway.timeline.reported_codes(self.dev_id)

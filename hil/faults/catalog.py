@@ -22,18 +22,31 @@ Three places inject faults (``Where``):
 
 ``needs`` lists the rig capabilities (``hil.pytest_plugin.CAPABILITIES``) and ``mock`` (the mock
 service) a fault requires; a scenario skips, naming the fault and what is missing, elsewhere.
+``during`` lists the moments a fault can be injected at; any other ``during=`` (or a ``phase=``
+that is not an OTA phase) is refused at ``inject`` with the allowed values.
+
+**Every fault proves it landed** (``InjectedFault.not_landed``, checked by the plugin when the
+test is over; a fault that did not land ends the test as an ERROR, ``FaultNotLanded``): a
+gateway fault must have hit a request (its hits are the exchanges carrying its label); a console
+trigger must have fired, where its check says (the power cut during the flash write came before
+the board booted again); a level set before the update must show in the board's detect
+(``power=20``); a shaped task must have been asked for. Hits that no exchange shows are
+recorded in the timeline (``hil.service.timeline.FaultHit``).
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
 
+from hil.drivers.contract import Event
 from hil.errors import Unsupported
 from hil.gateway import Armed, Fault, FaultKind
 from hil.onenet.messages import Endpoint
+from hil.service.timeline import Exchange, FaultHit
 
 CHUNK = 4096                    # the chunk size of the reference agents (ONENET.md: 4 KiB)
 DEFAULT_AT = 2 * CHUNK          # gateway faults hit the range holding this byte: the third chunk
@@ -43,6 +56,54 @@ class Where(enum.StrEnum):
     GATEWAY = "gateway"
     SERVICE = "service"
     RIG = "rig"
+
+
+def event_text(event: Event) -> str:
+    """The event as the board printed it (``ota phase=flash bytes=66088``)."""
+    return " ".join([event.tag, *(f"{key}={value}" for key, value in event.fields.items())])
+
+
+Landing = Callable[["InjectedFault"], "str | None"]
+
+
+@dataclass
+class InjectedFault:
+    """One fault a scenario injected, and what shows where it hit."""
+
+    label: str                    # "stall persistent", as the report shows it
+    where: str
+    armed: list[Armed] = field(default_factory=list)        # at the gateway
+    hits: list[FaultHit] = field(default_factory=list)      # recorded in the timeline
+    fired: list[int] = field(default_factory=list)          # trace length when a trigger fired
+    landings: list[Landing] = field(default_factory=list)   # why it did not land, or None
+
+    def not_landed(self) -> str | None:
+        """Why this fault did not hit where and when it asked, or None when it did."""
+        for armed in self.armed:
+            if armed.hits == 0:
+                return _missed(armed)
+        for check in self.landings:
+            reason = check(self)
+            if reason is not None:
+                return reason
+        return None
+
+
+def _missed(armed: Armed) -> str:
+    fault = armed.fault
+    what = f"{fault.phase.value} request" if fault.phase is not None else "request"
+    if fault.offset is not None:
+        what += f" holding byte {fault.offset}"
+    if fault.index > 1:
+        return f"it targets the {_ordinal(fault.index)} {what} and the board made " \
+               f"{armed.matched}"
+    return f"the board made no {what}"
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(
+        number % 10, "th")
+    return f"{number}{suffix}"
 
 
 class Injection(Protocol):
@@ -57,6 +118,10 @@ class Injection(Protocol):
 
     def arm(self, fault: Fault) -> Armed:
         """Arm a gateway fault for this scenario (targeted at this board's requests)."""
+
+    @property
+    def target(self) -> str:
+        """The version the update under test boots as."""
 
     @property
     def base_package(self) -> Any:
@@ -81,8 +146,23 @@ class Injection(Protocol):
     def send_console(self, command: str, **values: object) -> None:
         """A contract command, sent without waiting for its answer (from a trigger)."""
 
-    def on_event(self, phase: str, action: Callable[[], None]) -> None:
-        """Run ``action`` on the test's thread when the board prints ``ota phase=<phase>``."""
+    def on_event(self, phase: str, action: Callable[[Event], str | None], *,
+                 when: Callable[[Event], bool] | None = None) -> None:
+        """Run ``action`` on the test's thread when the board prints ``ota phase=<phase>`` (the
+        first such event ``when`` accepts); what it returns is the hit's detail. The hit is
+        recorded for the fault being injected."""
+
+    def record_hit(self, phase: str, **where: Any) -> None:
+        """Record a hit of the fault being injected (one that no exchange shows)."""
+
+    def landing(self, check: Landing) -> None:
+        """A condition the fault being injected must meet once the test is over."""
+
+    def exchanges(self, phase: Endpoint | None = None) -> list[Exchange]: ...
+
+    @property
+    def trace(self) -> list[Event]:
+        """The board's events and boot lines so far, in order."""
 
 
 Params = dict[str, Any]
@@ -97,6 +177,7 @@ class FaultSpec:
     inject: Inject
     needs: tuple[str, ...] = ()
     params: tuple[str, ...] = ()         # what ``ota.inject(name, ...)`` takes besides targeting
+    during: tuple[str, ...] = ()         # the values ``during=`` takes (the first: the default)
 
     def label(self, params: Mapping[str, Any]) -> str:
         """The fault as a report shows it: ``stall persistent``, ``error-byte code=3``."""
@@ -135,9 +216,36 @@ def _outlasting(injection: Injection) -> float:
 
 
 # ---------------------------------------------------------------------------------- service
+def _detect_after(injection: Injection, what: str, shown: tuple[str, int] | None = None
+                  ) -> Landing:
+    """A fault applied before the update (a shaped task, a level set) lands at the board's
+    next detect: there must be one, and, for a level, its query must carry it (``power=20``):
+    the board read the level the fault set, not one from before."""
+    before = len(injection.exchanges())
+
+    def check(fault: InjectedFault) -> str | None:
+        del fault
+        detects = [e for e in injection.exchanges()[before:] if e.phase is Endpoint.DETECT]
+        if not detects:
+            return f"the board made no detect request after {what}"
+        if shown is not None:
+            key, value = shown
+            said = parse_qs(urlsplit(detects[0].target).query).get(key, ["(none)"])[0]
+            if said != str(value):
+                return f"the board's detect (exchange #{detects[0].seq}) said {key}={said}, " \
+                       f"not the {value} the fault set"
+        return None
+    return check
+
+
 def _task(**options: Any) -> Inject:
     def inject(injection: Injection, params: Params) -> None:
-        injection.shape_task(**{**options, **params})
+        shaped = {**options, **params}
+        injection.shape_task(**shaped)
+        injection.record_hit("detect", detail="the task shaped before the update: " + (
+            ", ".join(f"{key}={value}" for key, value in sorted(shaped.items()))
+            if shaped != {"task": None} else "no task"))
+        injection.landing(_detect_after(injection, "the task was shaped"))
     return inject
 
 
@@ -158,26 +266,43 @@ def _wrong_version(injection: Injection, params: Params) -> None:
     it, boots, and runs a version that is not the target."""
     if injection.base_package is None:
         raise Unsupported("fault wrong-version: no base build (--hil-firmware) to deliver")
-    injection.shape_task(package=injection.base_package)
+    _task(package=injection.base_package)(injection, {})
 
 
 # ---------------------------------------------------------------------------------- rig
 def _low_power(injection: Injection, params: Params) -> None:
+    """The battery below the task's threshold: before the update (the board's detect carries
+    the level), while the download is under way (when its third chunk is asked for: the board
+    must not write its flash on a sagging battery, 105), or between download and flash (when
+    its 101 reaches the service: 202)."""
     level = int(params.get("level", 20))
-    if params.get("during", "detect") == "flash":
-        # When the board's 101 reaches the service: the battery sags between download and flash.
+    during = params.get("during", "detect")
+    if during == "download":
+        injection.arm(Fault(FaultKind.HOOK, phase=Endpoint.DOWNLOAD, dev_id=injection.dev_id,
+                            offset=params.get("at", DEFAULT_AT),
+                            action=lambda: injection.set_power(level)))
+    elif during == "flash":
         injection.arm(Fault(FaultKind.HOOK, phase=Endpoint.REPORT, dev_id=injection.dev_id,
                             action=lambda: injection.set_power(level)))
     else:
         injection.set_power(level)
+        injection.record_hit("detect", detail=f"battery at {level} % before the update")
+        injection.landing(_detect_after(injection, "the battery was lowered", ("power", level)))
 
 
 def _bad_signal(injection: Injection, params: Params) -> None:
-    injection.set_signal(int(params.get("level", 5)))
+    level = int(params.get("level", 5))
+    injection.set_signal(level)
+    injection.record_hit("detect", detail=f"signal at {level} before the update")
+    injection.landing(_detect_after(injection, "the signal was lowered", ("signal", level)))
 
 
 def _no_space(injection: Injection, params: Params) -> None:
-    injection.set_free_space(int(params.get("free", 1000)))
+    free = int(params.get("free", 1000))
+    injection.set_free_space(free)
+    injection.record_hit("detect", detail=f"free package storage {free} bytes (the board "
+                         "acknowledged test space)")
+    injection.landing(_detect_after(injection, "the free space was lowered"))
 
 
 def _power_cut(injection: Injection, params: Params) -> None:
@@ -185,16 +310,58 @@ def _power_cut(injection: Injection, params: Params) -> None:
     if during == "download":
         injection.arm(Fault(FaultKind.HOOK, phase=Endpoint.DOWNLOAD, dev_id=injection.dev_id,
                             offset=params.get("at", DEFAULT_AT), action=injection.power_cycle))
-    elif during == "flash":
-        injection.on_event("flash", injection.power_cycle)
-    else:
-        raise ValueError(f"power-cut: during={during!r}; give download or flash")
+        injection.landing(_boots_again(injection))
+        return
+
+    # during=flash: held until the write is under way. The board announces the write as it
+    # starts it (``ota phase=flash bytes=N``, printed by the installer just before its first
+    # erase, hil.sim.firmware); the cut comes at that line, while the write goes on for its
+    # page erases and word writes (hundreds of ms on the real parts).
+    def cut(event: Event) -> str:
+        injection.power_cycle()
+        return "supply output off while the image was being written, then on"
+
+    injection.on_event("flash", cut, when=lambda event: "bytes" in event.fields)
+    injection.landing(_cut_mid_write(injection))
+
+
+def _boots_again(injection: Injection) -> Landing:
+    def check(fault: InjectedFault) -> str | None:
+        del fault
+        if not any(event.tag == "boot" for event in injection.trace):
+            return "the board never booted again after it (no boot line)"
+        return None
+    return check
+
+
+def _cut_mid_write(injection: Injection) -> Landing:
+    """The cut came between the write's start and the end of that write: after it, the board
+    did not boot the target before it announced a write again (the installer starting the
+    interrupted copy over); or it booted its old image (the install did not take), or went
+    silent (a board the cut left without a bootable image). A boot of the target first means
+    the write was over when the cut came."""
+    def check(fault: InjectedFault) -> str | None:
+        trace = injection.trace
+        if not fault.fired:
+            last = next((event_text(e) for e in reversed(trace)), "nothing")
+            return f"the board never announced a flash write (ota phase=flash bytes=...); " \
+                   f"its last event was {last!r}, then it printed ota end first"
+        after = trace[fault.fired[0]:]
+        first = next((e for e in after if e.tag == "boot" or e.fields.get("phase") == "flash"),
+                     None)
+        if first is not None and first.tag == "boot" \
+                and first.fields.get("version") == injection.target:
+            return f"the cut came after the write: the board printed {event_text(first)!r} " \
+                   "before the cut took it"
+        return None
+    return check
 
 
 def _reboot(injection: Injection, params: Params) -> None:
     injection.arm(Fault(FaultKind.HOOK, phase=Endpoint.DOWNLOAD, dev_id=injection.dev_id,
                         offset=params.get("at", DEFAULT_AT),
                         action=lambda: injection.send_console("reboot")))
+    injection.landing(_boots_again(injection))
 
 
 _G, _S, _R = Where.GATEWAY, Where.SERVICE, Where.RIG
@@ -244,22 +411,27 @@ CATALOG: dict[str, FaultSpec] = {spec.name: spec for spec in (
               _wrong_version, needs=("mock",)),
     FaultSpec("token-expired", _S, "the task's token expires (at token check, or mid-download)",
               _operator("expire-token", Endpoint.TOKEN_CHECK), needs=("mock",),
-              params=("during",)),
+              params=("during", "at"), during=("token", "download")),
     FaultSpec("task-finished", _S, "the task finished elsewhere before the token check",
-              _operator("finish", Endpoint.TOKEN_CHECK), needs=("mock",), params=("during",)),
+              _operator("finish", Endpoint.TOKEN_CHECK), needs=("mock",),
+              params=("during", "at"), during=("token", "download")),
     FaultSpec("cancel", _S, "the operator cancels the task (at token check, or mid-download)",
-              _operator("cancel", Endpoint.TOKEN_CHECK), needs=("mock",), params=("during",)),
+              _operator("cancel", Endpoint.TOKEN_CHECK), needs=("mock",),
+              params=("during", "at"), during=("token", "download")),
     FaultSpec("pause", _S, "the operator pauses the task mid-download",
-              _operator("pause", Endpoint.DOWNLOAD), needs=("mock",), params=("during",)),
+              _operator("pause", Endpoint.DOWNLOAD), needs=("mock",),
+              params=("during", "at"), during=("download", "token")),
     # rig
-    FaultSpec("low-power", _R, "the battery below the task's threshold (supply or test power)",
-              _low_power, params=("level", "during")),
+    FaultSpec("low-power", _R, "the battery below the task's threshold (supply or test power)"
+              ": before detect, mid-download or before the flash", _low_power,
+              params=("level", "during", "at"), during=("detect", "download", "flash")),
     FaultSpec("bad-signal", _R, "the signal below the task's threshold (attenuator or test "
               "signal)", _bad_signal, params=("level",)),
     FaultSpec("no-space", _R, "less free package storage than the package (test space)",
               _no_space, needs=("space",), params=("free",)),
     FaultSpec("power-cut", _R, "the supply's output off, then on (during download or flash)",
-              _power_cut, needs=("power_cut",), params=("during", "at")),
+              _power_cut, needs=("power_cut",), params=("during", "at"),
+              during=("download", "flash")),
     FaultSpec("reboot", _R, "sys reboot mid-download", _reboot, params=("at",)),
 )}
 
@@ -272,9 +444,25 @@ def fault_spec(name: str) -> FaultSpec:
             from None
 
 
+# The OTA phases a gateway fault's ``phase=`` may name: the requests a board makes.
+PHASES = tuple(phase.value for phase in Endpoint if phase is not Endpoint.UNKNOWN)
+
+
 def check_params(spec: FaultSpec, params: Mapping[str, Any]) -> None:
+    """Refuse what the fault does not take: an unknown parameter, a ``during=`` it cannot be
+    injected at, a ``phase=`` that is no OTA phase, an ``at=`` where there is no byte offset."""
     allowed = set(spec.params) | (set(_TARGETING) if spec.where is Where.GATEWAY else set())
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ValueError(f"fault {spec.name}: unknown parameter {unknown[0]!r}; it takes "
                          f"{', '.join(sorted(allowed)) or 'none'}")
+    if "during" in params and params["during"] not in spec.during:
+        raise ValueError(f"fault {spec.name}: during={params['during']!r} is not supported; "
+                         f"it takes during={' or '.join(spec.during)}")
+    if "phase" in params and params["phase"] not in PHASES:
+        raise ValueError(f"fault {spec.name}: phase={params['phase']!r} is not supported; it "
+                         f"takes phase={' or '.join(PHASES)}")
+    phase = params.get("during", params.get("phase", spec.during[0] if spec.during else None))
+    if params.get("at") is not None and phase not in (None, "download"):
+        raise ValueError(f"fault {spec.name}: at={params['at']!r} is a byte offset of the "
+                         f"download; it does not apply to {phase}")

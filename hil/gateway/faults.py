@@ -133,6 +133,9 @@ class Fault:
     delay_ms: float | None = None
     variant: str | None = None
     action: Callable[[], None] | None = field(default=None, compare=False)
+    # What the timeline calls it instead of ``label`` (a hook is "hook" by itself; the fault it
+    # carries out is "power-cut during=download").
+    name: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -182,6 +185,8 @@ class Fault:
             raise ValueError(f"Fault.probability: must be in 0..1, not {self.probability!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"Fault.seed: must be an integer, not {self.seed!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValueError(f"Fault.name: must be a string, not {self.name!r}")
 
     def _check(self, name: str, value: object) -> str | None:
         if name == "code":
@@ -195,6 +200,8 @@ class Fault:
     @property
     def label(self) -> str:
         """A short human label of what it does, for the timeline's ``fault`` field."""
+        if self.name is not None:
+            return self.name
         kind = self.kind
         if kind is FaultKind.LATENCY:
             jitter = f"±{self.jitter_ms:g}" if self.jitter_ms else ""

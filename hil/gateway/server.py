@@ -14,9 +14,10 @@ and deliver the answer as the plan says (``hil.gateway.faults``), and record one
 
 Forwarding is faithful: the request goes with its method, target (after the base URL's path),
 HTTP version, headers (names, order and repeats as sent; values without surrounding blanks) and
-body, only ``Host`` rewritten to the service's; the device gets the service's status line and
-headers byte for byte and its body. Two things cannot be passed through as bytes and are
-re-framed: a chunked request body goes with a Content-Length, a chunked answer as one chunk.
+body, only ``Host`` rewritten to the service's (kept as sent with ``keep_host``); the device gets
+the service's status line and headers byte for byte and its body. Two things cannot be passed
+through as bytes and are re-framed: a chunked request body goes with a Content-Length, a chunked
+answer as one chunk.
 """
 
 from __future__ import annotations
@@ -90,8 +91,12 @@ class Gateway:
     """A recording, fault-injecting HTTP gateway in front of ``upstream``. A context manager."""
 
     def __init__(self, upstream: str, timeline: Timeline | None = None, host: str = "127.0.0.1",
-                 port: int = 0, upstream_timeout: float = 10.0) -> None:
+                 port: int = 0, upstream_timeout: float = 10.0, *,
+                 keep_host: bool = False) -> None:
         self.upstream = upstream
+        # The device's Host header goes upstream unchanged: a board with a hard-coded host
+        # (hil's DNS sent it here) names the service's host itself, as the service must see it.
+        self.keep_host = keep_host
         self.timeline = timeline if timeline is not None else Timeline()
         self.upstream_timeout = upstream_timeout
         self._armed: tuple[Armed, ...] = ()   # replaced whole, never changed: read lock-free
@@ -353,7 +358,7 @@ class _GatewayConnection(RequestReader):
     async def _forward(self, item: _Item, plan: Plan) -> UpstreamAnswer:
         gateway = self._gateway
         url = gateway._upstream
-        request = _encode_request(item, url, plan)
+        request = _encode_request(item, url, plan, keep_host=gateway.keep_host)
         no_body = item.request.method == "HEAD"
         connection = self._upstream
         reused = connection is not None and not connection.closed and connection.url is url
@@ -485,8 +490,10 @@ class _GatewayConnection(RequestReader):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _encode_request(item: _Item, url: UpstreamURL, plan: Plan) -> bytes:
-    """The request as the service gets it: as sent, but for Host and what faults change."""
+def _encode_request(item: _Item, url: UpstreamURL, plan: Plan, *, keep_host: bool = False
+                    ) -> bytes:
+    """The request as the service gets it: as sent, but for Host (the service's, or the
+    device's own with ``keep_host``) and what faults change."""
     request = item.request
     target = url.prefix + request.target if request.target.startswith("/") else request.target
     lines = [f"{request.method} {target} HTTP/{item.version}".encode("latin-1")]
@@ -502,7 +509,7 @@ def _encode_request(item: _Item, url: UpstreamURL, plan: Plan) -> bytes:
         if lower == b"host":
             if host_sent:
                 continue
-            value, host_sent = url.host_header, True
+            value, host_sent = (value if keep_host else url.host_header), True
         elif lower == b"transfer-encoding":
             chunked = chunked or b"chunked" in value.lower()
             continue

@@ -11,16 +11,28 @@ Options (group ``hil``; each has a pytest.ini twin, the command line wins):
                                                    looked up as ``rigs/NAME.yaml``
 ``--hil-firmware PATH``    ``hil_firmware``        base image flashed before each test
 ``--hil-package PATH``     ``hil_package``         the build delivered over the air
-``--hil-target-version V`` ``hil_target_version``  the version that build reports
+``--hil-target-version V`` ``hil_target_version``  the version that build reports (default:
+                                                   the package's own; 1.1.0 for the fixtures)
+                                                   (these three: ``BOARD=VALUE`` per board,
+                                                   repeatable; ``hil.rig.inputs``)
 ``--hil-ota-service S``    ``hil_ota_service``     ``mock`` (default) or a OneNET base URL
 ``--hil-timeline-dir DIR`` ``hil_timeline_dir``    where timelines are written
 ``--hil-lease-dir DIR``    ``hil_lease_dir``       where rig lease locks live
+``--hil-lease-timeout S``  ``hil_lease_timeout``   how long a test waits for a busy rig
+                                                   (default 600 s), then a rig fault
 ``--hil-expectations F``   ``hil_expectations``    the expectation profile (default
                                                    ``fixtures/expectations/onenet.yaml``)
 ``--hil-check-rigs``       ``hil_check_rigs``      check each rig's parts (``hil rigs check``)
                                                    before its first test; a rig that fails
                                                    has all its tests end as rig faults
+``--hil-progress``                                 a line per finished test: verdict, rig,
+                                                   name, time (``hil suite`` uses it)
 =========================  ======================  ==========================================
+
+Before the first test the controller checks the build (``hil.rig.inputs.check_builds``): each
+board's package and base image are read, and a package that is no image, for another board,
+damaged or of another version than the target, or a base of the target's version or that does
+not boot on a simulated board, stops the run with one line naming the file (exit status 4).
 
 Fixtures: ``rig``, ``board``, ``console``, ``flasher``, ``power``, ``rf``, ``ota_service``,
 ``ota_task``, ``timeline``, ``gateway`` (the recording, fault-injecting gateway in front of the
@@ -39,29 +51,36 @@ one; ``@pytest.mark.phase("verify")`` names a conformance test's OTA phase (defa
 
 A rig fault (probe missing, port gone, instrument silent) ends the test as an ERROR naming the rig
 and the part, also when it happens inside the test; a firmware fault is a FAILED test; a scenario
-the rig or service cannot run (``hil.errors.Unsupported``) is SKIPPED with its reason.
+the rig or service cannot run (``hil.errors.Unsupported``) is SKIPPED with its reason. A scenario
+whose injected fault never hit where and when it asked (``hil.errors.FaultNotLanded``) ends as
+an ERROR, never PASSED (its assertions were not about that fault); one that failed stays FAILED,
+with a note naming the fault that missed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import pytest
 
 from hil.conformance.expectations import Profile, load_profile
 from hil.conformance.scenario import OtaScenario
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, RfProtocol
-from hil.errors import ConfigError, RigFault, Unsupported
+from hil.errors import ConfigError, FaultNotLanded, FirmwareFault, RigFault, Unsupported
 from hil.gateway import Gateway
+from hil.gateway.dns import DnsServer, check_no_loop
 from hil.onenet.tasks import Package, Task
 from hil.pytest_plugin import coverage, reporting
 from hil.rig.board import Board
 from hil.rig.check import PartCheck, check_rig
-from hil.rig.lease import DEFAULT_LOCK_DIR, RigLease
+from hil.rig.inputs import DEFAULT_TARGET, BoardBuild, check_builds, resolve_builds
+from hil.rig.lease import DEFAULT_LEASE_TIMEOUT, DEFAULT_LOCK_DIR, RigLease
 from hil.rig.model import Rig, find_rig, load_rig, rig_of_test
 from hil.rig.parts import RigParts
 from hil.service.config import read_package
@@ -71,35 +90,65 @@ from hil.service.timeline import Timeline
 CAPABILITIES = ("console", "flasher", "power", "power_cut", "rf", "space")
 SIM_RIGS = "sim-*.yaml"     # the rigs a run without --hil-rig uses
 DEFAULT_PROFILE = Path("fixtures/expectations/onenet.yaml")
-DEFAULT_TARGET = "1.1.0"    # the update image fixtures/images holds for each board
+__all__ = ["DEFAULT_TARGET", "HilOptions"]
 
 
 @dataclass(frozen=True)
 class HilOptions:
     rigs: tuple[Rig, ...]
-    firmware: Path | None
-    package: Path | None
-    target_version: str | None
+    builds: Mapping[str, BoardBuild]     # board -> its build under test (hil.rig.inputs)
     ota_service: str
     timeline_dir: Path | None
     lease_dir: Path
     profile: Profile | None
     root: Path
     check_rigs: bool = False
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT
+    progress: bool = False
 
     def update_package(self, rig: Rig) -> tuple[Package, str] | None:
         """The build under test and its version: --hil-package and --hil-target-version, else
         the board's update image in fixtures/images (``<board>-1.1.0.bin``)."""
-        target = self.target_version or DEFAULT_TARGET
-        path = self.package or self.root / "fixtures" / "images" / f"{rig.board}-{target}.bin"
-        if not path.is_file():
+        build = self.builds.get(rig.board)
+        if build is None or build.package is None or build.target is None:
             return None
-        return read_package(path, "--hil-package"), target
+        return read_package(build.package, "--hil-package"), build.target
 
     def base_package(self, rig: Rig) -> Package | None:
         """The base build as a package: --hil-firmware, else fixtures/images/<board>-1.0.0.bin."""
-        path = self.firmware or self.root / "fixtures" / "images" / f"{rig.board}-1.0.0.bin"
-        return read_package(path, "--hil-firmware") if path.is_file() else None
+        build = self.builds.get(rig.board)
+        if build is None or build.base is None:
+            return None
+        return read_package(build.base, "--hil-firmware")
+
+    def firmware_for(self, rig: Rig) -> Path | None:
+        """The base image flashed before each of the rig's tests (None: the factory reset)."""
+        build = self.builds.get(rig.board)
+        return build.firmware if build is not None else None
+
+    def _shared(self, get: Callable[[BoardBuild], Any]) -> Any:
+        values = {get(build) for build in self.builds.values()}
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def firmware(self) -> Path | None:
+        """The base image every board takes, if one does (``firmware_for`` per rig)."""
+        shared: Path | None = self._shared(lambda build: build.firmware)
+        return shared
+
+    @property
+    def package(self) -> Path | None:
+        """The package every board takes, if one was given for all (``update_package``)."""
+        shared: Path | None = self._shared(
+            lambda build: build.package if build.package_given else None)
+        return shared
+
+    @property
+    def target_version(self) -> str | None:
+        """The target version given for every board, if one was (``update_package``)."""
+        shared: str | None = self._shared(
+            lambda build: build.target if build.target_given else None)
+        return shared
 
 
 OPTIONS = pytest.StashKey[HilOptions]()
@@ -119,16 +168,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     _option(parser, group, "--hil-rig", "hil_rigs",
             "rig to run on, a name in rigs/ or a YAML path; repeatable", repeat=True)
     _option(parser, group, "--hil-firmware", "hil_firmware",
-            "base firmware image flashed before each test")
-    _option(parser, group, "--hil-package", "hil_package", "OTA package: the build under test")
+            "base firmware image flashed before each test; BOARD=PATH per board, repeatable",
+            repeat=True)
+    _option(parser, group, "--hil-package", "hil_package",
+            "OTA package, the build under test; BOARD=PATH per board, repeatable", repeat=True)
     _option(parser, group, "--hil-target-version", "hil_target_version",
-            "the version the OTA package reports")
+            "the version the OTA package reports (default: the package's own); BOARD=V per "
+            "board, repeatable", repeat=True)
     _option(parser, group, "--hil-ota-service", "hil_ota_service",
             "mock (default) or the base URL of a OneNET OTA service")
     _option(parser, group, "--hil-timeline-dir", "hil_timeline_dir",
             "directory for the OTA timelines (JSON lines)")
     _option(parser, group, "--hil-lease-dir", "hil_lease_dir",
             f"directory of the rig lease locks (default {DEFAULT_LOCK_DIR})")
+    _option(parser, group, "--hil-lease-timeout", "hil_lease_timeout",
+            f"seconds a test waits for a rig another process holds (default "
+            f"{DEFAULT_LEASE_TIMEOUT:g})")
+    group.addoption("--hil-progress", dest="hil_progress", action="store_true", default=False,
+                    help="a line per finished test (verdict, rig, name, seconds) instead of "
+                    "dots")
     _option(parser, group, "--hil-expectations", "hil_expectations",
             f"expectation profile, a YAML file (default {DEFAULT_PROFILE})")
     check = "check each rig's parts before its first test (hil rigs check)"
@@ -140,6 +198,44 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _value(config: pytest.Config, name: str) -> Any:
     given = config.getoption(name)
     return given if given else config.getini(name)
+
+
+def _given(config: pytest.Config, name: str) -> tuple[list[str], Path]:
+    """A repeatable option's values and the directory its relative paths start from: the
+    current directory for the command line, the root directory for the ini file."""
+    given = config.getoption(name)
+    if given:
+        return list(given), Path()    # as given: pytest runs where it was started
+    return list(config.getini(name) or []), config.rootpath
+
+
+def _lease_timeout(config: pytest.Config) -> float:
+    value = _value(config, "hil_lease_timeout")
+    if not value:
+        return DEFAULT_LEASE_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise pytest.UsageError(f"--hil-lease-timeout: {value!r} is not a positive number of "
+                                "seconds")
+    return seconds
+
+
+def _builds(config: pytest.Config, rigs: tuple[Rig, ...]) -> dict[str, BoardBuild]:
+    firmware, firmware_dir = _given(config, "hil_firmware")
+    package, package_dir = _given(config, "hil_package")
+    target, _ = _given(config, "hil_target_version")
+    if firmware and package and firmware_dir != package_dir:
+        raise pytest.UsageError("give --hil-firmware and --hil-package both on the command "
+                                "line or both in the ini file")
+    try:
+        return resolve_builds([rig.board for rig in rigs], firmware=firmware, package=package,
+                              target=target, root=config.rootpath,
+                              base_dir=package_dir if package else firmware_dir)
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
 
 
 def _existing(config: pytest.Config, name: str, flag: str) -> Path | None:
@@ -190,16 +286,118 @@ def pytest_configure(config: pytest.Config) -> None:
         profile = load_profile(profile_path) if profile_path else None
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
+    rigs = _load_rigs(config)
     config.stash[OPTIONS] = HilOptions(
-        rigs=_load_rigs(config),
-        firmware=_existing(config, "hil_firmware", "--hil-firmware"),
-        package=_existing(config, "hil_package", "--hil-package"),
-        target_version=_value(config, "hil_target_version") or None,
+        rigs=rigs, builds=_builds(config, rigs),
         ota_service=service.rstrip("/"),
         timeline_dir=Path(timeline_dir) if timeline_dir else None,
         lease_dir=Path(lease_dir) if lease_dir else DEFAULT_LOCK_DIR,
         profile=profile, root=config.rootpath,
-        check_rigs=bool(config.getoption("hil_check_rigs") or config.getini("hil_check_rigs")))
+        check_rigs=bool(config.getoption("hil_check_rigs") or config.getini("hil_check_rigs")),
+        lease_timeout=_lease_timeout(config), progress=bool(config.getoption("hil_progress")))
+    if config.stash[OPTIONS].progress and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(Progress(config, rigs), "hil-progress")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Coverage recorded from here on (controller and workers); the build checked once, by
+    the controller, before any test runs (xdist starts its workers after this hook): a bad
+    input stops the run in one line (exit status 4)."""
+    config = session.config
+    options = config.stash.get(OPTIONS, None)
+    if options is not None:
+        coverage.register(config, options.rigs)
+    if options is None or hasattr(config, "workerinput") or not options.rigs:
+        return
+    try:
+        found = check_builds(options.builds, options.rigs)
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for warning in found.warnings:
+            reporter.write_line(f"hil: warning: {warning}", yellow=True)
+        if config.option.verbose > 0:
+            for line in found.lines:
+                reporter.write_line(f"hil: {line}")
+
+
+class Progress:
+    """``--hil-progress``: one line per test as it finishes, in place of pytest's dots::
+
+        PASSED  sim-esp32      detect/happy path ... 3.1 s
+        SKIPPED sim-gd32       power/cut during flash ... 0.0 s: rig sim-gd32 lacks power_cut
+        FAILED  sim-nrf52832   download/resume ... 4.2 s: download phase: expected report ...
+
+    The verdict is the test's (a setup or teardown error makes it ERROR), the time its setup,
+    call and teardown together. Registered on the controller only: xdist sends it every
+    worker's reports."""
+
+    def __init__(self, config: pytest.Config, rigs: tuple[Rig, ...]) -> None:
+        self._config = config
+        self._rigs = [rig.name for rig in rigs]
+        self._tests: dict[str, tuple[str, float, str]] = {}   # nodeid -> verdict, s, why
+        self._finished = 0
+        self._session: pytest.Session | None = None
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._session = session
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
+                                 ) -> Generator[None, Any, Any]:
+        status = yield
+        if isinstance(status, tuple) and len(status) == 3:
+            category, _, word = status
+            return category, "", word       # no dot: this plugin writes the test's line
+        return status
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        status = self._config.hook.pytest_report_teststatus(report=report, config=self._config)
+        word = status[2][0] if isinstance(status[2], tuple) else status[2]
+        verdict, seconds, why = self._tests.get(report.nodeid, ("PASSED", 0.0, ""))
+        seconds += report.duration
+        if verdict == "PASSED" and not report.passed:
+            verdict = (word or report.outcome).upper() if report.when == "call" else \
+                ("SKIPPED" if report.skipped else "ERROR")
+            why = _why(report)
+        elif report.when == "call" and word:
+            verdict = word.upper()          # XFAIL, XPASS
+        self._tests[report.nodeid] = (verdict, seconds, why)
+        if report.when == "teardown":
+            del self._tests[report.nodeid]
+            self._finished += 1
+            total = self._session.testscollected if self._session is not None else 0
+            count = f"[{self._finished}/{total}] " if total else ""
+            rig = rig_of_test(report.nodeid, self._rigs) or "-"
+            line = f"{verdict:<7} {rig:<14} {_short_name(report.nodeid, rig)} ... " \
+                f"{seconds:.1f} s{': ' + why if why else ''}"
+            reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"{count}{line}")
+
+
+def _why(report: pytest.TestReport) -> str:
+    """The first line of why a test did not pass, short."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):                  # a skip: (file, line, "Skipped: why")
+        text = str(longrepr[2]).removeprefix("Skipped: ")
+    else:
+        crash = getattr(longrepr, "reprcrash", None)
+        text = crash.message if crash is not None else str(longrepr or "")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first if len(first) <= 140 else first[:137] + "..."
+
+
+def _short_name(nodeid: str, rig: str) -> str:
+    """``testcases/test_detect.py::test_happy_path[sim-esp32]`` -> ``detect/happy path``."""
+    path, _, rest = nodeid.partition("::")
+    function, _, params = rest.partition("[")
+    module = Path(path).stem.removeprefix("test_")
+    name = function.split("::")[-1].removeprefix("test_").replace("_", " ")
+    # The rig is one whole dash-separated part of the parameters (its name may hold dashes).
+    others = f"-{params.removesuffix(']')}-".replace(f"-{rig}-", "-", 1)[1:-1]
+    return f"{module}/{name}" + (f" [{others}]" if others else "")
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -293,7 +491,7 @@ def pytest_runtest_makereport(item: pytest.Item,
             and isinstance(rig, Rig):
         call.excinfo.value.for_rig(rig.name)   # a driver's fault, named for the report
     report: pytest.TestReport = yield
-    if call.excinfo is not None and call.excinfo.errisinstance(RigFault):
+    if call.excinfo is not None and call.excinfo.errisinstance((RigFault, FaultNotLanded)):
         report.hil_rig_fault = str(call.excinfo.value)  # type: ignore[attr-defined]
     return report
 
@@ -301,15 +499,41 @@ def pytest_runtest_makereport(item: pytest.Item,
 @pytest.hookimpl(wrapper=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
     try:
-        return (yield)
+        outcome = yield
     except Unsupported as unsupported:
         pytest.skip(str(unsupported))
+    except FirmwareFault as failure:
+        # The board's failure stays the verdict (a defect must not hide behind an ERROR);
+        # the fault that missed is said beside it, for whoever reads the failure.
+        not_landed = _faults_not_landed(pyfuncitem)
+        if not_landed is not None:
+            failure.add_note(f"note: {not_landed} (this failure may not be about it)")
+        raise
+    not_landed = _faults_not_landed(pyfuncitem)
+    if not_landed is not None:
+        # Raised in the test's call, so it is the test's outcome (ERROR, Allure's broken),
+        # not a pass with an error in teardown.
+        raise not_landed
+    return outcome
+
+
+def _faults_not_landed(item: pytest.Function) -> FaultNotLanded | None:
+    """The first fault of the test's scenario that did not hit where and when it asked."""
+    scenario = item.funcargs.get("ota")
+    if not isinstance(scenario, OtaScenario):
+        return None
+    try:
+        scenario.check_faults_landed()
+    except FaultNotLanded as not_landed:
+        return not_landed
+    return None
 
 
 def pytest_report_teststatus(report: pytest.TestReport,
                              config: pytest.Config) -> tuple[str, str, str] | None:
     # A rig fault inside the test body is the bench's failure, not the firmware's: count it
-    # with the errors, as pytest counts a fault while setting the rig up.
+    # with the errors, as pytest counts a fault while setting the rig up. So is a fault that
+    # never landed: the test did not test what it says.
     if report.when == "call" and report.failed and getattr(report, "hil_rig_fault", None):
         return "error", "E", "ERROR"
     return None
@@ -334,10 +558,23 @@ def rig(_hil_rig: Rig | None, hil_options: HilOptions,
     if _hil_rig is None:
         pytest.skip("no rig selected and no rigs/sim-*.yaml: give --hil-rig NAME (or hil_rigs "
                     "in pytest.ini)")
-    with RigLease(_hil_rig.name, hil_options.lease_dir):
+    lease = RigLease(_hil_rig.name, hil_options.lease_dir, timeout=hil_options.lease_timeout,
+                     on_wait=lambda line: _tell(pytestconfig, line))
+    with lease:
         if hil_options.check_rigs:
             _checked(pytestconfig, _hil_rig)
         yield _hil_rig
+
+
+def _tell(config: pytest.Config, line: str) -> None:
+    """A line for the person at the terminal, now, past pytest's capture (an xdist worker's
+    stderr is the terminal's too)."""
+    import sys
+
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None \
+            else contextlib.nullcontext():
+        print(f"hil: {line}", file=sys.stderr, flush=True)
 
 
 RIG_CHECKS = pytest.StashKey[dict[str, PartCheck | None]]()
@@ -403,7 +640,7 @@ def board(rig_parts: RigParts, hil_options: HilOptions) -> Board:
     (a test left it hung) is power-cycled through the rig's supply first."""
     board = Board(rig_parts)
     board.revive()          # a board a test left hung is power-cycled, so this one can run
-    board.restore_base(hil_options.firmware)
+    board.restore_base(hil_options.firmware_for(board.rig))
     return board
 
 
@@ -460,13 +697,14 @@ def ota_service(rig: Rig, hil_options: HilOptions, _hil_mocks: _MockPool
 @pytest.fixture
 def ota_task(ota_service: MockOneNet, rig: Rig, hil_options: HilOptions) -> Task:
     """An OTA task for the rig's device: --hil-package up to --hil-target-version."""
-    if hil_options.package is None or hil_options.target_version is None:
+    build = hil_options.builds.get(rig.board)
+    given = hil_options.update_package(rig)
+    if build is None or not build.package_given or given is None:
         pytest.skip("no OTA build given: --hil-package and --hil-target-version")
+    package, target = given
     ota_service.service.add_device(rig.identity.dev_id, name=rig.identity.device_name)
     return ota_service.service.create_task(
-        rig.identity.dev_id, hil_options.target_version,
-        read_package(hil_options.package, "--hil-package"),
-        manuf=rig.family.manuf, model=rig.family.model)
+        rig.identity.dev_id, target, package, manuf=rig.family.manuf, model=rig.family.model)
 
 
 @pytest.fixture
@@ -496,22 +734,54 @@ def mock_onenet(_mock_onenet_session: MockOneNet) -> Iterator[MockOneNet]:
 
 # ---------------------------------------------------------------------------------- gateway
 class _GatewayPool:
-    """One gateway per address boards reach this host at (``ota.gateway_host``), for the
-    session; each test gives it its upstream and a fresh timeline."""
+    """One gateway per address boards reach this host at (``ota.gateway_host``, and the
+    firmware's ``ota.port``), for the session; each test gives it its upstream and a fresh
+    timeline. A rig whose firmware has a hard-coded host (``ota.host``) gets hil's DNS beside
+    its gateway, answering that host with the gateway's address, for the session too."""
 
     def __init__(self) -> None:
-        self._gateways: dict[str, Gateway] = {}
+        self._gateways: dict[tuple[str, int, bool], Gateway] = {}
+        self._dns: dict[tuple[str, int], DnsServer] = {}
 
-    def get(self, host: str, upstream: str) -> Gateway:
-        if host not in self._gateways:
-            self._gateways[host] = Gateway(upstream, host=host).start()
-        gateway = self._gateways[host]
+    def get(self, rig: Rig, upstream: str) -> Gateway:
+        ota = rig.ota
+        host = ota.gateway_host or "127.0.0.1"
+        key = (host, ota.gateway_port, ota.host is not None)
+        if key not in self._gateways:
+            try:
+                # A board with a hard-coded host sends Host: <that host>: kept upstream.
+                self._gateways[key] = Gateway(upstream, host=host, port=key[1],
+                                              keep_host=key[2]).start()
+            except OSError as error:
+                hint = " (below 1024: root or CAP_NET_BIND_SERVICE)" if 0 < key[1] < 1024 else ""
+                raise RigFault("gateway", f"cannot listen on {host}:{key[1]}: "
+                               f"{error.strerror or error}{hint}", rig.name) from None
+        gateway = self._gateways[key]
         gateway.upstream = upstream
+        dns = ota.dns_config
+        if dns is not None and ota.host is not None:
+            listen = dns.listen_address(host)
+            if listen not in self._dns:
+                try:
+                    check_no_loop(urlsplit(upstream).hostname or "", {ota.host: host})
+                    self._dns[listen] = DnsServer({ota.host: host}, *listen, ttl=dns.ttl,
+                                                  forward=dns.forward_address).start()
+                except RigFault as fault:
+                    raise fault.for_rig(rig.name) from None
         return gateway
+
+    def dns(self, rig: Rig) -> DnsServer | None:
+        """The DNS server answering the rig's ``ota.host`` (once its gateway is up)."""
+        dns = rig.ota.dns_config
+        if dns is None:
+            return None
+        return self._dns.get(dns.listen_address(rig.ota.gateway_host or "127.0.0.1"))
 
     def close(self) -> None:
         for gateway in self._gateways.values():
             gateway.stop()
+        for dns in self._dns.values():
+            dns.stop()
 
 
 @pytest.fixture(scope="session")
@@ -540,7 +810,7 @@ def gateway(rig: Rig, hil_options: HilOptions, _hil_gateways: _GatewayPool,
     ``<timeline dir>/<test>.timeline.jsonl``."""
     upstream = (request.getfixturevalue("ota_service").url if hil_options.ota_service == "mock"
                 else hil_options.ota_service)
-    gateway = _hil_gateways.get(rig.ota.gateway_host or "127.0.0.1", upstream)
+    gateway = _hil_gateways.get(rig, upstream)
     path = _test_file(pytestconfig, tmp_path_factory, request.node.nodeid, "timeline.jsonl")
     gateway.clear()
     gateway.timeline = Timeline(path)
@@ -548,6 +818,14 @@ def gateway(rig: Rig, hil_options: HilOptions, _hil_gateways: _GatewayPool,
     gateway.clear()
     gateway.timeline.close()
     gateway.raise_errors()
+
+
+@pytest.fixture
+def ota_dns(gateway: Gateway, rig: Rig, _hil_gateways: _GatewayPool) -> DnsServer | None:
+    """hil's DNS server answering the rig's ``ota.host`` with the gateway's address (None for a
+    rig without a hard-coded host): ``hil.gateway.dns.resolve(rig.ota.host, ota_dns.address)``
+    is what the board gets."""
+    return _hil_gateways.dns(rig)
 
 
 @pytest.fixture
@@ -574,12 +852,6 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
     return scenario
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    options = session.config.stash.get(OPTIONS, None)
-    if options is not None:
-        coverage.register(session.config, options.rigs)
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """The results directory's environment, categories and this session's coverage, once, by
     the controller."""
@@ -592,8 +864,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
               if (build := options.update_package(rig)) is not None}
     bases = {rig.board: image for rig in options.rigs
              if (image := options.base_package(rig)) is not None}
-    base = options.firmware.name if options.firmware else \
-        "the simulated boards' factory images (fixtures/images/<board>-1.0.0.bin)"
+    base = ", ".join(f"{board}={package.filename}" for board, package in sorted(bases.items()))
     profile = f"{options.profile.name} ({options.profile.path})" if options.profile else ""
     recorder = coverage.recorder(config)
     reporting.write_session_files(

@@ -371,7 +371,9 @@ def redacted(value: Any) -> Any:
 
 
 def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
-    """Bytes downloaded over time, with the faults and the report codes marked."""
+    """Bytes downloaded over time, with the faults and the report codes marked: a gateway
+    fault where the request it hit came in, a fault no request shows (a power cut during the
+    flash write, a level set before the update) as a dashed line at its hit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,6 +402,13 @@ def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
                 axes.axvline(at, color="#2ca02c" if good else "#ff7f0e")
                 axes.annotate(f"{exchange.result}" + ("" if good else f" (errno {exchange.errno})"),
                               (at, total / 1024 * 0.9 or 1), fontsize=8, ha="right")
+        for hit in scenario.fault_hits():
+            at = max(hit.at - start, 0.0)          # one set before the update: at the start
+            axes.axvline(at, color="#9467bd", linestyle="--", linewidth=1.5)
+            axes.annotate(f"{hit.fault} " + (f"at {hit.event}" if hit.event
+                                             else f"({hit.phase})"),
+                          (at, total / 1024 * 0.5 or 1), rotation=90, fontsize=7,
+                          color="#9467bd", va="center", ha="left")
         axes.set_xlabel("seconds since the first request")
         axes.set_ylabel("KiB")
         faults = ", ".join(f.label for f in scenario.faults) or "no fault"

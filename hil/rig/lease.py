@@ -2,15 +2,20 @@
 
 A lease is an OS file lock (``flock``, through filelock) on ``<lock dir>/<rig>.lock``. The kernel
 drops it when its process dies, SIGKILL included, so a killed pytest worker never leaves a rig
-blocked. The lock file holds who leased it, for the message another process gets while waiting.
+blocked. Beside it, ``<rig>.holder`` says who leased it (pid, host, since when), for the lines
+another process gets: ``rig bench-01 is busy (held by pid 4242 on lab-pc since 10:02:11),
+waiting up to 600 s`` when it starts to wait, and past the timeout the RigFault ``rig bench-01:
+lease: busy for 600 s, held by pid 4242 ...``.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -18,15 +23,25 @@ from filelock import FileLock, Timeout
 from hil.errors import RigFault
 
 DEFAULT_LOCK_DIR = Path(tempfile.gettempdir()) / "hil-leases"
+DEFAULT_LEASE_TIMEOUT = 600.0     # a whole conformance suite on one rig takes a few minutes
+
+
+def _to_stderr(line: str) -> None:
+    print(f"hil: {line}", file=sys.stderr, flush=True)
 
 
 class RigLease:
     """Holds ``rig`` for this process; a context manager. Re-entrant within the process: every
-    RigLease of one rig shares one lock (a fixture and a test may both lease the rig)."""
+    RigLease of one rig shares one lock (a fixture and a test may both lease the rig).
 
-    def __init__(self, rig: str, lock_dir: Path = DEFAULT_LOCK_DIR, timeout: float = 600.0) -> None:
+    ``on_wait`` gets one line when the rig is busy and the wait begins (default: stderr)."""
+
+    def __init__(self, rig: str, lock_dir: Path = DEFAULT_LOCK_DIR,
+                 timeout: float = DEFAULT_LEASE_TIMEOUT,
+                 on_wait: Callable[[str], None] = _to_stderr) -> None:
         self.rig = rig
         self.timeout = timeout
+        self.on_wait = on_wait
         self.path = lock_dir / f"{rig}.lock"
         self._holder = lock_dir / f"{rig}.holder"
         # One lock object per path in the process (is_singleton), held by the process rather
@@ -41,10 +56,15 @@ class RigLease:
     def acquire(self) -> RigLease:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._lock.acquire(timeout=self.timeout)
+            self._lock.acquire(timeout=0)
         except Timeout:
-            raise RigFault("lease", f"still held after {self.timeout:g} s by "
-                           f"{self._read_holder()} ({self.path})", self.rig) from None
+            self.on_wait(f"rig {self.rig} is busy (held by {self._read_holder()}), waiting up "
+                         f"to {self.timeout:g} s")
+            try:
+                self._lock.acquire(timeout=self.timeout)
+            except Timeout:
+                raise RigFault("lease", f"busy for {self.timeout:g} s, held by "
+                               f"{self._read_holder()} ({self.path})", self.rig) from None
         # Who holds it, for those waiting (best effort: the lock itself is the truth).
         self._holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
                                 f"{time.strftime('%H:%M:%S')}", encoding="utf-8")

@@ -14,6 +14,8 @@
     power: {kind: scpi, url: "socket://127.0.0.1:5025"}         # scpi | console | none
     rf: {kind: console}                                             # attenuator | console | none
     ota: {service: mock}              # mock or a base URL; gateway_host for lab networks
+    # firmware with a hard-coded host: the gateway on gateway_host:port, hil's DNS answering
+    # host with gateway_host: ota: {host: ota.heclouds.com, port: 80, gateway_host: 192.168.1.10}
     sim: {defects: [early-101]}       # a simulated rig: hil runs the board and its bench
 
 A mistake is one ``ConfigError`` line naming the file and the key, raised at load, before any
@@ -22,6 +24,7 @@ test runs. ``console`` as a power or rf kind means the firmware's ``test`` hooks
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tempfile
 from collections.abc import Iterable
@@ -193,7 +196,86 @@ class NoRf(BaseModel):
     kind: Literal["none"]
 
 
+Port = Annotated[int, Field(ge=0, le=65535, strict=True)]
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def host_and_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """``"192.168.1.10:53"`` (``"[::1]:53"``) -> (host, port); the host an IP address. Without a
+    port, ``default_port`` if there is one. ValueError says what is wrong."""
+    text = value.strip()
+    bracketed = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
+    if bracketed:
+        host, port = bracketed.group(1), bracketed.group(2)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, None
+    if not _is_ip(host):
+        raise ValueError(f"{value!r}: {host!r} is not an IP address")
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"{value!r}: give host:port")
+        return host, default_port
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r}: {port!r} is not a port (0..65535)")
+    return host, int(port)
+
+
+class OtaDns(BaseModel):
+    """hil's DNS server for a board with a hard-coded host (``hil.gateway.dns``)."""
+
+    model_config = STRICT
+
+    enabled: bool = True    # ``dns: false`` in the file: the lab's own DNS answers the host
+    # Where it answers, host:port; default <gateway_host>:53. Port 0 picks a free port
+    # (a simulated board, which is told the port).
+    listen: str | None = None
+    # A resolver (host[:port], port 53 by default) other names are forwarded to; without one
+    # they are answered REFUSED (enough for a router that asks hil only for the OneNET host).
+    forward: str | None = None
+    ttl: Annotated[int, Field(ge=1, le=86400, strict=True)] = 5   # seconds, of its answers
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            host_and_port(value)
+        return value
+
+    @field_validator("forward")
+    @classmethod
+    def _forward_address(cls, value: str | None) -> str | None:
+        if value is not None and host_and_port(value, 53)[1] == 0:
+            raise ValueError(f"{value!r}: port 0 is no resolver's port")
+        return value
+
+    def listen_address(self, gateway_host: str) -> tuple[str, int]:
+        return host_and_port(self.listen) if self.listen else (gateway_host, 53)
+
+    @property
+    def forward_address(self) -> tuple[str, int] | None:
+        return host_and_port(self.forward, 53) if self.forward else None
+
+
 class Ota(BaseModel):
+    """Where the board's OTA client goes and how hil serves it there.
+
+    A board told the gateway's URL (a test shell's ``ota server``) needs only ``service`` and
+    ``gateway_host``. Firmware as it ships talks to the host its build names: ``host`` (and
+    ``port``, 80 by default) say which; the gateway listens on ``gateway_host:port`` and hil's
+    DNS (``dns``, on by default with ``host``; ``dns: false`` where the lab's own DNS answers)
+    gives ``host`` the gateway's address.
+    """
+
     model_config = STRICT
 
     service: str = "mock"            # "mock" or the base URL of a OneNET OTA service
@@ -201,6 +283,14 @@ class Ota(BaseModel):
     # How long the board's firmware waits for an HTTP answer before it gives up: stall faults
     # must outlast it, and a scenario's deadline counts it. A simulated rig's is sim.http_timeout.
     device_timeout: Positive | None = None
+    host: str | None = None          # the OneNET host the firmware's build talks to
+    port: Port | None = None         # the firmware's port; the gateway's (0: a free one)
+    dns: OtaDns | None = None
+
+    @field_validator("dns", mode="before")
+    @classmethod
+    def _dns_off(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
     @field_validator("service")
     @classmethod
@@ -208,6 +298,59 @@ class Ota(BaseModel):
         if value != "mock" and not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be mock or an http(s):// base URL")
         return value
+
+    @field_validator("host")
+    @classmethod
+    def _a_dns_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if _is_ip(value):
+            raise ValueError(f"{value!r} is an IP address; the firmware's host name goes here "
+                             "(a board with a hard-coded address reaches gateway_host)")
+        name = value.rstrip(".").lower()
+        labels = name.split(".")
+        if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+            raise ValueError(f"{value!r} is not a DNS name (labels of a-z, 0-9 and -)")
+        if labels[-1].isdigit():   # no top-level domain is a number; a C resolver reads an address
+            raise ValueError(f"{value!r} is not a DNS name (it ends in a number)")
+        return name
+
+    @model_validator(mode="after")
+    def _dns_for_a_host(self) -> Ota:
+        if self.dns is not None and self.dns.enabled and self.host is None:
+            raise ValueError("dns: hil's DNS answers for ota.host; give the host the firmware's "
+                             "build talks to")
+        if self.serves_dns and self.gateway_host is not None:
+            try:
+                address = ipaddress.IPv4Address(self.gateway_host)
+            except ValueError:
+                raise ValueError(f"gateway_host: {self.gateway_host!r}: hil's DNS gives the "
+                                 f"board this address for {self.host}; give an IPv4 "
+                                 "address") from None
+            if address.is_unspecified:
+                raise ValueError(f"gateway_host: {self.gateway_host} is no address a board "
+                                 "can reach; give the hil host's address on the rig's network")
+        return self
+
+    @property
+    def serves_dns(self) -> bool:
+        """hil answers ``host`` with the gateway's address (``host`` given, ``dns`` not false)."""
+        return self.host is not None and (self.dns is None or self.dns.enabled)
+
+    @property
+    def dns_config(self) -> OtaDns | None:
+        """The DNS settings when hil serves DNS (defaults when ``dns`` is not given)."""
+        if not self.serves_dns:
+            return None
+        return self.dns or OtaDns()
+
+    @property
+    def gateway_port(self) -> int:
+        """The port the gateway listens on: ``port``; 80 for a ``host`` without one (what an
+        http:// client uses); else a free one."""
+        if self.port is not None:
+            return self.port
+        return 80 if self.host is not None else 0
 
 
 SIM_ROOT = Path(tempfile.gettempdir()) / "hil-sim"

@@ -7,6 +7,13 @@ crash of the run loses nothing that a device already saw.
 Tests wait on it from their own thread while the server thread records into it::
 
     timeline.wait_for(lambda e: e.phase == "report" and e.result == 201, dev_id="527776559")
+
+Besides the exchanges it holds the **fault hits** a scenario's faults record where no exchange
+shows them (``FaultHit``: a power cut at a console event, the battery lowered before detect, a
+task shaped before it was offered). A gateway fault's hit is the exchange it hit (its ``fault``
+field), not a second record. In the JSON-lines file a hit is a line with ``"kind":
+"fault-hit"`` and, like an exchange, a ``seq``, an ``at``, a ``dev_id`` and a ``phase``; an
+exchange's line has no ``kind``.
 """
 
 from __future__ import annotations
@@ -81,6 +88,39 @@ class Exchange:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Exchange))
+
+
+@dataclass(frozen=True, slots=True)
+class FaultHit:
+    """One hit of an injected fault that no exchange records: which fault, in which OTA phase,
+    when, and where exactly (the exchange it came with, the byte offset, the console event)."""
+
+    seq: int
+    at: float                                  # host clock, Unix seconds
+    dev_id: str | None
+    fault: str                                 # the fault's label: "power-cut during=flash"
+    phase: str                                 # the OTA phase it hit: "flash", "detect"...
+    exchange: int | None = None                # the seq of the exchange it came with
+    offset: int | None = None                  # the byte offset it hit (a download)
+    event: str | None = None                   # the console event it hit at
+    detail: str | None = None                  # for humans: what was done ("supply off 0.3 s")
+    kind: str = "fault-hit"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({name: value for name in _HIT_FIELD_NAMES
+                             if (value := getattr(self, name)) is not None})
+
+    def summary(self) -> str:
+        millis = int(self.at % 1 * 1000)
+        clock = time.strftime("%H:%M:%S", time.localtime(self.at)) + f".{millis:03d}"
+        where = " ".join(part for part in (
+            f"exchange #{self.exchange}" if self.exchange is not None else "",
+            f"offset {self.offset}" if self.offset is not None else "",
+            f"at {self.event!r}" if self.event else "", self.detail or "") if part)
+        return f"{clock} {self.dev_id or '-'} {self.phase:<8} fault hit [{self.fault}] {where}"
+
+
+_HIT_FIELD_NAMES = tuple(f.name for f in fields(FaultHit))
 Predicate = Callable[[Exchange], bool]
 
 
@@ -99,6 +139,7 @@ class Timeline:
     _sink: IO[bytes] | None = field(default=None, init=False, repr=False)
     _listeners: list[Callable[[Exchange], None]] = field(default_factory=list, init=False)
     _seq: int = field(default=0, init=False)
+    _hits: list[FaultHit] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if self.path is not None:
@@ -120,6 +161,26 @@ class Timeline:
             self._changed.notify_all()
         for listener in self._listeners:
             listener(exchange)
+
+    def record_hit(self, dev_id: str | None, fault: str, phase: str, *,
+                   at: float | None = None, **where: Any) -> FaultHit:
+        """Record a hit of ``fault`` (a ``FaultHit`` with the next seq, stamped ``at``, by
+        default now)."""
+        with self._changed:
+            self._seq += 1
+            hit = FaultHit(seq=self._seq, at=time.time() if at is None else at, dev_id=dev_id,
+                           fault=fault, phase=phase, **where)
+            if self.keep:
+                self._hits.append(hit)
+            if self._sink is not None:
+                self._sink.write(hit.to_json() + b"\n")
+            self._changed.notify_all()
+        return hit
+
+    def hits(self, dev_id: str | None = None) -> list[FaultHit]:
+        """The fault hits recorded (of ``dev_id``), in order."""
+        with self._changed:
+            return [hit for hit in self._hits if dev_id is None or hit.dev_id == dev_id]
 
     def subscribe(self, listener: Callable[[Exchange], None]) -> None:
         """Call ``listener`` with every exchange recorded from now on (on the server thread)."""
@@ -166,6 +227,7 @@ class Timeline:
     def clear(self) -> None:
         with self._changed:
             self._exchanges.clear()
+            self._hits.clear()
             self._seq = 0
 
     def close(self) -> None:

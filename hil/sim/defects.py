@@ -28,6 +28,12 @@ class Defect(enum.StrEnum):
     FLASHES_ON_LOW_POWER = "flashes-on-low-power"  # no 202
     REPORTS_AFTER_TOKEN_END = "reports-after-token-end"  # reports 107 on token 12/20/22
     NO_BOOT_REPORT = "no-boot-report"              # never reports after the reboot
+    # The battery checked before the download only: one falling mid-download is written on
+    # until the check before flashing (202 where a conforming board says 105 at once).
+    DOWNLOADS_ON_LOW_POWER = "downloads-on-low-power"
+    # The bootloader keeps no record of a copy in progress: a power cut mid-copy leaves half an
+    # image in the primary slot, which it then boots (it fails the image check: a dead board).
+    NON_ATOMIC_INSTALL = "non-atomic-install"
 
     @classmethod
     def parse(cls, names: Iterable[str]) -> frozenset[Defect]:

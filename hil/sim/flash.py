@@ -10,9 +10,29 @@ from __future__ import annotations
 
 import mmap
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 ERASED = 0xFF
+
+
+@dataclass(frozen=True, slots=True)
+class FlashTiming:
+    """How long a part takes to change its flash: ``erase_s`` per erase unit of ``page`` bytes,
+    ``program_s`` per program unit of ``word`` bytes (typical figures of its datasheet).
+    ``SimFlash`` itself is instant (the flash tools' paths stay fast); the firmware model's
+    installer waits these times, so that a power cut can land while an image is written."""
+
+    page: int
+    erase_s: float
+    word: int
+    program_s: float
+
+    def erase_time(self, length: int) -> float:
+        return -(-length // self.page) * self.erase_s
+
+    def program_time(self, length: int) -> float:
+        return -(-length // self.word) * self.program_s
 
 
 class SimFlash:

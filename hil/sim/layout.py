@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hil.boards import board_family
+from hil.sim.flash import FlashTiming
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +36,31 @@ class Layout:
     primary: Slot
     secondary: Slot
     boot_region: Slot | None     # where the bootloader lives (None: in ROM, the ESP32's case)
+    install_timing: FlashTiming  # the primary slot's flash: how long the install's writes take
 
+
+# Typical erase and program times of the parts that hold each board's primary slot:
+# - nRF52832 NVMC (nRF52832 Product Specification, NVMC electrical specification): page erase
+#   t_ERASEPAGE 85 ms per 4 KiB page, t_WRITE 41 us per 32-bit word.
+# - GD32F103C8 FMC (1 KiB pages, half-word programming): its datasheet gives page erase and
+#   half-word program times of the same order as its register twin, the STM32F103 (DS5319,
+#   flash memory characteristics: t_ERASE 20..40 ms per page, t_prog 40..70 us, 52.5 typical,
+#   per half-word); 30 ms and 52.5 us are used.
+# - ESP32 external SPI NOR (Winbond W25Q32JV class, the ESP32-WROOM-32's 4 MB part): sector
+#   erase t_SE 45 ms typical per 4 KiB sector, page program t_PP 0.7 ms typical per 256 bytes.
+# Installing the 1.1.0 test images so takes about 2.1 s (nRF52832, 66 KB), 0.95 s (GD32, 17 KB)
+# and 1.9 s (ESP32, 131 KB) of real time; the firmware scales them (``hil.sim.firmware``).
+NRF52832_NVMC = FlashTiming(page=0x1000, erase_s=0.085, word=4, program_s=41e-6)
+GD32F103_FMC = FlashTiming(page=0x400, erase_s=0.030, word=2, program_s=52.5e-6)
+ESP32_SPI_NOR = FlashTiming(page=0x1000, erase_s=0.045, word=256, program_s=0.7e-3)
 
 LAYOUTS: dict[str, Layout] = {
     "esp32": Layout(primary=Slot(0x10000, 0x100000), secondary=Slot(0x110000, 0x100000),
-                    boot_region=None),
+                    boot_region=None, install_timing=ESP32_SPI_NOR),
     "nrf52832": Layout(primary=Slot(0xC000, 0x32000), secondary=Slot(0x3E000, 0x32000),
-                       boot_region=Slot(0x0, 0xC000)),
+                       boot_region=Slot(0x0, 0xC000), install_timing=NRF52832_NVMC),
     "gd32": Layout(primary=Slot(0x08008000, 0x8000), secondary=Slot(0x0, 0x8000, chip="spi"),
-                   boot_region=Slot(0x08000000, 0x8000)),
+                   boot_region=Slot(0x08000000, 0x8000), install_timing=GD32F103_FMC),
 }
 
 SPI_FLASH_SIZE = 0x100000       # the GD32 board's external NOR (1 MiB)
