@@ -509,6 +509,18 @@ def test_error_byte_answers_like_onenet_without_forwarding(mock, gateway, packag
     assert len(mock.timeline) == 0
 
 
+def test_error_byte_in_the_ascii_form_other_servers_send(mock, gateway, package):
+    token = start_task(mock, package)
+    gateway.arm(Fault(FaultKind.ERROR_BYTE, code=3, form="ascii"))
+    data, ended, _ = exchange_once(gateway.url, ranged(mock, token))
+    assert data == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n3"
+    assert ended == "eof"
+    recorded = last(gateway)
+    assert (recorded.error_byte, recorded.fault) == (3, "error-byte 3 ascii")
+    with pytest.raises(ValueError, match=r"Fault\.form: must be one of raw, ascii"):
+        Fault(FaultKind.ERROR_BYTE, code=3, form="hex")
+
+
 def test_corrupt_flips_bytes_where_the_seed_says(mock, package, tmp_path):
     token = start_task(mock, package)
     bodies = []

@@ -56,7 +56,7 @@ from hil.gateway.upstream import (
     frame,
 )
 from hil.onenet.auth import redact_authorization
-from hil.onenet.codes import DownloadError, decode_error_body
+from hil.onenet.codes import DownloadError, ErrorBodyForm, decode_error_body
 from hil.onenet.messages import Endpoint, Route, parse_result, parse_step, route
 from hil.onenet.ranges import resolve_range
 from hil.service.http import BackgroundServer, HttpRequest, HttpResponse, HttpServer, RequestReader
@@ -548,8 +548,8 @@ def _own_answer(fault: Fault, keep_alive: bool) -> UpstreamAnswer | None:
         return None
     assert fault.code is not None
     if fault.kind is FaultKind.ERROR_BYTE:   # OneNET's: 200, one byte, no length, then a close
-        return _answer_of(HttpResponse(200, DownloadError(fault.code).body,
-                                       close_delimited=True), keep_alive)
+        body = DownloadError(fault.code).body_in(ErrorBodyForm(fault.form or "raw"))
+        return _answer_of(HttpResponse(200, body, close_delimited=True), keep_alive)
     return _answer_of(HttpResponse(fault.code, b"gateway fault\n", _PLAIN), keep_alive)
 
 

@@ -691,6 +691,9 @@ class Firmware:
         self._alive(generation)
         self._say(generation, f"ota phase=download offset={start} status={answer.status_code}")
         code = decode_error_body(body) if "Content-Length" not in answer.headers else None
+        if code is not None and body != bytes([code]) \
+                and Defect.RAW_ERROR_BYTES_ONLY in self.defects:
+            code = None     # the digit is not understood: a bad answer, retried
         if code is not None:
             return None, code            # OneNET's one-byte error answer, raw or ASCII digit
         if Defect.TRUSTS_ANY_2XX in self.defects and 200 <= answer.status_code < 300:
