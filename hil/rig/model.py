@@ -98,8 +98,9 @@ class Console(BaseModel):
         given = [key for key in ("port", "url", "serial_number", "command")
                  if getattr(self, key)]
         if len(given) != 1:
-            raise ValueError("give exactly one of port, url, serial_number or command"
-                             + (f" (got {', '.join(given)})" if given else ""))
+            raise ValueError("give exactly one of port, url or serial_number"
+                             + (f" (got {', '.join(given)})" if given
+                                else " (or command, for a host build)"))
         if self.command is None:
             process_only = [key for key in ("build", "env", "state_dir", "defects",
                                             "known_defects") if getattr(self, key)]
