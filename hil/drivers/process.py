@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hil.drivers.base import DriverBase, Progress
+from hil.drivers.base import DriverBase, LogLine, Progress
 from hil.drivers.console import SerialConsole
 from hil.errors import BootLoop, RigFault, Unsupported
 from hil.sim.pty import PtyPort
@@ -46,6 +46,7 @@ PRIMARY, SECONDARY, OTA_STATE = "primary.bin", "secondary.bin", "ota.state"
 BOOT_LOOP_EXITS = 5          # this many exits by itself ...
 BOOT_LOOP_WITHIN_S = 30.0    # ... within this long is a boot loop, not reboots
 TERM_GRACE_S = 5.0           # a reset waits this long for SIGTERM before it kills
+LOOP_NOTE = "a boot loop; the board is left off"   # ends hil's console note of a boot loop
 _READ = 64 * 1024
 
 
@@ -82,6 +83,8 @@ class ProcessBoard:
         self.name = name
         self.exits: list[tuple[float, int]] = []       # (when, status) of exits by itself
         self.boot_loop: str | None = None              # why the board is stuck, once it is
+        self.loops = 0                                 # boot loops so far (notes written)
+        self.loop_at = 0.0                             # when the last one was declared
         self.on_change: Callable[[], None] | None = None   # the console's waits wake on it
         self._powered = False
         self._run: _Run | None = None
@@ -291,8 +294,9 @@ class ProcessBoard:
             if len(self.exits) >= BOOT_LOOP_EXITS:
                 statuses = ", ".join(describe_status(code) for _, code in self.exits)
                 self.boot_loop = (f"{self.command[0]} exited {len(self.exits)} times within "
-                                  f"{BOOT_LOOP_WITHIN_S:g} s ({statuses}): a boot loop; "
-                                  "the board is left off")
+                                  f"{BOOT_LOOP_WITHIN_S:g} s ({statuses}): {LOOP_NOTE}")
+                self.loops += 1
+                self.loop_at = time.monotonic()
                 self.note(self.boot_loop)
             else:
                 self.note(f"{self.command[0]} ended with {describe_status(status)}: "
@@ -313,17 +317,31 @@ class ProcessConsole(SerialConsole):
         super().__init__(port=str(board.console_path), **options)
         self.board = board
         self.name = f"{board.name} ({board.command[0]}, pty {board.console_path})"
+        self._opened_at = 0.0
+        self._loops_seen = 0      # hil's boot-loop notes this console has logged
         board.on_change = self._board_changed
+
+    def open(self) -> None:
+        self._opened_at = time.monotonic()
+        super().open()
 
     def _board_changed(self) -> None:
         with self._changed:
             self._changed.notify_all()
 
+    def _record(self, lines: list[LogLine]) -> None:
+        self._loops_seen += sum(1 for line in lines
+                                if line.text.startswith("[hil] ") and LOOP_NOTE in line.text)
+        super()._record(lines)
+
     def _usable_port(self, doing: str, *, check_vanished: bool = True) -> Any:
         port = super()._usable_port(doing, check_vanished=check_vanished)
-        if check_vanished and self.board.boot_loop is not None:
-            raise BootLoop(f"{self.name}: {self.board.boot_loop} (while {doing})"
-                           f"{self._tail()}")
+        board = self.board
+        # Once the log holds the loop's output (hil's note is its last line), or at once when
+        # the loop came before this console opened: the fault then shows what the board said.
+        if check_vanished and board.boot_loop is not None and (
+                self._loops_seen >= board.loops or board.loop_at < self._opened_at):
+            raise BootLoop(f"{self.name}: {board.boot_loop} (while {doing}){self._tail()}")
         return port
 
 
