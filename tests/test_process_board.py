@@ -148,7 +148,8 @@ def test_a_power_cut_mid_download_is_sigkill_and_power_on_resumes_at_the_stored_
     with RigParts(agent_rig()) as parts:
         flashed(parts)
         power, console = parts.power(), parts.console()
-        assert power is not None and power.can_cut
+        assert power is not None
+        assert power.can_cut
         parts.point_at(onenet.url)
         new_task(onenet, package)
         cut = threading.Event()
@@ -205,7 +206,8 @@ def test_a_program_that_keeps_exiting_is_a_boot_loop_naming_its_status(tmp_path)
             console.expect("^never printed$", DEADLINE, since=since)
         assert isinstance(caught.value, AssertionError), "a firmware fault: failed, not broken"
         texts = [line.text for line in console.lines()]
-        assert "to stdout" in texts and "to stderr" in texts
+        assert "to stdout" in texts
+        assert "to stderr" in texts
         assert any(text.startswith("[hil] ") and text.endswith(
             "sh ended with status 3: rebooting (started again)") for text in texts)
         board = parts.provider.board                     # type: ignore[attr-defined]
@@ -224,7 +226,8 @@ def test_nothing_outlives_the_rig(agent_rig, onenet):
         assert link.is_symlink()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert not link.exists() and not link.is_symlink()
+    assert not link.exists()
+    assert not link.is_symlink()
     assert leftovers() == (threads, fds)
 
 
@@ -235,7 +238,7 @@ def test_a_failing_build_is_one_rig_fault_line_with_its_last_output(tmp_path):
     with pytest.raises(RigFault) as caught, RigParts(rig):
         pass
     message = str(caught.value)
-    assert message == (f"rig proc-agent: console: console.build: sh -c echo 'agent.c:1: error: "
+    assert message == ("rig proc-agent: console: console.build: sh -c echo 'agent.c:1: error: "
                        "boom' >&2; exit 2 failed with status 2: agent.c:1: error: boom")
 
 
@@ -259,3 +262,44 @@ def test_a_mistake_in_a_host_build_rig_is_one_line_naming_the_key(tmp_path, cons
     assert len(message.splitlines()) == 1, message
     assert message.startswith(f"{tmp_path / 'rig.yaml'}: {key}"), message
     assert text in message, message
+
+
+# ------------------------------------------------------------------------------ hil defects
+def test_a_defect_rig_of_a_host_build_runs_its_own_program_built_with_the_defect(tmp_path, key):
+    from hil.configfile import read_yaml, validate
+    from hil.conformance.power import defect_rig
+    from hil.sim.defects import Defect
+
+    base = read_yaml(ROOT / "rigs" / "host-agent.yaml")
+    base["identity"]["access_key_env"] = KEY_ENV
+    rig = validate(Rig, base, "host-agent")
+    (tmp_path / "programs").mkdir()
+    document = defect_rig(base, rig, Defect.SKIPS_MD5, tmp_path)
+    defective = validate(Rig, document, document["name"])
+    assert defective.console.command == (str(tmp_path / "programs" / "host-agent--skips-md5"),)
+    assert defective.process_state_dir == tmp_path / "host-agent--skips-md5"
+    cwd = os.getcwd()
+    os.chdir(ROOT)            # the rig's build is relative to the project's root, as hil runs
+    try:
+        with RigParts(defective) as parts:
+            flashed(parts)
+            first = [line.text for line in parts.console().lines() if "starting" in line.text]
+    finally:
+        os.chdir(cwd)
+    assert first, "the program never started"
+    assert first[-1].endswith("defects: skips-md5"), first[-1]
+
+
+def test_hil_defects_refuses_defects_the_host_build_lacks_in_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "hil.cli", "defects", "--root", str(ROOT),
+                           "--rig", str(ROOT / "rigs" / "host-agent.yaml"),
+                           "--defect", "ignores-power", "--defect", "skips-md5"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "not with ignores-power" in lines[0], lines[0]
+    assert "can be built with early-101, ignores-space, restarts-download" in lines[0], lines[0]
