@@ -94,7 +94,7 @@ EXAMPLES = {
                            ("nrf52832", "nrf52832_xxaa")]},
     # The C agent run as a board (hil.rig.providers.process): SIGKILL is its power cut.
     "host-agent": ("nrf52832", "nrf52832_xxaa",
-                   {"console", "space", "flasher", "power", "power_cut"}),
+                   {"console", "space", "flasher", "power_cut"}),
 }
 
 

@@ -402,7 +402,7 @@ class Rig(BaseModel):
         caps = {"console", "space"}   # the console's `test space` hook is always there
         if self.flasher.kind != "none":
             caps.add("flasher")
-        if self.power.kind != "none":
+        if self.power.kind not in ("none", "process"):   # a host build has no battery to set
             caps.add("power")
         if self.power.kind in ("scpi", "process"):   # a process's power cut is SIGKILL
             caps.add("power_cut")
