@@ -303,3 +303,28 @@ def test_hil_defects_refuses_defects_the_host_build_lacks_in_one_line():
     assert len(lines) == 1, done.stderr
     assert "not with ignores-power" in lines[0], lines[0]
     assert "can be built with early-101, ignores-space, restarts-download" in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------ the seam
+@pytest.mark.parametrize(("rig", "provider", "imported"), [
+    ("lab-nrf52832", "HardwareProvider", "nothing of hil.sim"),
+    # A host build reuses two pieces that live in hil.sim: its pty (hil.sim.pty) and the
+    # defect names (hil.sim.defects); never the simulated bench.
+    ("host-agent", "ProcessProvider", "no bench"),
+    ("sim-nrf52832", "SimProvider", "the bench"),
+])
+def test_each_rig_gets_its_provider_and_only_a_simulated_one_imports_the_bench(
+        rig, provider, imported):
+    import subprocess
+    import sys
+
+    probe = ("import sys; from pathlib import Path; from hil.rig.model import load_rig; "
+             "from hil.rig.parts import RigParts; "
+             f"parts = RigParts(load_rig(Path({str(ROOT / 'rigs' / rig) + '.yaml'!r}))); "
+             "sim = [name for name in sys.modules if name.startswith('hil.sim')]; "
+             "print(type(parts.provider).__name__, '|', 'the bench' if 'hil.sim.bench' in sim "
+             "else 'no bench' if sim else 'nothing of hil.sim')")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{provider} | {imported}"

@@ -196,7 +196,7 @@ class ProcessBoard:
         output, into = os.pipe()
         try:
             process = subprocess.Popen(  # noqa: S603 (the rig file's own command)
-                self.command, env=self.env, cwd=self.state_dir, stdin=subprocess.PIPE,
+                self.command, env=self.env, stdin=subprocess.PIPE,
                 stdout=into, stderr=into, start_new_session=True, close_fds=True)
         except OSError as error:
             os.close(output)
