@@ -406,6 +406,10 @@ def cmd_console(args: argparse.Namespace) -> int:
     rig = _one_rig(args, prog)
     spec = rig.console
     address = spec.port or spec.url
+    if spec.command is not None:
+        # A host build: the program runs while the terminal is open, its console on a pty
+        # linked beside its state directory (hil.drivers.process).
+        address = f"{rig.process_state_dir}.console"
     if address is None:
         from hil.drivers.console import find_port_by_serial_number
 
@@ -501,19 +505,26 @@ def cmd_sim_up(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- defects
 def cmd_defects(args: argparse.Namespace) -> int:
-    from hil.conformance.power import run_suite, table, verdict
+    from hil.conformance.power import available_defects, check_defects, run_suite, table, verdict
     from hil.sim.defects import Defect
 
     prog = "hil defects"
-    try:
-        defects = sorted(Defect.parse(args.defect), key=list(Defect).index) if args.defect \
-            else list(Defect)
-    except ValueError as error:
-        _fail(prog, f"--defect: {error}")
     testcases = args.root / "testcases"
     if not testcases.is_dir():
         _fail(prog, f"no testcases/ under {args.root}: give --root, the project directory")
     rig_path = args.rig or args.root / "rigs" / "sim-nrf52832.yaml"
+    rig = _load(rig_path)
+    if isinstance(rig, ConfigError):
+        _fail(prog, str(rig))
+    try:
+        defects = sorted(Defect.parse(args.defect), key=list(Defect).index) if args.defect \
+            else available_defects(rig)
+    except ValueError as error:
+        _fail(prog, f"--defect: {error}")
+    try:
+        check_defects(rig, defects, str(rig_path))
+    except ConfigError as error:
+        _fail(prog, str(error))
     print(f"{prog}: the suite in {testcases} on {rig_path.name}, against "
           f"{len(defects)} defect(s) and a control, {args.workers} workers", flush=True)
     started = time.monotonic()
