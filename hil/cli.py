@@ -42,8 +42,15 @@ from typing import TYPE_CHECKING, NoReturn
 from hil import __version__
 from hil.errors import ConfigError, HilError, RigFault
 from hil.onenet.auth import Authorization, SignMethod, decode_access_key, device_res, product_res
-from hil.onenet.codes import TaskState, TaskType, is_valid_version
-from hil.service.config import apply_task_file, read_package
+from hil.onenet.codes import ErrorBodyForm, TaskState, TaskType, is_valid_version
+from hil.service.config import (
+    FIRST_RUN_INTERVAL_S,
+    FIRST_RUN_RETRY,
+    FIRST_RUN_TYPE,
+    apply_task_file,
+    describe_task,
+    read_package,
+)
 from hil.service.server import MockOneNet
 
 if TYPE_CHECKING:
@@ -129,11 +136,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = _access_key(args, prog)
     # Exchanges go to the log, the listeners and --timeline; none pile up in memory.
     onenet = MockOneNet(args.product_id, key, host=args.host, port=args.port,
-                        timeline_path=args.timeline, keep_timeline=False)
+                        timeline_path=args.timeline, keep_timeline=False,
+                        error_body=ErrorBodyForm(args.error_body))
     service = onenet.service
     try:
         if args.tasks:
-            apply_task_file(service, args.tasks)
+            tasks = apply_task_file(service, args.tasks)
         else:
             missing = [flag for flag, value in (("--dev-id", args.dev_id),
                                                 ("--package", args.package),
@@ -142,15 +150,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if missing:
                 _fail(prog, f"give --tasks FILE or {', '.join(missing)}")
             package = read_package(args.package, "--package")
-            service.create_task(
+            tasks = [service.create_task(
                 args.dev_id, args.target_version, package, task_type=TaskType(args.type),
                 manuf=args.manuf, model=args.model, signal=args.signal, power=args.power,
                 retry=args.retry, interval=args.interval,
-                enforce_thresholds=args.enforce_thresholds)
+                enforce_thresholds=args.enforce_thresholds)]
             if args.version:
                 service.set_device_version(args.dev_id, args.version, TaskType(args.type))
     except ConfigError as error:
         _fail(prog, str(error))
+    # What a device's client must ask for (type) and will be told (retry, interval), before it
+    # asks: a client detecting the other type hears errno 11, and nothing else says why.
+    for task in tasks:
+        print(describe_task(task), flush=True)
+    print(f"download error bodies: {args.error_body}", flush=True)
     service.timeline.subscribe(lambda exchange: print(exchange.summary(), flush=True))
 
     stop = _stop_on_signals()
@@ -395,6 +408,10 @@ def cmd_console(args: argparse.Namespace) -> int:
     rig = _one_rig(args, prog)
     spec = rig.console
     address = spec.port or spec.url
+    if spec.command is not None:
+        # A host build: the program runs while the terminal is open, its console on a pty
+        # linked beside its state directory (hil.drivers.process).
+        address = f"{rig.process_state_dir}.console"
     if address is None:
         from hil.drivers.console import find_port_by_serial_number
 
@@ -490,19 +507,26 @@ def cmd_sim_up(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- defects
 def cmd_defects(args: argparse.Namespace) -> int:
-    from hil.conformance.power import run_suite, table, verdict
+    from hil.conformance.power import available_defects, check_defects, run_suite, table, verdict
     from hil.sim.defects import Defect
 
     prog = "hil defects"
-    try:
-        defects = sorted(Defect.parse(args.defect), key=list(Defect).index) if args.defect \
-            else list(Defect)
-    except ValueError as error:
-        _fail(prog, f"--defect: {error}")
     testcases = args.root / "testcases"
     if not testcases.is_dir():
         _fail(prog, f"no testcases/ under {args.root}: give --root, the project directory")
     rig_path = args.rig or args.root / "rigs" / "sim-nrf52832.yaml"
+    rig = _load(rig_path)
+    if isinstance(rig, ConfigError):
+        _fail(prog, str(rig))
+    try:
+        defects = sorted(Defect.parse(args.defect), key=list(Defect).index) if args.defect \
+            else available_defects(rig)
+    except ValueError as error:
+        _fail(prog, f"--defect: {error}")
+    try:
+        check_defects(rig, defects, str(rig_path))
+    except ConfigError as error:
+        _fail(prog, str(error))
     print(f"{prog}: the suite in {testcases} on {rig_path.name}, against "
           f"{len(defects)} defect(s) and a control, {args.workers} workers", flush=True)
     started = time.monotonic()
@@ -729,16 +753,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dev-id")
     serve.add_argument("--manuf")
     serve.add_argument("--model")
-    serve.add_argument("--type", type=int, choices=[1, 2], default=2, help="1 FOTA, 2 SOTA")
+    serve.add_argument("--type", type=int, choices=[1, 2], default=int(FIRST_RUN_TYPE),
+                       help="1 FOTA (default: the vendor's example client detects it), 2 SOTA")
     serve.add_argument("--version", type=_version_arg, help="the device's current version")
     serve.add_argument("--package", type=Path)
     serve.add_argument("--target-version", type=_version_arg)
     serve.add_argument("--signal", type=_int, default=0)
     serve.add_argument("--power", type=_int, default=0)
-    serve.add_argument("--retry", type=_non_negative, default=0)
-    serve.add_argument("--interval", type=_non_negative, default=0, metavar="S")
+    serve.add_argument("--retry", type=_non_negative, default=FIRST_RUN_RETRY,
+                       help=f"retries of a failed chunk (default {FIRST_RUN_RETRY})")
+    serve.add_argument("--interval", type=_non_negative, default=FIRST_RUN_INTERVAL_S,
+                       metavar="S", help=f"seconds between retries (default "
+                       f"{FIRST_RUN_INTERVAL_S})")
     serve.add_argument("--enforce-thresholds", action="store_true",
                        help="answer detect with errno 10 below signal/power (off: devices enforce)")
+    serve.add_argument("--error-body", choices=[form.value for form in ErrorBodyForm],
+                       default=ErrorBodyForm.RAW.value,
+                       help="a download error's code as OneNET sends it, one raw byte (default), "
+                       "or as the ASCII digit")
     serve.add_argument("--timeline", type=Path, metavar="FILE",
                        help="append every exchange to FILE as JSON lines")
     serve.set_defaults(run=cmd_serve)

@@ -16,6 +16,7 @@ OTA service or the network between.
     ├── FirmwareFault          the device under test misbehaved: wrong or missing report code
     │   ├── CommandRefused     the firmware answered a console command with ``ERR <reason>``
     │   ├── ExpectTimeout      the firmware did not print what the test waited for
+    │   ├── BootLoop           a host build kept exiting by itself (names the exit statuses)
     │   └── ConformanceFailure an OTA phase ended with other report codes than the profile's
     ├── ServiceFault           the OTA service or the infrastructure around it failed
     │   └── ServiceCrashed     the mock raised on its server thread (re-raised on the test thread)
@@ -100,6 +101,11 @@ class CommandRefused(FirmwareFault):
 
 class ExpectTimeout(FirmwareFault):
     """The console did not show the expected pattern in time; the message ends with the log tail."""
+
+
+class BootLoop(FirmwareFault):
+    """A host build run as a board (``hil.drivers.process``) exited by itself again and again
+    right after starting: the board does not boot. The message names the exit statuses."""
 
 
 class ConformanceFailure(FirmwareFault):

@@ -25,12 +25,17 @@ def hil(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 class Served:
-    """`hil serve` in a subprocess; its URL read from the `serving on` line."""
+    """`hil serve` in a subprocess; its URL read from the `serving on` line, the lines it
+    printed before (what it serves) kept in ``preamble``."""
 
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen([*HIL, "serve", "--port", "0", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.preamble: list[str] = []
         line = self._readline(timeout=20)
+        while not line.startswith("serving on ") and len(self.preamble) < 20:
+            self.preamble.append(line)
+            line = self._readline(timeout=20)
         assert line.startswith("serving on http://127.0.0.1:"), line
         self.url = line.split()[-1]
 
@@ -191,6 +196,43 @@ devices:
     assert first["data"]["target"] == "1.1.0"
     assert (second["data"]["target"], second["data"]["signal"]) == ("2.0.0", 10)
     assert wrong_type["errno"] == 11
+    assert served.preamble == [
+        "task 1: dev_id=527776559 type=2 (SOTA) target=1.1.0 retry=3 interval=2s",
+        "task 2: dev_id=527776560 type=1 (FOTA) target=2.0.0 retry=3 interval=2s",
+        "download error bodies: raw"]
+
+
+@pytest.mark.parametrize(("option", "wire"), [
+    ((), b"\x03"), (("--error-body", "raw"), b"\x03"), (("--error-body", "ascii"), b"3")])
+def test_serve_defaults_carry_the_vendor_example_through_a_first_run(
+        package_file: Path, tmp_path: Path, option: tuple[str, ...], wire: bytes):
+    """Only the flags a first run needs: the task is what the vendor's example client asks for
+    (FOTA, no manuf/model, cdn=false) with retries to spare, said at start; the download
+    address comes as strings; a download error is OneNET's raw byte unless asked otherwise."""
+    key = new_access_key()
+    served = Served("--product-id", "245528", "--access-key", key, "--dev-id", "527776559",
+                    "--package", str(package_file), "--target-version", "1.1.0", *option)
+    try:
+        auth = hil("token", "--product-id", "245528", "--access-key", key).stdout.strip()
+        detect = json.loads(curl("-H", f"Authorization: {auth}", f"{served.url}/ota/south/check?"
+                                 "dev_id=527776559&type=1&version=1.0.0&cdn=false"))
+        error = subprocess.run(
+            ["curl", "--silent", "--max-time", "10", "--include", "-H", f"Authorization: {auth}",
+             f"{served.url}/ota/south/download/ota_unknown"],
+            capture_output=True, timeout=30).stdout
+    finally:
+        status, _, err = served.stop()
+    assert status == 0, err
+    assert served.preamble == [
+        "task 1: dev_id=527776559 type=1 (FOTA) target=1.1.0 retry=3 interval=2s",
+        f"download error bodies: {option[1] if option else 'raw'}"]
+    assert detect["errno"] == 0
+    data = detect["data"]
+    assert (data["retry"], data["interval"]) == (3, 2)
+    assert (data["ip"], data["ipPort"]) == ("127.0.0.1", served.url.rsplit(":", 1)[1])
+    head, _, body = error.partition(b"\r\n\r\n")
+    assert body == wire
+    assert b"content-length" not in head.lower()
 
 
 def test_run_updates_each_simulated_rig_from_its_flashed_base_image(tmp_path: Path):

@@ -28,6 +28,7 @@ from test_service_http import RawConnection, detect_target, embedded_request
 
 from hil.errors import ServiceCrashed
 from hil.gateway import Fault, FaultKind, Gateway
+from hil.onenet.codes import ErrorBodyForm
 from hil.onenet.messages import Endpoint
 from hil.service.http import BackgroundServer
 from hil.service.server import MockOneNet
@@ -146,11 +147,16 @@ class TestForwarding:
                 (expected.status_line, expected.headers, expected.body)
             got.assert_strict_client_can_parse()
 
-    def test_the_length_less_error_byte_stays_length_less_and_closes(self, mock, gateway):
+    @pytest.mark.parametrize(("form", "wire"), [(ErrorBodyForm.RAW, b"\x03"),
+                                                (ErrorBodyForm.ASCII, b"3")])
+    def test_the_length_less_error_byte_stays_length_less_and_closes(self, mock, gateway, form,
+                                                                      wire):
+        """Passed on as the service wrote it, and recorded as the code in either form."""
+        mock.service.error_body = form
         request = embedded_request("GET", "/ota/south/download/ota_unknown",
                                    auth=mock.authorization())
         data, ended, _ = exchange_once(gateway.url, request)
-        assert data == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n3"
+        assert data == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + wire
         assert ended == "eof"
         assert last(gateway).error_byte == 3
         assert not last(gateway).accepted
@@ -494,13 +500,25 @@ def test_error_byte_answers_like_onenet_without_forwarding(mock, gateway, packag
     token = start_task(mock, package)
     gateway.arm(Fault(FaultKind.ERROR_BYTE, code=code))
     data, ended, _ = exchange_once(gateway.url, ranged(mock, token))
-    assert data == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + str(code).encode()
+    assert data == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + bytes([code])   # raw
     assert ended == "eof"
     recorded = last(gateway)
     assert (recorded.error_byte, recorded.errno) == (code, None)
     assert recorded.fault == f"error-byte {code}"
     assert not recorded.accepted
     assert len(mock.timeline) == 0
+
+
+def test_error_byte_in_the_ascii_form_other_servers_send(mock, gateway, package):
+    token = start_task(mock, package)
+    gateway.arm(Fault(FaultKind.ERROR_BYTE, code=3, form="ascii"))
+    data, ended, _ = exchange_once(gateway.url, ranged(mock, token))
+    assert data == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n3"
+    assert ended == "eof"
+    recorded = last(gateway)
+    assert (recorded.error_byte, recorded.fault) == (3, "error-byte 3 ascii")
+    with pytest.raises(ValueError, match=r"Fault\.form: must be one of raw, ascii"):
+        Fault(FaultKind.ERROR_BYTE, code=3, form="hex")
 
 
 def test_corrupt_flips_bytes_where_the_seed_says(mock, package, tmp_path):
@@ -552,7 +570,7 @@ def test_auth_faults_make_the_service_refuse(mock, gateway, package, variant):
     client = device(mock, gateway)
     assert client.detect(BASE)["errno"] == 1
     data, _, _ = exchange_once(gateway.url, ranged(mock, token))
-    assert data.endswith(b"\r\n\r\n3")
+    assert data.endswith(b"\r\n\r\n\x03")
     assert client.detect(BASE)["errno"] == 0   # count=2: the third request goes as sent
     client.close()
     recorded = gateway.timeline.exchanges()
@@ -581,7 +599,7 @@ def test_a_hook_runs_before_forwarding_and_can_cancel_mid_download(mock, gateway
     data, _, _ = exchange_once(gateway.url, ranged(mock, token, 2 * CHUNK))
     client.close()
     assert forwarded_before == [2]
-    assert data.endswith(b"\r\n\r\n3")   # the task was cancelled before this chunk reached it
+    assert data.endswith(b"\r\n\r\n\x03")   # the task was cancelled before this chunk reached it
     assert last(gateway).fault == "hook"
     assert mock.service.task(DEV).state == "cancelled"
 

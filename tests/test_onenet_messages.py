@@ -3,10 +3,20 @@
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hil.errors import ProtocolError
-from hil.onenet.codes import Errno, ResultCode, TaskType
+from hil.onenet.codes import (
+    DownloadError,
+    Errno,
+    ErrorBodyForm,
+    ResultCode,
+    TaskType,
+    decode_error_body,
+)
 from hil.onenet.messages import (
+    DetectAnswer,
     DetectQuery,
     Endpoint,
     Route,
@@ -307,3 +317,72 @@ def test_every_errno_encodes_with_a_short_error_text(errno):
     assert answer == {"errno": int(errno), "error": answer["error"]}
     assert type(answer["errno"]) is int
     assert 0 < len(answer["error"]) <= 32
+
+
+# ---------------------------------------------------------------------------------------------
+# the detect answer's download address (cdn=false): ip and ipPort are strings on the wire
+
+ANSWER = DetectAnswer("V2", TOKEN, 22, "ad2f4e4ea2a27eace7e4913139f8f01a", 10, 50, 3, 2)
+
+
+def test_detect_answer_writes_ip_and_ip_port_as_strings():
+    data = DetectAnswer(**{**_fields(ANSWER), "ip": "10.0.0.7", "ip_port": 8080}).to_data()
+    assert (data["ip"], data["ipPort"]) == ("10.0.0.7", "8080")
+    assert b'"ipPort":"8080"' in encode_answer(Errno.OK, data)   # the vendor client strcpy()s it
+
+
+def test_detect_answer_without_address_has_neither_key():
+    assert not {"ip", "ipPort"} & ANSWER.to_data().keys()
+
+
+@pytest.mark.parametrize(("ip_port", "expected"), [
+    ("8080", 8080),        # the platform's form
+    (8080, 8080),          # a service that sends an integer: read as lenient clients do
+    ("80", 80), ("65535", 65535),
+    ("0", None), ("65536", None), (-1, None), ("", None), ("8o8o", None), ("\uff18\uff10", None),
+    ("+80", None), (" 80", None), (80.0, None), (True, None), (None, None),
+])
+def test_detect_answer_reads_ip_port_as_string_or_integer(ip_port, expected):
+    data = {**ANSWER.to_data(), "ip": "10.0.0.7", "ipPort": ip_port}
+    answer = DetectAnswer.from_data(data)
+    assert (answer.ip, answer.ip_port) == ("10.0.0.7", expected)
+    assert answer.target == ANSWER.target   # a bad port does not cost the device its task
+
+
+@given(st.integers(1, 65535))
+def test_detect_answer_address_round_trips(port):
+    answer = DetectAnswer(**{**_fields(ANSWER), "ip": "127.0.0.1", "ip_port": port})
+    assert DetectAnswer.from_data(json.loads(json.dumps(answer.to_data()))) == answer
+
+
+def _fields(answer: DetectAnswer) -> dict[str, object]:
+    return {name: getattr(answer, name) for name in DetectAnswer.__slots__}
+
+
+# ---------------------------------------------------------------------------------------------
+# download error bodies: OneNET's raw byte, or the ASCII digit, decoded alike
+
+
+@pytest.mark.parametrize("error", list(DownloadError))
+def test_error_body_forms(error):
+    assert error.body == bytes([int(error)])                 # OneNET: the byte's value
+    assert error.body_in(ErrorBodyForm.RAW) == error.body
+    assert error.body_in(ErrorBodyForm.ASCII) == str(int(error)).encode()
+    for form in ErrorBodyForm:
+        assert decode_error_body(error.body_in(form)) is error
+
+
+@given(st.integers(0, 255))
+def test_decode_error_body_of_every_byte(value):
+    if 1 <= value <= 6:
+        expected = DownloadError(value)
+    elif ord("1") <= value <= ord("6"):
+        expected = DownloadError(value - ord("0"))
+    else:
+        expected = None   # 0x00, 0x07.., "0", "7".."9", letters: not a documented code
+    assert decode_error_body(bytes([value])) == expected
+
+
+@given(st.binary().filter(lambda body: len(body) != 1))
+def test_decode_error_body_of_any_other_length_is_none(body):
+    assert decode_error_body(body) is None

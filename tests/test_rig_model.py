@@ -96,6 +96,9 @@ EXAMPLES = {
     **{f"sim-{board}-shipped": (board, chip, {"console", "flasher", "power", "power_cut", "rf"})
        for board, chip in [("esp32", "esp32-wroom-32"), ("gd32", "gd32f103c8"),
                            ("nrf52832", "nrf52832_xxaa")]},
+    # The C agent run as a board (hil.rig.providers.process): SIGKILL is its power cut.
+    "host-agent": ("nrf52832", "nrf52832_xxaa",
+                   {"console", "space", "flasher", "power_cut"}),
 }
 
 
@@ -114,7 +117,9 @@ def test_every_example_rig_loads(name):
     assert rig.part_number == part
     assert rig.capabilities == frozenset(capabilities)
     # Simulated rigs sign with their own variable, set to a fresh key when unset.
-    assert rig.identity.access_key_env == ("HIL_SIM_ACCESS_KEY" if rig.sim else "HIL_ACCESS_KEY")
+    assert rig.identity.access_key_env == (
+        "HIL_SIM_ACCESS_KEY" if rig.sim else
+        "HIL_HOST_ACCESS_KEY" if rig.console.command else "HIL_ACCESS_KEY")
     assert rig.ota.service == "mock"
     assert (rig.sim is not None) == name.startswith("sim-")
 
@@ -399,9 +404,9 @@ MISTAKES: dict[str, tuple[Any, str, str]] = {
                     "a gd32 is flashed with kind: swd"),
     # unknown kinds
     "unknown flasher kind": (edited(NRF, flasher={"kind": "jtag"}), "flasher",
-                             "kind must be one of swd, esp, none"),
+                             "kind must be one of swd, esp, process, none"),
     "unknown power kind": (edited(NRF, power={"kind": "relay"}), "power",
-                           "kind must be one of scpi, console, none"),
+                           "kind must be one of scpi, console, process, none"),
     "unknown rf kind": (edited(NRF, rf={"kind": "shield"}), "rf",
                         "kind must be one of attenuator, console, none"),
     "rf without a kind": (edited(NRF, rf={}), "rf", "kind must be one of"),

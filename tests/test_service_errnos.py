@@ -319,7 +319,7 @@ class TestAuthorizationForms:
         register_keyed_devices(mock_onenet)
         task = task_in(mock_onenet, TaskState.DOWNLOADING, dev_id=OTHER)
         reply = _raw_download(mock_onenet, task.token, device_auth(mock_onenet))
-        reply.assert_error_byte(b"3")
+        reply.assert_error_byte(b"\x03")
         reply = _raw_download(mock_onenet, task.token,
                               device_auth(mock_onenet, OTHER_NAME, OTHER_KEY))
         assert reply.body == PACKAGE
@@ -342,7 +342,7 @@ class TestDetect:
         assert (data["signal"], data["power"], data["retry"], data["interval"]) == (10, 50, 3, 60)
         assert data["type"] == 1   # a full package
         assert data["ip"] == "127.0.0.1"
-        assert data["ipPort"] == urlsplit(mock_onenet.url).port
+        assert data["ipPort"] == str(urlsplit(mock_onenet.url).port)   # a string, as ip
         assert state_of(mock_onenet) is TaskState.PENDING   # detect alone does not start it
         exchange = last(mock_onenet)
         assert (exchange.phase, exchange.errno, exchange.dev_id) == ("detect", 0, DEV)
@@ -679,7 +679,7 @@ class TestDownload:
     def test_1_task_without_a_package(self, mock_onenet):
         task = mock_onenet.service.create_task(DEV, TARGET, None, delta_from="1.0.0")
         reply = _raw_download(mock_onenet, task.token)
-        reply.assert_error_byte(b"1")
+        reply.assert_error_byte(b"\x01")
         exchange = last(mock_onenet)
         assert (exchange.phase, exchange.dev_id, exchange.error_byte) == ("download", DEV, 1)
         assert state_of(mock_onenet) is TaskState.PENDING
@@ -690,7 +690,7 @@ class TestDownload:
         task = task_in(mock_onenet, TaskState.DOWNLOADING)
         reply = _raw_download(mock_onenet, task.token,
                               BAD_AUTHORIZATIONS[auth_kind](mock_onenet))
-        reply.assert_error_byte(b"3")
+        reply.assert_error_byte(b"\x03")
         assert state_of(mock_onenet) is TaskState.DOWNLOADING
         exchange = last(mock_onenet)
         assert (exchange.phase, exchange.error_byte, exchange.length) == ("download", 3, None)
@@ -698,19 +698,19 @@ class TestDownload:
     def test_3_unknown_token(self, mock_onenet):
         task_in(mock_onenet, TaskState.DOWNLOADING)
         reply = _raw_download(mock_onenet, "ota_AAAAAAAAAAAAAAAAAAAA")
-        reply.assert_error_byte(b"3")
+        reply.assert_error_byte(b"\x03")
         assert last(mock_onenet).error_byte == 3
 
     def test_3_unknown_token_on_the_legacy_path(self, mock_onenet):
         r = _raw_download(mock_onenet, "x", path="/ota/download/ota_BBBBBBBBBBBBBBBBBBBB")
-        r.assert_error_byte(b"3")
+        r.assert_error_byte(b"\x03")
 
     @pytest.mark.parametrize("state", [TaskState.PENDING, TaskState.DOWNLOADING])
     def test_3_expired_token(self, mock_onenet, state):
         task = task_in(mock_onenet, state)
         mock_onenet.service.expire_token(DEV)
         reply = _raw_download(mock_onenet, task.token)
-        reply.assert_error_byte(b"3")
+        reply.assert_error_byte(b"\x03")
         exchange = last(mock_onenet)
         assert (exchange.phase, exchange.dev_id, exchange.error_byte) == ("download", DEV, 3)
 
@@ -720,7 +720,7 @@ class TestDownload:
     def test_3_in_a_state_that_does_not_allow_downloads(self, mock_onenet, state, range_):
         task = task_in(mock_onenet, state)
         reply = _raw_download(mock_onenet, task.token, range_=range_)
-        reply.assert_error_byte(b"3")
+        reply.assert_error_byte(b"\x03")
         assert state_of(mock_onenet) is state
         exchange = last(mock_onenet)
         assert (exchange.phase, exchange.error_byte, exchange.task_state) == (

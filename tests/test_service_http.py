@@ -23,7 +23,7 @@ import pytest
 import requests
 import urllib3.util.connection
 
-from hil.onenet.codes import TaskState
+from hil.onenet.codes import ErrorBodyForm, TaskState
 from hil.service.http import BackgroundServer, HttpServer
 from hil.service.server import MockOneNet
 
@@ -118,6 +118,13 @@ class RawConnection:
                 pass
             body, self._buffer = self._buffer, b""
         return Reply(lines[0], headers, body, len(head) + 4 + len(body))
+
+    def read_until_close(self) -> bytes:
+        """Every byte the server sends until it closes: the answer exactly as it went out."""
+        while self._fill():
+            pass
+        data, self._buffer = self._buffer, b""
+        return data
 
     def closed_by_server(self, wait: float = TIMEOUT) -> bool:
         """True once the server has closed (EOF or reset); False if it is still open after wait."""
@@ -235,8 +242,13 @@ class TestEmbeddedClient:
         reply.assert_strict_client_can_parse()   # includes: head and body under 512 bytes
         assert reply.raw_size < 512
 
+    @pytest.mark.parametrize(("form", "wire"), [(None, b"\x03"), (ErrorBodyForm.ASCII, b"3")])
     @pytest.mark.parametrize("state", [TaskState.SUCCEEDED, TaskState.CANCELLED])
-    def test_error_byte_answer_is_literal_and_length_less(self, mock_onenet, state):
+    def test_error_byte_answer_is_literal_and_length_less(self, mock_onenet, state, form, wire):
+        """OneNET's raw byte by default (the vendor client compares its value and, with no
+        Content-Length, would wait for atoi("3") bytes of a digit); the digit when asked."""
+        if form is not None:
+            mock_onenet.service.error_body = form
         task = mock_onenet.service.create_task(DEV, TARGET, b"\x01" * 100)
         if state is TaskState.CANCELLED:
             mock_onenet.service.cancel(DEV)
@@ -255,9 +267,36 @@ class TestEmbeddedClient:
             assert connection.closed_by_server()
         reply.assert_strict_client_can_parse()
         assert reply.status_line == "HTTP/1.1 200 OK"
-        assert reply.body == b"3"
+        assert reply.body == wire
         assert reply.header("Content-Length") is None
         assert reply.header("Content-Range") is None
+        # The timeline records the code, whichever form went on the wire.
+        assert mock_onenet.timeline.exchanges()[-1].error_byte == 3
+
+    def test_error_body_is_the_raw_byte_again_after_a_test_asked_for_the_digit(self, mock_onenet):
+        mock_onenet.service.error_body = ErrorBodyForm.ASCII
+        mock_onenet.service.reset()   # what the mock_onenet fixture does between tests
+        answer = one_shot(mock_onenet.url, embedded_request(
+            "GET", "/ota/south/download/ota_unknown", auth=mock_onenet.authorization()))
+        assert answer.body == b"\x03"
+
+    @pytest.mark.parametrize(("form", "body"), [(None, b"\x03"), (ErrorBodyForm.ASCII, b"3"),
+                                                ("ascii", b"3"), ("raw", b"\x03")])
+    def test_error_body_form_chosen_when_the_mock_is_made(self, form, body):
+        """Exactly these bytes on the wire, read by requests as the simulated firmware does."""
+        options = {} if form is None else {"error_body": form}
+        with MockOneNet(**options) as onenet:
+            onenet.service.reset()   # the form outlives a reset: it is the mock's own
+            reply = requests.get(f"{onenet.url}/ota/south/download/ota_unknown",
+                                 headers={"Authorization": onenet.authorization()},
+                                 timeout=TIMEOUT)
+            with RawConnection(onenet.url) as connection:
+                connection.send(embedded_request("GET", "/ota/south/download/ota_unknown",
+                                                 auth=onenet.authorization()))
+                raw = connection.read_until_close()
+        assert (reply.status_code, reply.content) == (200, body)
+        assert "Content-Length" not in reply.headers
+        assert raw == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body
 
 
 # ------------------------------------------------------------------------------------ ranges
@@ -661,7 +700,8 @@ class TestBinding:
         mock_onenet.service.create_task(DEV, TARGET, b"\x01" * 10)
         data = one_shot(mock_onenet.url, embedded_request(
             "GET", detect_target(), auth=mock_onenet.authorization())).json()["data"]
-        assert (data["ip"], data["ipPort"]) == ("127.0.0.1", port)
+        # Strings, as the platform's API has them (the vendor client string-copies ipPort).
+        assert (data["ip"], data["ipPort"]) == ("127.0.0.1", str(port))
 
 
 # --------------------------------------------------------------------------- never a 500

@@ -142,6 +142,14 @@ def garbage_answer(setup: SimSetup, sim: SimBoard) -> Outcome:
     return observe(setup, sim, setup.update(sim))
 
 
+def ascii_error_digit(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The 3rd download is answered OneNET's error 3 (not found: final) as the ASCII digit
+    some servers send instead of the raw byte; the task allows two retries."""
+    on_download(setup, lambda n, _, __: Answer(200, b"3", length=False) if n >= 3 else None)
+    setup.task(sim, "1.1.0", retry=2, interval=0)
+    return observe(setup, sim, setup.update(sim))
+
+
 def unbootable_package(setup: SimSetup, sim: SimBoard) -> Outcome:
     """The package's md5 matches, but it is no image: the bootloader refuses it."""
     on_download(setup, None)
@@ -401,6 +409,13 @@ def reports_after_token_end(good: Outcome, bad: Outcome) -> None:
     assert bad.sent == [107]
 
 
+def reads_the_ascii_digit(good: Outcome, bad: Outcome) -> None:
+    # Error 3 is final: the good board asks for the range once; the defective one takes the
+    # digit for a bad answer and asks again, retry times, before it gives up.
+    assert good.downloads.count(good.downloads[2]) == 1, good.downloads
+    assert bad.downloads.count(bad.downloads[2]) == 3, bad.downloads
+
+
 def no_boot_report(good: Outcome, bad: Outcome) -> None:
     # Both boot the new image; only the good board says so.
     for outcome in (good, bad):
@@ -462,6 +477,9 @@ DEFECT_SCENARIOS: dict[Defect, Case] = {
     Defect.REPORTS_AFTER_TOKEN_END: Case(
         expired_token, good=Expect([], state="pending"),
         defective=Expect([107], state="failed"), evidence=reports_after_token_end),
+    Defect.RAW_ERROR_BYTES_ONLY: Case(
+        ascii_error_digit, good=Expect([107], state="failed"),
+        defective=Expect([107], state="failed"), evidence=reads_the_ascii_digit),
     Defect.NO_BOOT_REPORT: Case(
         # The board runs 1.1.0; the service waits for ever in "upgrading".
         plain_update, good=UPGRADED,

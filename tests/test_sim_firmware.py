@@ -308,10 +308,13 @@ def _drop_connection(fwd):
     (lambda n, rng, fwd: Answer(200, b"1", length=False), 3, {}, [107], 1, "status=200"),
     (lambda n, rng, fwd: Answer(200, b"4", length=False), 1, {}, [107], 2, "status=200"),
     (lambda n, rng, fwd: Answer(200, b"6", length=False), 0, {}, [107], 1, "status=200"),
+    # OneNET's own form, the raw byte, is read as the ASCII digit is: 3 final, 4 retried.
+    (lambda n, rng, fwd: Answer(200, b"\x03", length=False), 3, {}, [107], 1, "status=200"),
+    (lambda n, rng, fwd: Answer(200, b"\x04", length=False), 1, {}, [107], 2, "status=200"),
     (lambda n, rng, fwd: _drop_connection(fwd), 0, {}, [107], 1, "error=ConnectionError"),
 ], ids=["bad-answer-retry-1", "bad-answer-no-retry", "timeout-no-retry", "timeout-retry-1",
         "error-3-final", "error-1-final", "error-4-retried", "error-6-no-retry",
-        "connection-dropped"])
+        "raw-error-3-final", "raw-error-4-retried", "connection-dropped"])
 def test_download_failures_end_in_the_right_code(setup, hook, retry, board, codes, asked,
                                                  line):
     sim = setup.board(**board)

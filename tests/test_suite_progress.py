@@ -153,7 +153,7 @@ def test_ctrl_c_stops_the_suite_with_one_line_and_leaves_nothing_running(tmp_pat
     suite.stdout.close()
     assert status == 130
     assert len(errors) == 1, errors
-    assert re.fullmatch(r"hil suite: interrupted after \d+/56 tests \(\d+ s\); pytest and its "
+    assert re.fullmatch(r"hil suite: interrupted after \d+/\d+ tests \(\d+ s\); pytest and its "
                         r"workers stopped, no report \(partial results in .*\)", errors[0])
     after = "\n".join(seen[seen.index(next(line for line in seen if PROGRESS.match(line))):])
     assert "KeyboardInterrupt" not in after

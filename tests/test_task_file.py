@@ -54,6 +54,23 @@ devices:
         service.task("527776560")
 
 
+def test_a_task_with_only_target_and_package_is_ready_for_a_first_run(tmp_path, service):
+    """The defaults of `hil serve`: FOTA, as the vendor's example client detects, with retries;
+    the device's version is recorded for the type its task updates."""
+    path = write(tmp_path, """
+devices:
+  - dev_id: "527776559"
+    version: "1.0.0"
+    tasks:
+      - {target: "1.1.0", package: app.bin}
+""")
+    (made,) = apply_task_file(service, path)
+    task = service.task("527776559", TaskType.FOTA)
+    assert made == task
+    assert (task.type, task.retry, task.interval) == (TaskType.FOTA, 3, 2)
+    assert service.device_version("527776559", TaskType.FOTA) == "1.0.0"
+
+
 @pytest.mark.parametrize(("body", "where"), [
     ("devices: []", "devices"),
     ("{}", "devices"),

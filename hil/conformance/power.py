@@ -1,5 +1,8 @@
 """The suite's power: the conformance suite run against every named defect of the simulated
-firmware (``hil.sim.defects``), to show that each one fails at least one scenario.
+firmware (``hil.sim.defects``), to show that each one fails at least one scenario. On a host
+build (``console.command``) a defect is a build of the program with ``-DDEFECT_<NAME>``
+(``console.defects``), one program per defect in the work directory; the defects its source
+lacks (``console.known_defects``) are refused in one line.
 
 One pytest run does it all: a copy of a simulated rig per defect (its own name, state directory
 and probe, the defect switched on), plus the rig itself as the control (it must pass
@@ -14,6 +17,7 @@ and the control rig must have none.
 
     hil defects                              # on rigs/sim-nrf52832.yaml, every defect
     hil defects --rig rigs/sim-gd32.yaml --defect early-101 -n 4
+    hil defects --rig rigs/host-agent.yaml --defect skips-md5 --defect restarts-download
 """
 
 from __future__ import annotations
@@ -57,13 +61,41 @@ class Caught:
     broken: list[str] = field(default_factory=list)       # tests that could not run
 
 
+def available_defects(rig: Rig) -> list[Defect]:
+    """The defects ``rig`` can be given: every one for a simulated rig, those its source can be
+    built with (``console.known_defects``) for a host build."""
+    if rig.console.command is not None:
+        return sorted(Defect.parse(rig.console.known_defects), key=list(Defect).index)
+    return list(Defect)
+
+
+def check_defects(rig: Rig, defects: Sequence[Defect], where: str) -> None:
+    """ConfigError (one line) for a defect ``rig`` cannot be given."""
+    known = available_defects(rig)
+    lacking = [defect.value for defect in defects if defect not in known]
+    if lacking:
+        raise ConfigError(where, f"console.known_defects: the host build {rig.name} can be "
+                          f"built with {', '.join(d.value for d in known) or 'no defect'}; "
+                          f"not with {', '.join(lacking)}")
+
+
 def defect_rig(base: dict[str, Any], rig: Rig, defect: Defect | None, root: Path
                ) -> dict[str, Any]:
     """The rig file of ``rig`` with ``defect`` switched on, under its own name, state directory
-    (under ``root``) and probe."""
+    (under ``root``) and probe; for a host build, its own program built with the defect
+    (``console.defects``: the build's ``{defines}``) under ``root``."""
     name = f"{rig.name}--{defect.value}" if defect else f"{rig.name}--control"
     document: dict[str, Any] = copy.deepcopy(base)
     document["name"] = name
+    if rig.console.command is not None:
+        from hil.rig.providers.process import program_path
+
+        program = root / "programs" / name if defect else program_path(rig)
+        document["console"] = {**document["console"], "state_dir": str(root / name),
+                               "command": [str(program), *rig.console.command[1:]],
+                               "defects": [defect.value] if defect else []}
+        validate(Rig, document, name)
+        return document
     document["sim"] = {**document.get("sim", {}), "state_dir": str(root / name),
                        "defects": [defect.value] if defect else []}
     if rig.flasher.kind == "swd":
@@ -81,10 +113,13 @@ def run_suite(rig_path: Path, defects: Sequence[Defect], *, workers: int, root: 
     """The suite once over the control rig and one rig per defect; what each rig failed."""
     base = read_yaml(rig_path)
     rig = validate(Rig, base, str(rig_path))
-    if rig.sim is None:
-        raise ConfigError(str(rig_path), "sim: the suite's power is measured on a simulated rig")
+    if rig.sim is None and rig.console.command is None:
+        raise ConfigError(str(rig_path), "sim: the suite's power is measured on a simulated rig "
+                          "or a host build (console.command)")
+    check_defects(rig, defects, str(rig_path))
     with tempfile.TemporaryDirectory(prefix="hil-defects-") as work:
         workdir = Path(work)
+        (workdir / "state" / "programs").mkdir(parents=True)
         rigs: list[tuple[Defect | None, str]] = []
         args: list[str] = []
         for defect in (None, *defects):

@@ -387,8 +387,9 @@ CATALOG: dict[str, FaultSpec] = {spec.name: spec for spec in (
               _gateway(FaultKind.CONTENT_RANGE, bytes=1), params=("bytes",)),
     FaultSpec("whole-file", _G, "200 with the whole file instead of 206 with the range",
               _gateway(FaultKind.WHOLE_FILE)),
-    FaultSpec("error-byte", _G, "OneNET's one-byte error body (code 1..6), no Content-Length",
-              _gateway(FaultKind.ERROR_BYTE, code=4), params=("code",)),
+    FaultSpec("error-byte", _G, "OneNET's one-byte error body (code 1..6), no Content-Length; "
+              "form=raw (the platform's byte) or ascii (the digit other servers send)",
+              _gateway(FaultKind.ERROR_BYTE, code=4), params=("code", "form")),
     FaultSpec("corrupt", _G, "package bytes flipped on the way (length unchanged)",
               _gateway(FaultKind.CORRUPT, bytes=1), params=("bytes",)),
     FaultSpec("http-5xx", _G, "an HTTP 5xx from the infrastructure (code)",

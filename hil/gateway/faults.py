@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from hil.onenet.codes import ErrorBodyForm
 from hil.onenet.messages import Endpoint
 
 
@@ -69,7 +70,7 @@ _PARAMETERS: dict[FaultKind, dict[str, object]] = {
     FaultKind.TRUNCATE: {"bytes": _REQUIRED},
     FaultKind.CONTENT_RANGE: {"bytes": 1},
     FaultKind.WHOLE_FILE: {},
-    FaultKind.ERROR_BYTE: {"code": _REQUIRED},
+    FaultKind.ERROR_BYTE: {"code": _REQUIRED, "form": "raw"},
     FaultKind.CORRUPT: {"bytes": 1},
     FaultKind.HTTP_5XX: {"code": 503},
     FaultKind.DROP: {},
@@ -77,7 +78,7 @@ _PARAMETERS: dict[FaultKind, dict[str, object]] = {
     FaultKind.HOOK: {"action": _REQUIRED},
 }
 _PARAMETER_NAMES = ("ms", "jitter_ms", "rate", "seconds", "bytes", "code", "size", "delay_ms",
-                    "variant", "action")
+                    "variant", "action", "form")
 
 
 def _number(low: float, high: float | None = None, *, integer: bool = False,
@@ -101,6 +102,9 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "delay_ms": _number(0),
     "variant": lambda v: None if v in AUTH_VARIANTS else f"must be one of {AUTH_VARIANTS}",
     "action": lambda v: None if callable(v) else "must be callable",
+    # OneNET's raw byte (b"\x03"), or the ASCII digit (b"3") other servers send
+    "form": lambda v: None if v in tuple(ErrorBodyForm) else
+    f"must be one of {', '.join(ErrorBodyForm)}",
 }
 _CODE_RANGE = {FaultKind.ERROR_BYTE: (1, 6), FaultKind.HTTP_5XX: (500, 599)}
 
@@ -133,6 +137,7 @@ class Fault:
     delay_ms: float | None = None
     variant: str | None = None
     action: Callable[[], None] | None = field(default=None, compare=False)
+    form: str | None = None
     # What the timeline calls it instead of ``label`` (a hook is "hook" by itself; the fault it
     # carries out is "power-cut during=download").
     name: str | None = None
@@ -218,6 +223,8 @@ class Fault:
             return f"content-range {self.bytes:+d}"
         if kind is FaultKind.CORRUPT:
             return f"corrupt {self.bytes}B"
+        if kind is FaultKind.ERROR_BYTE and self.form == ErrorBodyForm.ASCII:
+            return f"{kind} {self.code} ascii"
         if kind in (FaultKind.ERROR_BYTE, FaultKind.HTTP_5XX):
             return f"{kind} {self.code}"
         if kind is FaultKind.AUTH:

@@ -57,7 +57,7 @@ from hil.gateway.upstream import (
     frame,
 )
 from hil.onenet.auth import redact_authorization
-from hil.onenet.codes import DownloadError
+from hil.onenet.codes import DownloadError, ErrorBodyForm, decode_error_body
 from hil.onenet.messages import Endpoint, Route, parse_result, parse_step, route
 from hil.onenet.ranges import resolve_range
 from hil.service.http import BackgroundServer, HttpRequest, HttpResponse, HttpServer, RequestReader
@@ -471,9 +471,8 @@ class _GatewayConnection(RequestReader):
         errno = data.get("errno") if data is not None else None
         error_byte = content_range = length = None
         if answer is not None and phase is Endpoint.DOWNLOAD:
-            if _is_error_byte(answer):
-                error_byte = int(answer.body)
-            else:
+            error_byte = _error_byte_of(answer)
+            if error_byte is None:
                 length = sent_body
                 content_range = answer.headers.get("content-range")
                 if content_range is not None and head is not answer.head:
@@ -553,14 +552,16 @@ def _own_answer(fault: Fault, keep_alive: bool) -> UpstreamAnswer | None:
         return None
     assert fault.code is not None
     if fault.kind is FaultKind.ERROR_BYTE:   # OneNET's: 200, one byte, no length, then a close
-        return _answer_of(HttpResponse(200, DownloadError(fault.code).body,
-                                       close_delimited=True), keep_alive)
+        body = DownloadError(fault.code).body_in(ErrorBodyForm(fault.form or "raw"))
+        return _answer_of(HttpResponse(200, body, close_delimited=True), keep_alive)
     return _answer_of(HttpResponse(fault.code, b"gateway fault\n", _PLAIN), keep_alive)
 
 
-def _is_error_byte(answer: UpstreamAnswer) -> bool:
-    return (answer.status == 200 and answer.close_delimited and len(answer.body) == 1
-            and answer.body.isdigit())
+def _error_byte_of(answer: UpstreamAnswer) -> int | None:
+    """The code of OneNET's error answer (200, no length, one byte: raw or the ASCII digit)."""
+    code = decode_error_body(answer.body) if answer.status == 200 and answer.close_delimited \
+        else None
+    return None if code is None else int(code)
 
 
 def _content_range_of(head: bytes) -> str | None:

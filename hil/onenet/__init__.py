@@ -10,16 +10,18 @@ from hil.onenet.codes import (
     Chip,
     DownloadError,
     Errno,
+    ErrorBodyForm,
     PackageKind,
     ResultCode,
     TaskState,
     TaskType,
+    decode_error_body,
 )
 from hil.onenet.ranges import ByteRange, resolve_range
 from hil.onenet.tasks import Action, Package, Task
 
 __all__ = [
     "AUTH_VERSION", "CHIP_CODES", "Action", "Authorization", "ByteRange", "Chip", "DownloadError",
-    "Errno", "Package", "PackageKind", "ResultCode", "SignMethod", "Task", "TaskState", "TaskType",
-    "device_res", "product_res", "resolve_range",
+    "Errno", "ErrorBodyForm", "Package", "PackageKind", "ResultCode", "SignMethod", "Task",
+    "TaskState", "TaskType", "decode_error_body", "device_res", "product_res", "resolve_range",
 ]

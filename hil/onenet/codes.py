@@ -112,6 +112,16 @@ class ResultCode(IntEnum):
         return TaskState.FAILED
 
 
+class ErrorBodyForm(StrEnum):
+    """How a download error answer writes its code. OneNET sends the raw byte (``b"\\x03"``): the
+    vendor's C client compares the byte's value with its constants, and on an ASCII digit waits
+    for ``atoi(body)`` bytes and reports a timeout. Other servers send the digit (``b"3"``), so
+    every reader accepts both (``decode_error_body``)."""
+
+    RAW = "raw"
+    ASCII = "ascii"
+
+
 class DownloadError(IntEnum):
     """The one-byte body of a download answer that has no Content-Length."""
 
@@ -124,7 +134,29 @@ class DownloadError(IntEnum):
 
     @property
     def body(self) -> bytes:
-        return str(int(self)).encode()
+        """The body as OneNET sends it: one byte whose value is the code."""
+        return self.body_in(ErrorBodyForm.RAW)
+
+    def body_in(self, form: ErrorBodyForm) -> bytes:
+        return bytes([self]) if form is ErrorBodyForm.RAW else str(int(self)).encode()
+
+
+_ASCII_ZERO = ord("0")
+
+
+def decode_error_body(body: bytes) -> DownloadError | None:
+    """The code of a download error body in either form, the raw byte (``b"\\x03"``) or the ASCII
+    digit (``b"3"``); None for any other body. The caller has already seen the answer's framing
+    (200, no Content-Length): a one-byte package answered with its length is not an error."""
+    if len(body) != 1:
+        return None
+    value = body[0]
+    if value > _ASCII_ZERO:   # the digits 1..6 are 0x31..0x36, far from the raw codes 0x01..0x06
+        value -= _ASCII_ZERO
+    try:
+        return DownloadError(value)
+    except ValueError:
+        return None
 
 
 class TaskType(IntEnum):

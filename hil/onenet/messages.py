@@ -199,7 +199,7 @@ class DetectAnswer:
     interval: int
     kind: PackageKind = PackageKind.FULL
     ip: str | None = None          # the download address, for devices that sent cdn=false
-    ip_port: int | None = None
+    ip_port: int | None = None     # on the wire a string, as ``ip`` (the platform's API types)
 
     def to_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -207,7 +207,9 @@ class DetectAnswer:
             "signal": self.signal, "power": self.power, "retry": self.retry,
             "interval": self.interval, "type": int(self.kind)}
         if self.ip is not None:
-            data["ip"], data["ipPort"] = self.ip, self.ip_port
+            # Strings: the vendor's C client copies ipPort with a string copy, and an integer
+            # crashes it after a detect with cdn=false.
+            data["ip"], data["ipPort"] = self.ip, _port_text(self.ip_port)
         return data
 
     @classmethod
@@ -235,7 +237,24 @@ class DetectAnswer:
         ip = data.get("ip")
         return cls(text("target"), text("token"), number("size"), text("md5"), number("signal"),
                    number("power"), number("retry"), number("interval"), kind,
-                   ip if isinstance(ip, str) else None, _strict_int(data.get("ipPort")))
+                   ip if isinstance(ip, str) else None, _port(data.get("ipPort")))
+
+
+def _port_text(port: int | None) -> str | None:
+    return None if port is None else str(port)
+
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
+def _port(value: object) -> int | None:
+    """``ipPort`` as a device reads it: the platform's decimal string, or an integer as a lenient
+    client takes it from a service that sends one; None when absent or not a TCP port (like
+    ``ip``, the address matters only to cdn=false devices, so it does not fail the answer)."""
+    if isinstance(value, str) and _PORT_RE.fullmatch(value):
+        value = int(value)
+    port = _strict_int(value)
+    return port if port is not None and 0 < port < 65536 else None
 
 
 def encode_answer(errno: Errno, data: dict[str, Any] | None = None) -> bytes:

@@ -685,10 +685,9 @@ def ota_service(rig: Rig, hil_options: HilOptions, _hil_mocks: _MockPool
     if hil_options.ota_service != "mock":
         pytest.skip(f"--hil-ota-service {hil_options.ota_service}: this test operates the mock "
                     "service itself; on the real platform the operator owns the tasks")
-    if rig.sim is not None:
-        from hil.sim.bench import sim_access_key
+    from hil.rig.providers import fresh_access_key
 
-        sim_access_key(rig)    # a simulated board and the mock share a fresh key
+    fresh_access_key(rig)    # a board hil runs (simulated, a host build) shares a fresh key
     key = os.environ.get(rig.identity.access_key_env)
     if not key:
         raise RigFault("identity", f"{rig.identity.access_key_env} is not set: the mock must "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hil.configfile import validate
 from hil.drivers.base import PowerProtocol, RfProtocol
-from hil.errors import ExpectTimeout, RigFault
+from hil.errors import ExpectTimeout, FirmwareFault, RigFault
 from hil.rig.board import Board
 from hil.rig.model import Rig
 from hil.rig.parts import RigParts
@@ -40,11 +40,26 @@ def _run(part: str, check: Callable[[], str]) -> PartCheck:
         return PartCheck(part, True, check())
     except (RigFault, OSError) as fault:
         return PartCheck(part, False, fault.message if isinstance(fault, RigFault) else str(fault))
+    except FirmwareFault as fault:    # silent or not booting: the first line says which
+        return PartCheck(part, False, str(fault).splitlines()[0])
 
 
 def check_rig(rig: Rig) -> list[PartCheck]:
     with RigParts(rig) as parts:
         def console() -> str:
+            if rig.console.command is not None:
+                # A host build has no shell to ask: it is reset and must speak. Its flash may
+                # still be blank (the suite flashes the base image): then it says so.
+                log, flasher = parts.console(), parts.flasher()
+                since = log.mark()
+                if flasher is not None:
+                    flasher.reset()
+                first = log.expect(r"\S", BOOT_CHECK_S, since=since).string
+                try:
+                    version = log.expect(parts.contract.events["boot"], 1.0, since=since)
+                    return f"{rig.console.address}, firmware {version.group('version')}"
+                except FirmwareFault:
+                    return f"{rig.console.address} runs; it says {first.strip()!r}"
             board = Board(parts)
             if not board.boot_line:       # no shell, no boot line: only the service can tell
                 parts.console()
@@ -61,6 +76,8 @@ def check_rig(rig: Rig) -> list[PartCheck]:
                     raise RigFault("flasher", f"SWD probe {spec.probe} not found; probes "
                                    f"connected: {', '.join(probes) or 'none'}")
                 return f"SWD probe {spec.probe} listed by pyocd"
+            if spec.kind == "process":
+                return f"the host build's flash: {rig.process_state_dir}"
             port = spec.port if spec.kind == "esp" else None
             return f"ESP32 bootloader on {port or rig.console.address} (checked at flash)"
 

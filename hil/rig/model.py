@@ -11,6 +11,9 @@
       access_key_env: HIL_ACCESS_KEY  # the name of the variable; the key never lives here
     console: {port: /dev/ttyACM0, baudrate: 115200}   # or url: ..., or serial_number: ...
                                       # shell: none for firmware as it ships (no test shell)
+    # or a host build run as the board (hil.rig.providers.process):
+    #   console: {command: [examples/onenet-agent/agent], build: [make, ...], env: {...}}
+    #   flasher: {kind: process}    power: {kind: process}
     flasher: {kind: swd, probe: "000683xxxxxx", target: nrf52832}   # swd | esp | none
     power: {kind: scpi, url: "socket://127.0.0.1:5025"}         # scpi | console | none
     rf: {kind: console}                                             # attenuator | console | none
@@ -67,13 +70,28 @@ def _known_keys(given: dict[str, str], known: dict[str, str], what: str) -> None
 
 
 class Console(BaseModel):
-    """Where the firmware's test shell is, and how it speaks (every pattern overridable)."""
+    """Where the firmware's test shell is, and how it speaks (every pattern overridable).
+
+    A host build (``command``) is a program hil runs as the board (``hil.rig.providers.process``):
+    its stdout and stderr are the console, its stdin the shell. Relative paths in ``command``
+    and ``build`` are taken from the directory hil runs in (the project's root). ``build`` runs
+    before the program starts (``make`` decides whether anything is to do); in its arguments
+    ``{out}`` is the program's path and ``{defines}`` the ``-DDEFECT_<NAME>`` flags of
+    ``defects``, the defects compiled in. ``known_defects`` are those the source can be built
+    with (``hil defects`` builds each). ``state_dir`` is the program's flash
+    (``HIL_STATE_DIR``), kept across restarts; default ``<tmp>/hil-proc/<name>``."""
 
     model_config = STRICT
 
     port: str | None = None
     url: str | None = None
     serial_number: str | None = None
+    command: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    build: tuple[str, ...] | None = None
+    env: dict[str, str] = {}
+    state_dir: Path | None = None
+    defects: tuple[str, ...] = ()
+    known_defects: tuple[str, ...] = ()
     baudrate: Annotated[int, Field(gt=0, strict=True)] = 115200
     # "contract": the firmware's test shell (DESIGN.md); "none": firmware as it ships, whose
     # console is a read-only log. An attempt then starts with ``ota.trigger`` and is read at
@@ -87,11 +105,31 @@ class Console(BaseModel):
 
     @model_validator(mode="after")
     def _one_way_to_the_port(self) -> Console:
-        given = [key for key in ("port", "url", "serial_number") if getattr(self, key)]
+        given = [key for key in ("port", "url", "serial_number", "command")
+                 if getattr(self, key)]
         if len(given) != 1:
             raise ValueError("give exactly one of port, url or serial_number"
-                             + (f" (got {', '.join(given)})" if given else ""))
+                             + (f" (got {', '.join(given)})" if given
+                                else " (or command, for a host build)"))
+        if self.command is None:
+            process_only = [key for key in ("build", "env", "state_dir", "defects",
+                                            "known_defects") if getattr(self, key)]
+            if process_only:
+                raise ValueError(f"{process_only[0]}: only for a host build (console.command)")
+        unknown = sorted(set(self.defects) - set(self.known_defects))
+        if unknown:
+            raise ValueError(f"defects: {unknown[0]!r} is not in known_defects "
+                             f"({', '.join(self.known_defects) or 'none'})")
         return self
+
+    @field_validator("defects", "known_defects")
+    @classmethod
+    def _known_defect_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if value:     # the names are hil.sim.defects' (a lab rig never imports hil.sim)
+            from hil.sim.defects import Defect
+
+            Defect.parse(value)
+        return value
 
     @field_validator("ok", "err")
     @classmethod
@@ -116,6 +154,8 @@ class Console(BaseModel):
     @property
     def address(self) -> str:
         """What the console is opened by, for messages."""
+        if self.command is not None:
+            return f"the program {' '.join(self.command)}"
         return self.port or self.url or f"serial number {self.serial_number}"
 
 
@@ -135,6 +175,14 @@ class EspFlasher(BaseModel):
     kind: Literal["esp"]
     port: str | None = None      # default: the console's port (the same USB serial bridge)
     baudrate: Annotated[int, Field(gt=0, strict=True)] = 460800
+
+
+class ProcessFlasher(BaseModel):
+    """A host build's "flash": its state directory (``primary.bin``)."""
+
+    model_config = STRICT
+
+    kind: Literal["process"]
 
 
 class NoFlasher(BaseModel):
@@ -165,6 +213,14 @@ class HookPower(BaseModel):
     model_config = STRICT
 
     kind: Literal["console"]
+
+
+class ProcessPower(BaseModel):
+    """A host build's power: off is SIGKILL, on starts the program."""
+
+    model_config = STRICT
+
+    kind: Literal["process"]
 
 
 class NoPower(BaseModel):
@@ -365,6 +421,7 @@ class Ota(BaseModel):
 
 
 SIM_ROOT = Path(tempfile.gettempdir()) / "hil-sim"
+PROCESS_ROOT = Path(tempfile.gettempdir()) / "hil-proc"
 
 
 class Sim(BaseModel):
@@ -414,10 +471,12 @@ def _choice(kinds: str) -> Discriminator:
 
 FlasherSpec = Annotated[
     Annotated[SwdFlasher, Tag("kind=swd")] | Annotated[EspFlasher, Tag("kind=esp")]
-    | Annotated[NoFlasher, Tag("kind=none")], _choice("swd, esp, none")]
+    | Annotated[ProcessFlasher, Tag("kind=process")]
+    | Annotated[NoFlasher, Tag("kind=none")], _choice("swd, esp, process, none")]
 PowerSpec = Annotated[
     Annotated[ScpiPower, Tag("kind=scpi")] | Annotated[HookPower, Tag("kind=console")]
-    | Annotated[NoPower, Tag("kind=none")], _choice("scpi, console, none")]
+    | Annotated[ProcessPower, Tag("kind=process")]
+    | Annotated[NoPower, Tag("kind=none")], _choice("scpi, console, process, none")]
 RfSpec = Annotated[
     Annotated[AttenuatorRf, Tag("kind=attenuator")] | Annotated[HookRf, Tag("kind=console")]
     | Annotated[NoRf, Tag("kind=none")], _choice("attenuator, console, none")]
@@ -451,6 +510,12 @@ class Rig(BaseModel):
         if self.chip is not None and self.chip not in family.chips:
             raise ValueError(f"chip: {self.chip!r} is not a {self.board} part "
                              f"({', '.join(family.chips)})")
+        for part in ("flasher", "power"):
+            if getattr(self, part).kind == "process" and self.console.command is None:
+                raise ValueError(f"{part}.kind: process is a host build's; give "
+                                 "console.command")
+        if self.console.command is not None and self.sim is not None:
+            raise ValueError("sim: a host build (console.command) is not a simulated board")
         kind = self.flasher.kind
         if kind == "swd" and family.flasher is not FlasherKind.SWD:
             raise ValueError(f"flasher.kind: {self.board} has no SWD port; "
@@ -522,6 +587,13 @@ class Rig(BaseModel):
         return self.sim.state_dir or SIM_ROOT / self.name
 
     @property
+    def process_state_dir(self) -> Path | None:
+        """A host build's flash (``HIL_STATE_DIR``); None for any other rig."""
+        if self.console.command is None:
+            return None
+        return self.console.state_dir or PROCESS_ROOT / self.name
+
+    @property
     def device_timeout(self) -> float:
         """The firmware's HTTP timeout, seconds: ``ota.device_timeout``, a simulated board's
         ``sim.http_timeout``, else 30 s (longer than any OTA client in the field waits)."""
@@ -545,9 +617,9 @@ class Rig(BaseModel):
             caps.add("space")        # the shell's `test space` hook
         if self.flasher.kind != "none":
             caps.add("flasher")
-        if self.power.kind != "none":
+        if self.power.kind not in ("none", "process"):   # a host build has no battery to set
             caps.add("power")
-        if self.power.kind == "scpi":
+        if self.power.kind in ("scpi", "process"):   # a process's power cut is SIGKILL
             caps.add("power_cut")
         if self.rf.kind != "none":
             caps.add("rf")

@@ -1,5 +1,10 @@
 """A rig's parts as drivers: built from the rig file, opened when first asked for, closed together.
 
+Where the parts come from is the rig's provider's business (``hil.rig.providers``: a lab bench,
+a simulated bench, a host build run as a process): it is started before the first part opens
+and stopped after the last one closes, and it supplies the drivers that differ from the rig
+file's plain reading; the rest are built here.
+
 Drivers are imported where they are built: a test that needs no flasher never pays for pyocd's
 import, and ``hil rigs`` lists rigs without loading any tool.
 """
@@ -13,21 +18,35 @@ from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, Rf
 from hil.drivers.contract import Contract
 from hil.errors import ConfigError, RigFault
 from hil.rig.model import Rig
+from hil.rig.providers import PartsProvider, provider_for
 
 
 class RigParts:
     """The open drivers of one rig. A RigFault raised by any of them names this rig.
 
-    A simulated rig (``sim:`` in its file) brings its bench up before the first part opens and
-    takes it down after the last one closes (``hil.sim.bench``): the drivers then find a board,
-    a console and instruments where the rig file says they are, as on a real bench."""
+    The rig's provider (``hil.rig.providers``) is started before the first part opens and
+    stopped after the last one closes: a simulated rig's bench, a host build's process."""
 
-    def __init__(self, rig: Rig, *, console_log: Path | None = None) -> None:
+    def __init__(self, rig: Rig, *, console_log: Path | None = None,
+                 provider: PartsProvider | None = None) -> None:
         self.rig = rig
         self.console_log = console_log   # where the console's log is written as it comes
         self.contract = Contract.with_overrides(rig.console.commands, rig.console.events)
         self._open: dict[str, Any] = {}
-        self.bench: Any = None   # the SimBench of a simulated rig, while it runs
+        self.provider = provider or provider_for(rig)
+        self._started = False
+
+    @property
+    def bench(self) -> Any:
+        """The SimBench of a simulated rig while it runs; None for any other rig."""
+        return getattr(self.provider, "bench", None)
+
+    def point_at(self, url: str) -> bool:
+        """Give the board the OTA service's base URL where the provider can (a host build's
+        ``HIL_OTA_URL``, for its next start): True then; False where the board must be told
+        by other means (its shell's ``ota server``, or a DNS answer)."""
+        self.start_provider()
+        return self.provider.point_at(url)
 
     # Each accessor opens its part once; a fault on opening names the rig and the part.
     def console(self) -> ConsoleProtocol:
@@ -67,20 +86,23 @@ class RigParts:
             for part in reversed(list(self._open)):
                 self.release(part)
         finally:
-            bench, self.bench = self.bench, None
-            if bench is not None:
-                bench.stop()
+            if self._started:
+                self._started = False
+                self.provider.stop()
 
-    def start_sim(self) -> None:
-        """Bring a simulated rig's bench up (once); nothing for a real rig."""
-        if self.rig.sim is None or self.bench is not None:
-            return
-        from hil.sim.bench import SimBench
+    def start_provider(self) -> None:
+        """Start the rig's provider (once): a simulated bench, a host build's process."""
+        if not self._started:
+            try:
+                self.provider.start()
+            except RigFault as fault:
+                raise fault.for_rig(self.rig.name) from None
+            self._started = True
 
-        self.bench = SimBench(self.rig).start()
+    start_sim = start_provider    # the name it had when only simulated rigs had a provider
 
     def __enter__(self) -> RigParts:
-        self.start_sim()
+        self.start_provider()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -89,7 +111,7 @@ class RigParts:
     # ------------------------------------------------------------------------------ building
     def _get(self, part: str, build: Any) -> Any:
         if part not in self._open:
-            self.start_sim()
+            self.start_provider()
             try:
                 driver = build()
                 driver.open()
@@ -102,6 +124,9 @@ class RigParts:
         return self._open[part]
 
     def _build_console(self) -> Any:
+        provided = self.provider.console(self.console_log)
+        if provided is not None:
+            return provided
         from hil.drivers.console import SerialConsole
 
         spec = self.rig.console
@@ -110,6 +135,9 @@ class RigParts:
                              log_path=self.console_log)
 
     def _build_flasher(self) -> Any:
+        provided = self.provider.flasher()
+        if provided is not None:
+            return provided
         spec, family = self.rig.flasher, self.rig.family
         if spec.kind == "swd":
             from hil.drivers.swd import SwdFlasher
@@ -132,6 +160,9 @@ class RigParts:
         raise AssertionError(f"no flasher of kind {spec.kind}")
 
     def _build_power(self) -> Any:
+        provided = self.provider.power()
+        if provided is not None:
+            return provided
         spec = self.rig.power
         if spec.kind == "scpi":
             from hil.drivers.power import ChannelScpiPower, ScpiPower

@@ -9,15 +9,18 @@
         access_key_env: DEV01_KEY   # optional: the device's own key, read from this variable
         version: "1.0.0"            # optional: the version the service has on record
         tasks:
-          - type: 2                 # 1 FOTA (module), 2 SOTA (MCU application)
+          - type: 2                 # 1 FOTA (module), 2 SOTA (MCU application); default 1
             manuf: "102"
             model: "10201"
             target: "1.1.0"
             package: app-1.1.0.bin  # relative to this file
             signal: 10
             power: 50
-            retry: 3
-            interval: 5
+            retry: 3                # default 3
+            interval: 5             # seconds; default 2
+
+The defaults are those of ``hil serve``'s single task (``FIRST_RUN_*``): what the vendor's own
+example client needs to get through a first run.
 
 Keys are checked at load: a mistake is one ``ConfigError`` line naming the file and the key.
 Access keys never live in the file, only the name of the variable that holds one.
@@ -34,10 +37,18 @@ from pydantic import BaseModel, BeforeValidator, Field
 from hil.configfile import STRICT, load_model
 from hil.errors import ConfigError
 from hil.onenet.codes import TaskType, is_valid_version
-from hil.onenet.tasks import Package
+from hil.onenet.tasks import Package, Task
 from hil.service.mock import OtaService
 
 NonNegative = Annotated[int, Field(ge=0, strict=True)]
+
+# Defaults of a task made by `hil serve` (flags or task file). The vendor's example client detects
+# FOTA (type 1), and with retry 0 it gives up on the first chunk that fails, so a first run over a
+# lab network falls over on one lost packet. Three retries two seconds apart ride out a dropped
+# chunk or a gateway restart, yet a device that cannot download still fails within seconds.
+FIRST_RUN_TYPE = TaskType.FOTA
+FIRST_RUN_RETRY = 3
+FIRST_RUN_INTERVAL_S = 2
 
 
 def _version(value: Any) -> Any:
@@ -58,7 +69,7 @@ OptionalVersion = Annotated[str | None, BeforeValidator(_version)]
 class TaskEntry(BaseModel):
     model_config = STRICT
 
-    type: TaskType = TaskType.SOTA
+    type: TaskType = FIRST_RUN_TYPE
     target: Version
     package: str | None = None
     delta_from: OptionalVersion = None
@@ -66,8 +77,8 @@ class TaskEntry(BaseModel):
     model: str | None = None
     signal: Annotated[int, Field(strict=True)] = 0
     power: Annotated[int, Field(strict=True)] = 0
-    retry: NonNegative = 0
-    interval: NonNegative = 0
+    retry: NonNegative = FIRST_RUN_RETRY
+    interval: NonNegative = FIRST_RUN_INTERVAL_S
     enforce_thresholds: bool = False
     token: str | None = None
 
@@ -100,9 +111,10 @@ def read_package(path: Path, where: str) -> Package:
         raise ConfigError(where, f"cannot read package {path}: {error.strerror}") from None
 
 
-def apply_task_file(service: OtaService, path: Path) -> None:
-    """Register the file's devices and create their tasks on ``service``."""
+def apply_task_file(service: OtaService, path: Path) -> list[Task]:
+    """Register the file's devices and create their tasks on ``service``; the tasks made."""
     spec = load_task_file(path)
+    created: list[Task] = []
     for d, device in enumerate(spec.devices):
         where = f"{path}: devices[{d}]"
         key = None
@@ -119,13 +131,23 @@ def apply_task_file(service: OtaService, path: Path) -> None:
             package = (read_package(path.parent / task.package, f"{where}.tasks[{t}].package")
                        if task.package else None)
             try:
-                service.create_task(
+                created.append(service.create_task(
                     device.dev_id, task.target, package, task_type=task.type,
                     manuf=task.manuf, model=task.model, delta_from=task.delta_from,
                     signal=task.signal, power=task.power, retry=task.retry,
                     interval=task.interval, enforce_thresholds=task.enforce_thresholds,
-                    token=task.token)
+                    token=task.token))
             except ConfigError as error:
                 raise ConfigError(f"{where}.tasks[{t}]", error.message) from None
         if device.version:
-            service.set_device_version(device.dev_id, device.version)
+            # The version of what the device's tasks update (SOTA for a device with none).
+            for task_type in {task.type for task in device.tasks} or {TaskType.SOTA}:
+                service.set_device_version(device.dev_id, device.version, task_type)
+    return created
+
+
+def describe_task(task: Task) -> str:
+    """One line of what ``hil serve`` serves: what a device's client must ask for and expect."""
+    return (f"task {task.task_id}: dev_id={task.dev_id} type={int(task.type)} "
+            f"({task.type.name}) target={task.target} retry={task.retry} "
+            f"interval={task.interval}s")

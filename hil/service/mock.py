@@ -22,6 +22,7 @@ from hil.onenet.auth import Authorization, decode_access_key, redact_authorizati
 from hil.onenet.codes import (
     DownloadError,
     Errno,
+    ErrorBodyForm,
     ResultCode,
     TaskState,
     TaskType,
@@ -88,8 +89,12 @@ class OtaService:
 
     def __init__(self, product_id: str, access_key: str, *, timeline: Timeline | None = None,
                  clock: Callable[[], float] = time.time,
-                 token_factory: Callable[[], str] = new_task_token) -> None:
+                 token_factory: Callable[[], str] = new_task_token,
+                 error_body: ErrorBodyForm = ErrorBodyForm.RAW) -> None:
         self.product_id = product_id
+        # How download error answers write their code: OneNET's raw byte, or the ASCII digit
+        # some servers send (a test may switch it; ``reset`` restores the constructor's form).
+        self.error_body = self._initial_error_body = ErrorBodyForm(error_body)
         self._key = decode_access_key(access_key)
         self.timeline = timeline if timeline is not None else Timeline()
         self.clock = clock
@@ -188,7 +193,8 @@ class OtaService:
             return self._devices[dev_id].versions.get(task_type)
 
     def reset(self) -> None:
-        """Forget every device and task and clear the timeline (between tests)."""
+        """Forget every device and task, clear the timeline and go back to the error body form
+        the service was made with (between tests)."""
         with self._lock:
             self._devices.clear()
             self._device_names.clear()
@@ -196,6 +202,7 @@ class OtaService:
             self._latest.clear()
             self._by_token.clear()
             self._crashes.clear()
+            self.error_body = self._initial_error_body
             self.timeline.clear()
 
     def raise_crashes(self) -> None:
@@ -410,10 +417,9 @@ class OtaService:
             record.answer["data"] = data
         return HttpResponse(status, encode_answer(errno, data), _JSON)
 
-    @staticmethod
-    def _error_byte(record: _Record, error: DownloadError) -> HttpResponse:
+    def _error_byte(self, record: _Record, error: DownloadError) -> HttpResponse:
         record.error_byte = int(error)
-        return HttpResponse(200, error.body, close_delimited=True)
+        return HttpResponse(200, error.body_in(self.error_body), close_delimited=True)
 
     def _exchange(self, request: HttpRequest, target: Route, record: _Record,
                   response: HttpResponse, started: float) -> Exchange:

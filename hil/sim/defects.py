@@ -28,6 +28,7 @@ class Defect(enum.StrEnum):
     FLASHES_ON_LOW_POWER = "flashes-on-low-power"  # no 202
     REPORTS_AFTER_TOKEN_END = "reports-after-token-end"  # reports 107 on token 12/20/22
     NO_BOOT_REPORT = "no-boot-report"              # never reports after the reboot
+    RAW_ERROR_BYTES_ONLY = "raw-error-bytes-only"  # an ASCII error digit taken for a bad answer
     # The battery checked before the download only: one falling mid-download is written on
     # until the check before flashing (202 where a conforming board says 105 at once).
     DOWNLOADS_ON_LOW_POWER = "downloads-on-low-power"

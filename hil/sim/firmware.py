@@ -83,7 +83,14 @@ import requests
 from hil.boards import board_family
 from hil.errors import ProtocolError
 from hil.onenet.auth import Authorization, product_res
-from hil.onenet.codes import Errno, ResultCode, TaskType, meets_threshold
+from hil.onenet.codes import (
+    DownloadError,
+    Errno,
+    ResultCode,
+    TaskType,
+    decode_error_body,
+    meets_threshold,
+)
 from hil.onenet.messages import DetectAnswer
 from hil.sim.defects import Defect
 from hil.sim.flash import FlashTiming, SimFlash
@@ -106,7 +113,8 @@ _PROGRESS_STEPS = 4              # the installer's I: progress lines per copy
 # Token check answers after which a device ends the attempt without a report (ONENET.md).
 END_WITHOUT_REPORT = frozenset({Errno.TOKEN_EXPIRED, Errno.TASK_FINISHED, Errno.TASK_CANCELLED})
 # One-byte download error bodies that no retry can fix (not found, size, token, parameters).
-FINAL_DOWNLOAD_ERRORS = frozenset({b"1", b"2", b"3", b"5"})
+FINAL_DOWNLOAD_ERRORS = frozenset({DownloadError.NOT_FOUND, DownloadError.SIZE_MISMATCH,
+                                   DownloadError.INVALID_TOKEN, DownloadError.BAD_PARAMETERS})
 
 
 class Platform(Protocol):
@@ -718,7 +726,7 @@ class Firmware:
         flash.flush()
 
     def _fetch(self, generation: int, http: requests.Session, server: str, task: DetectAnswer,
-               start: int, end: int) -> tuple[bytes | None, str | bytes]:
+               start: int, end: int) -> tuple[bytes | None, str | DownloadError]:
         """One chunk: its bytes, or None and why (``timeout``, ``answer``, an error body)."""
         self._alive(generation)
         try:
@@ -735,8 +743,12 @@ class Firmware:
             return None, "connection"
         self._alive(generation)
         self._say(generation, f"ota phase=download offset={start} status={answer.status_code}")
-        if "Content-Length" not in answer.headers and len(body) == 1:
-            return None, body            # OneNET's one-byte error answer
+        code = decode_error_body(body) if "Content-Length" not in answer.headers else None
+        if code is not None and body != bytes([code]) \
+                and Defect.RAW_ERROR_BYTES_ONLY in self.defects:
+            code = None     # the digit is not understood: a bad answer, retried
+        if code is not None:
+            return None, code            # OneNET's one-byte error answer, raw or ASCII digit
         if Defect.TRUSTS_ANY_2XX in self.defects and 200 <= answer.status_code < 300:
             return body or None, "answer"
         if answer.status_code != 206 or "Content-Length" not in answer.headers \
