@@ -92,6 +92,10 @@ EXAMPLES = {
     **{f"sim-{board}": (board, chip, {"console", "space", "flasher", "power", "power_cut", "rf"})
        for board, chip in [("esp32", "esp32-wroom-32"), ("gd32", "gd32f103c8"),
                            ("nrf52832", "nrf52832_xxaa")]},
+    # Firmware as it ships: no shell, so no `test space` hook.
+    **{f"sim-{board}-shipped": (board, chip, {"console", "flasher", "power", "power_cut", "rf"})
+       for board, chip in [("esp32", "esp32-wroom-32"), ("gd32", "gd32f103c8"),
+                           ("nrf52832", "nrf52832_xxaa")]},
     # The C agent run as a board (hil.rig.providers.process): SIGKILL is its power cut.
     "host-agent": ("nrf52832", "nrf52832_xxaa",
                    {"console", "space", "flasher", "power_cut"}),

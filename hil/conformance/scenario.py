@@ -10,6 +10,21 @@ service's answers (whether the mock or the real OneNET is behind it) and the fau
 The console explains it: its events are kept in order with the boot lines (``trace``), so that
 "201 only after the reboot" can be checked from the board's own narration.
 
+A board without a shell (``console.shell: none``) is read at the service instead: an attempt
+starts with the rig's trigger (a reset, a power cycle, the firmware's timer) and is its
+requests from then on; it ends on a
+final report (any result but 101), a refused detect or a token check answered 12/20/22 (the
+task is over: the board stops without a report) followed by ``QUIET_AFTER_END_S`` with no
+request, on ``silence()`` seconds with no request at all, or (``until_boot``) on the next boot.
+Its events are the exchanges, told as the contract's events (``ota phase=report result=201``);
+its boot lines are the version reports that follow the first (a boot-log line,
+``console.events.boot``, tells ``Board.version`` what runs, but its stamp cannot bound
+exchanges: the console is polled, and lags on a loaded host). From the service
+alone a 201 sent just before the reboot cannot be told by its time from one sent just after
+it: on a shell-less board the order checks are that the board reported the target version
+after its 201, and that the 201 did not come on a TCP connection its download or 101 used (a
+reboot closes them; the gateway numbers connections).
+
 A broken expectation raises ``ConformanceFailure`` naming the phase, the expected and the
 received codes; a scenario the rig or service cannot run raises ``Unsupported`` (a skip). Once
 the test is over, ``check_faults_landed`` raises ``FaultNotLanded`` for a fault that never hit
@@ -20,10 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 
@@ -37,8 +54,16 @@ from hil.errors import (
     ProtocolError,
     Unsupported,
 )
-from hil.faults.catalog import InjectedFault, Landing, check_params, event_text, fault_spec
+from hil.faults.catalog import (
+    InjectedFault,
+    Landing,
+    check_params,
+    event_text,
+    fault_spec,
+    needs_a_shell,
+)
 from hil.gateway import Armed, Fault, FaultKind, Gateway
+from hil.gateway.dns import DnsServer
 from hil.onenet.codes import Errno
 from hil.onenet.messages import DetectAnswer, Endpoint
 from hil.onenet.ranges import resolve_range
@@ -55,6 +80,10 @@ _SLOWEST_LINK = 20_000            # bytes/s a slow lab board still downloads at
 # An attempt's own work besides the transfer (version, detect, reports, the install's copy and
 # reboot): a simulated board's is instant; a real MCUboot copying 1 MiB takes tens of seconds.
 _SLACK_SIM_S, _SLACK_REAL_S = 4.0, 60.0
+# A shell-less board's attempt is over this long after its final report or refused detect, if
+# nothing followed (a board that goes on after either does so within a round trip).
+QUIET_AFTER_END_S = 0.5
+_POLL_S = 0.05
 
 
 @dataclass
@@ -123,15 +152,63 @@ def _range_start(exchange: Exchange) -> int:
     return wanted.start if wanted is not None else 0
 
 
+def reported_version(exchange: Exchange) -> str | None:
+    """The version a version report (``s_version``, else ``f_version``) or a detect query
+    (``version=``) says the board runs; None for other exchanges."""
+    if exchange.phase is Endpoint.VERSION:
+        try:
+            body = json.loads(exchange.request_body)
+        except ValueError:
+            return None
+        version = (body.get("s_version") or body.get("f_version")) \
+            if isinstance(body, dict) else None
+        return version if isinstance(version, str) else None
+    if exchange.phase is Endpoint.DETECT:
+        return parse_qs(urlsplit(exchange.target).query).get("version", [None])[0]
+    return None
+
+
+def told(exchange: Exchange) -> Event:
+    """An exchange as the contract's event would tell it (``ota phase=report result=201
+    errno=0``): a shell-less board's narration, read at the service."""
+    fields: dict[str, str] = {"phase": exchange.phase.value}
+    if exchange.phase is Endpoint.DOWNLOAD:
+        fields["offset"] = str(_range_start(exchange))
+        fields["status"] = str(exchange.status)
+    if exchange.phase is Endpoint.VERSION:
+        fields["version"] = str(reported_version(exchange))
+    if exchange.result is not None:
+        fields["result"] = str(exchange.result)
+    if exchange.errno is not None:
+        fields["errno"] = str(exchange.errno)
+    return Event("ota", fields)
+
+
+# Token-check answers after which a board ends its attempt without a report (ONENET.md).
+_TOKEN_ENDED = (Errno.TOKEN_EXPIRED, Errno.TASK_FINISHED, Errno.TASK_CANCELLED)
+
+
+def _final(exchange: Exchange) -> bool:
+    """The board's last word in an attempt: a result other than 101, a refused detect, or a
+    token check answered that the task is over."""
+    if exchange.result is not None and exchange.result > 101 and \
+            (exchange.phase is Endpoint.REPORT or exchange.phase is Endpoint.PROGRESS):
+        return True
+    if exchange.phase is Endpoint.TOKEN_CHECK:
+        return exchange.errno in _TOKEN_ENDED
+    return exchange.phase is Endpoint.DETECT and exchange.errno not in (None, Errno.OK)
+
+
 class OtaScenario:
     """See the module docstring. The plugin's ``ota`` fixture builds one per test."""
 
     def __init__(self, *, rig: Rig, board: Board, gateway: Gateway, mock: MockOneNet | None,
                  profile: Profile, package: Package, target: str,
-                 base_package: Package | None = None) -> None:
+                 base_package: Package | None = None, dns: DnsServer | None = None) -> None:
         self.rig = rig
         self.board = board
         self.gateway = gateway
+        self.dns = dns          # hil's DNS answering the rig's ota.host (a hard-coded host)
         self.mock = mock
         self.profile = profile
         self.package = package
@@ -145,6 +222,12 @@ class OtaScenario:
         self._no_task = False
         self._triggers: list[_Trigger] = []
         self._pointed = False
+        self._next_start: float | None = None   # a shell-less board's boot that began the next
+        if board.shell_less:
+            # Its version is read at the service (a boot after a reset): the board's network
+            # must take it there from the start, before the first update.
+            board.watch_service(self._service_versions)
+            self._point()
         # Called with each attempt once it is over (the report draws its steps from them).
         self.observers: list[Callable[[OtaScenario, Attempt], None]] = []
 
@@ -161,6 +244,11 @@ class OtaScenario:
         """Inject the catalog's fault ``name`` (``hil.faults.catalog``) for this scenario."""
         spec = fault_spec(name)
         check_params(spec, params)
+        if self.board.shell_less:
+            wanted = needs_a_shell(name, params, power=self.rig.power.kind, rf=self.rig.rf.kind)
+            if wanted is not None:
+                raise Unsupported(f"rig {self.rig.name} has no shell: fault "
+                                  f"{spec.label(params)} needs {wanted}")
         for need in spec.needs:
             if need == "mock" and self.mock is None:
                 raise Unsupported(f"fault {name}: shapes the task, which only the mock service "
@@ -309,9 +397,9 @@ class OtaScenario:
         an attempt cut short by a power cut or a reboot never ends). A board that takes longer
         than ``deadline()`` gives an attempt with ``timed_out``; ``expect`` says so."""
         self.ensure_task()
-        if not self._pointed:
-            self.board.point_at(self.gateway.url)
-            self._pointed = True
+        self._point()
+        if self.board.shell_less:
+            return self._finished(self._update_shell_less(until_boot, timeout or self.deadline()))
         before = len(self.gateway.timeline.exchanges(self.dev_id))
         traced = len(self.trace)
         self.board.start_update()
@@ -331,13 +419,87 @@ class OtaScenario:
             events, ended, timed_out = [e for e in self.trace if e.tag != "boot"], False, True
         if until_boot and booted and not (events and events[-1].tag == "ota end"):
             ended = False
-        attempt = Attempt(events, self.gateway.timeline.exchanges(self.dev_id)[before:], ended,
-                          timed_out, self.trace[traced:])
+        return self._finished(Attempt(events, self.gateway.timeline.exchanges(self.dev_id)[before:],
+                                      ended, timed_out, self.trace[traced:]))
+
+    def _finished(self, attempt: Attempt) -> Attempt:
         self.attempts.append(attempt)
         for observer in self.observers:
             observer(self, attempt)
         self.gateway.raise_errors()
         return attempt
+
+    def _point(self) -> None:
+        """The board pointed at the gateway, once (``ota server``; a shell-less board's network
+        told hil's DNS)."""
+        if not self._pointed:
+            self.board.point_at(self.gateway.url,
+                                self.dns.address if self.dns is not None else None)
+            self._pointed = True
+
+    # ---------------------------------------------------------------- boards without a shell
+    def silence(self) -> float:
+        """How long a shell-less board may make no request before its attempt is taken as
+        over: a request held to its timeout, the retry interval after it, and the attempt's
+        own work between requests (the install's copy and reboot)."""
+        interval = self.task.interval if self.task else DEFAULT_INTERVAL
+        slack = _SLACK_SIM_S if self.rig.sim is not None else _SLACK_REAL_S
+        return self.device_timeout + interval + slack
+
+    def _service_versions(self) -> list[tuple[float, str]]:
+        """The board's boots as the service heard them: (when, version) of each version report;
+        of each detect for a board that sends none."""
+        exchanges = self.exchanges()
+        phase = Endpoint.VERSION if any(e.phase is Endpoint.VERSION for e in exchanges) \
+            else Endpoint.DETECT
+        return [(started_at(e), version) for e in exchanges
+                if e.phase is phase and (version := reported_version(e)) is not None]
+
+    def _update_shell_less(self, until_boot: bool, limit: float) -> Attempt:
+        """One attempt of a board without a shell (see the module docstring)."""
+        if self._next_start is not None:
+            # The boot that cut the last attempt short began this one: the board checks at boot.
+            since, self._next_start = self._next_start, None
+        else:
+            since = time.time()
+            self.board.start_update()
+        deadline = time.monotonic() + limit
+        quiet_for = self.silence()
+        traced = len(self.trace)
+        while True:
+            time.sleep(_POLL_S)
+            now = time.time()
+            # Read at the service alone: a console's stamps lag its lines (it is polled), so
+            # they cannot bound an attempt's exchanges.
+            boots = [boot for boot in self._service_versions() if boot[0] >= since]
+            mine = [e for e in self.exchanges() if started_at(e) >= since]
+            begun = started_at(mine[0]) if mine else None
+            if begun is None:
+                if time.monotonic() > deadline:
+                    return Attempt([], [], False, True, [])
+                continue
+            later = [boot for boot in boots if boot[0] > begun]
+            cut = later[0][0] if until_boot and later else None
+            exchanges = [e for e in mine if started_at(e) >= begun
+                         and (cut is None or started_at(e) < cut)]
+            last = max([begun, *(e.at for e in exchanges)])
+            over = cut is not None or (
+                bool(exchanges) and _final(exchanges[-1]) and now - last >= QUIET_AFTER_END_S) \
+                or now - last >= quiet_for
+            timed_out = not over and time.monotonic() > deadline
+            if over or timed_out:
+                break
+        told_events = [(started_at(e), told(e)) for e in exchanges]
+        booted = [(at, Event("boot", {"version": version})) for at, version in later
+                  if cut is None or at <= cut]
+        events = [event for _, event in sorted(told_events + booted, key=lambda pair: pair[0])]
+        for event in events:
+            self.trace.append(event)
+            self._fire(event)
+        if cut is not None:
+            self._next_start = cut
+        return Attempt([e for e in events if e.tag != "boot"], exchanges, cut is None,
+                       timed_out, self.trace[traced:])
 
     # ================================================================ what the service saw
     def exchanges(self, phase: Endpoint | None = None) -> list[Exchange]:
@@ -482,11 +644,34 @@ class OtaScenario:
                 self._fail("download", f"expected 101 only once the package was downloaded "
                            f"(rig {self.rig.name}); the board downloaded {len(late)} more "
                            f"range(s) after reporting it, the first: {late[0].summary()}")
+        if self.board.shell_less:
+            # See the module docstring: expect() checks the target booted after its 201.
+            self._check_201_after_a_reboot(exchanges)
+            return
         reported = [e for e in self.trace if e.tag == "boot"
                     or (e.fields.get("phase") == "report" and e.fields.get("result") == "201")]
         if reported and reported[0].tag != "boot":
             self._fail("report", f"expected 201 only after the board rebooted into the new "
                        f"image (rig {self.rig.name}); it reported 201 before any boot line")
+
+    def _check_201_after_a_reboot(self, exchanges: list[Exchange]) -> None:
+        """From the service: a 201 on a TCP connection that carried the attempt's download or
+        101 was sent before the reboot, which closes every connection (the gateway numbers
+        them, ``Exchange.connection``). A board that opens a connection per request passes
+        whenever it sends the 201: this check can only catch, never wrongly fail."""
+        before_a_reboot: set[int] = set()
+        for exchange in exchanges:
+            if exchange.connection is None:
+                continue
+            if exchange.phase is Endpoint.REPORT and exchange.result == 201 \
+                    and exchange.connection in before_a_reboot:
+                self._fail("report", f"expected 201 only after the board rebooted into the new "
+                           f"image (rig {self.rig.name}); it came on the connection its "
+                           f"download used (connection {exchange.connection}), which a reboot "
+                           f"would have closed: {exchange.summary()}")
+            if exchange.phase is Endpoint.DOWNLOAD or (
+                    exchange.phase is Endpoint.REPORT and exchange.result == 101):
+                before_a_reboot.add(exchange.connection)
 
     def _fault_note(self) -> str:
         return f"; fault {', '.join(f.label for f in self.faults)}" if self.faults else ""

@@ -437,6 +437,27 @@ CATALOG: dict[str, FaultSpec] = {spec.name: spec for spec in (
 )}
 
 
+def needs_a_shell(name: str, params: Mapping[str, Any], *, power: str, rf: str) -> str | None:
+    """What fault ``name`` needs of a firmware with the console contract's shell on a rig
+    whose power and rf parts are of these kinds, or None when the gateway and the rig's
+    instruments do it all. A board without a shell cannot give it: the scenario skips,
+    saying so (``OtaScenario.inject``)."""
+    if name == "no-space":
+        return "the firmware hook `test space`"
+    if name == "reboot":
+        return "the firmware hook `sys reboot`"
+    if name == "low-power" and power != "scpi":
+        return "the firmware hook `test power`"
+    if name == "bad-signal" and rf != "attenuator":
+        return "the firmware hook `test signal`"
+    if name == "power-cut" and params.get("during") == "flash":
+        # The cut is timed to the write by the board's own line (``ota phase=flash bytes=N``):
+        # the service sees nothing between the 101 and the reboot to time it by.
+        return ("the firmware hook `ota phase=flash bytes=N` (the contract's flash-write line, "
+                "which the cut is timed by)")
+    return None
+
+
 def fault_spec(name: str) -> FaultSpec:
     try:
         return CATALOG[name]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import struct
@@ -68,6 +69,7 @@ _BODY_IN_TIMELINE = 512     # as the mock: request bodies are short JSON, a long
 _UNKNOWN_SIZE = 10**20      # a package whose size no detect answer told: any offset may be in it
 _QUEUE_HIGH, _QUEUE_LOW = 16, 4   # pipelined requests waiting: stop reading above, resume below
 _NO_PLAN = Plan()           # shared by every request no fault fired on; never changed
+_CONNECTION_NUMBERS = itertools.count(1)
 _PLAIN = (("Content-Type", "text/plain"),)
 
 
@@ -238,6 +240,7 @@ class _GatewayConnection(RequestReader):
     def __init__(self, server: HttpServer, gateway: Gateway) -> None:
         super().__init__(server)
         self._gateway = gateway
+        self.number = next(_CONNECTION_NUMBERS)     # Exchange.connection
         self._raw: list[tuple[bytes, bytes]] = []
         self._queue: deque[_Item | tuple[int, str]] = deque()
         self.worker: asyncio.Task[None] | None = None
@@ -486,7 +489,8 @@ class _GatewayConnection(RequestReader):
             errno=errno if isinstance(errno, int) else None, answer=data,
             result=_result_of(phase, request.body), range=request.header("range"),
             content_range=content_range, length=length, error_byte=error_byte,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3), fault=label))
+            duration_ms=round((time.perf_counter() - started) * 1000, 3), fault=label,
+            connection=self.number))
 
 
 # ---------------------------------------------------------------------------------- helpers

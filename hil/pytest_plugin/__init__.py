@@ -88,7 +88,9 @@ from hil.service.server import MockOneNet
 from hil.service.timeline import Timeline
 
 CAPABILITIES = ("console", "flasher", "power", "power_cut", "rf", "space")
-SIM_RIGS = "sim-*.yaml"     # the rigs a run without --hil-rig uses
+# The rigs a run without --hil-rig uses: those of these files whose firmware has a test shell.
+# The shell-less (shipped-firmware) ones run by name: tests/test_shipped_suite.py, in parallel.
+SIM_RIGS = "sim-*.yaml"
 DEFAULT_PROFILE = Path("fixtures/expectations/onenet.yaml")
 __all__ = ["DEFAULT_TARGET", "HilOptions"]
 
@@ -251,15 +253,18 @@ def _existing(config: pytest.Config, name: str, flag: str) -> Path | None:
 
 
 def _load_rigs(config: pytest.Config) -> tuple[Rig, ...]:
-    """The selected rigs; with none selected, the simulated ones (``rigs/sim-*.yaml``)."""
+    """The selected rigs; with none selected, the simulated ones with a test shell
+    (``rigs/sim-*.yaml`` but the shell-less ones)."""
     rigs: list[Rig] = []
-    names = _value(config, "hil_rigs") or [
-        str(path) for path in sorted((config.rootpath / "rigs").glob(SIM_RIGS))]
+    chosen = _value(config, "hil_rigs")
+    names = chosen or [str(path) for path in sorted((config.rootpath / "rigs").glob(SIM_RIGS))]
     for name in names:
         try:
             rig = load_rig(find_rig(name, config.rootpath / "rigs"))
         except ConfigError as error:
             raise pytest.UsageError(str(error)) from None
+        if not chosen and rig.shell_less:
+            continue
         if any(known.name == rig.name for known in rigs):
             raise pytest.UsageError(f"--hil-rig: rig {rig.name} is selected twice")
         rigs.append(rig)
@@ -843,7 +848,8 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
     mock = request.getfixturevalue("ota_service") if hil_options.ota_service == "mock" else None
     scenario = OtaScenario(rig=rig, board=board, gateway=gateway, mock=mock,
                            profile=hil_options.profile, package=package, target=target,
-                           base_package=hil_options.base_package(rig))
+                           base_package=hil_options.base_package(rig),
+                           dns=request.getfixturevalue("ota_dns"))
     if reporting.alluredir(request.config):
         reporting.label(request.node, rig, firmware=board.version(), target=target)
         clock = request.node.stash[reporting.CLOCK] = reporting.AttemptClock()

@@ -4,6 +4,13 @@
     board.start_update()               # ota check
     events = board.wait_update_end()   # every `ota ...` line up to `ota end`
     board.reboot()                     # sys reboot, then the boot line's version
+
+A board without a shell (``console.shell: none``) is never typed at: ``command`` refuses (a
+RigFault), ``start_update`` pulls the rig's ``ota.trigger`` (a reset through the flasher, a power
+cycle through the supply, or nothing: the firmware's own timer), and ``point_at`` tells a
+simulated bench's network which DNS server answers the firmware's hard-coded host (hil's; on a
+lab network the router hands hil's DNS out). Its version comes from its boot-log line
+(``console.events.boot``) when the rig gives one, else from the service (``watch_service``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ from hil.drivers.contract import Event, parse_event
 from hil.drivers.hooks import ConsoleHookSpace
 from hil.errors import ExpectTimeout, RigFault
 from hil.rig.parts import RigParts
+
+# The board's versions as the service heard them (version reports, detect queries), each with
+# when its request came in: what a shell-less board without a boot-log line is read by.
+ServiceVersions = Callable[[], list[tuple[float, str]]]
 
 BOOT_TIMEOUT_S = 30.0
 HUNG_AFTER_S = 3.0       # a board whose shell is this long silent has hung
@@ -33,10 +44,33 @@ class Board:
     def console(self) -> ConsoleProtocol:
         return self.parts.console()
 
+    @property
+    def shell_less(self) -> bool:
+        return self.rig.shell_less
+
+    @property
+    def boot_line(self) -> bool:
+        """The rig names this firmware's boot-log line (``console.events.boot``): a shell-less
+        board's boots are read from its console; else from the service."""
+        return not self.shell_less or "boot" in self.rig.console.events
+
+    def watch_service(self, versions: ServiceVersions) -> None:
+        """Where a shell-less board's boots are heard when its log has no boot line (the
+        scenario's gateway timeline)."""
+        self._service_versions = versions
+
+    _service_versions: ServiceVersions | None = None
+
     def command(self, name: str, timeout: float = 10.0, **values: object) -> list[str]:
+        if self.shell_less:
+            raise RigFault("console", f"the board has no shell (console.shell: none): "
+                           f"{self.contract.command(name, **values)!r} is not sent",
+                           self.rig.name)
         return self.console.command(self.contract.command(name, **values), timeout=timeout)
 
     def version(self, timeout: float = 10.0) -> str:
+        if self.shell_less:
+            return self._boot_version(max(timeout, BOOT_TIMEOUT_S))
         for line in self.command("version", timeout=timeout):
             match = self.contract.events["version"].search(line)
             if match:
@@ -44,11 +78,71 @@ class Board:
         raise RigFault("console", f"{self.contract.command('version')!r} printed no version "
                        "line before OK", self.rig.name)
 
-    def point_at(self, url: str) -> None:
-        self.command("server", url=url)
+    def point_at(self, url: str, dns: tuple[str, int] | None = None) -> None:
+        """``ota server <url>``. A board without a shell reaches its hard-coded host: a
+        simulated bench's network is told the DNS server that answers it (hil's, ``dns``) and
+        the gateway's port; a lab network's DNS is the rig's own setup (README)."""
+        if not self.shell_less:
+            self.command("server", url=url)
+        elif self.parts.bench is not None:
+            self.parts.bench.route_ota_host(url, dns)
 
     def start_update(self) -> None:
-        self.command("check")
+        """``ota check``; a board without a shell: the rig's ``ota.trigger``."""
+        if not self.shell_less:
+            self.command("check")
+        elif self.rig.trigger == "reset":
+            self.reset()
+        elif self.rig.trigger == "power-cycle":
+            self.power_cycle()
+        # "wait": the firmware's own timer starts it
+
+    def reset(self) -> None:
+        """A reset through the rig's flasher (SWD, or the ESP32's EN line through the serial
+        adapter's RTS as esptool does): the board boots its application."""
+        flasher_kind = self.rig.flasher.kind
+        if flasher_kind == "esp":
+            # The ESP32's reset lines are its console's port: the flasher takes it meanwhile.
+            self.parts.release("console")
+        flasher = self.parts.flasher()
+        if flasher is None:
+            raise RigFault("flasher", "the rig has no flasher to reset the board through "
+                           "(flasher.kind: none)", self.rig.name)
+        flasher.reset()
+        if flasher_kind == "esp":
+            self.parts.release("flasher")
+            self.parts.console()            # the log goes on (what came meanwhile is lost)
+
+    def power_cycle(self) -> None:
+        """The rig's supply off, then on again: the board boots from cold."""
+        supply = self.parts.power()
+        if supply is None or not supply.can_cut:
+            raise RigFault("power", "the rig has no supply that can cut the board's power",
+                           self.rig.name)
+        supply.output(False)
+        time.sleep(POWER_OFF_S)
+        supply.output(True)
+
+    def _boot_version(self, timeout: float) -> str:
+        """A shell-less board's version: reset it and read the boot that follows, in its boot
+        log or at the service."""
+        if not self.boot_line and self._service_versions is None:
+            raise RigFault("console", "the board has no shell and its log no boot line "
+                           "(console.events.boot): its version is read at the OTA service, "
+                           "and none is watched yet", self.rig.name)
+        since, started = self.console.mark(), time.time()
+        self.reset() if self.rig.flasher.kind != "none" else self.power_cycle()
+        if self.boot_line:
+            return self.wait_boot(timeout, since=since)
+        assert self._service_versions is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            heard = [version for at, version in self._service_versions() if at >= started]
+            if heard:
+                return heard[0]
+            time.sleep(0.05)
+        raise ExpectTimeout(f"rig {self.rig.name}: no version report or detect at the service "
+                            f"within {timeout:g} s of a reset")
 
     def wait_update_end(self, timeout: float = 300.0, *,
                         on_event: Callable[[Event], None] | None = None,
@@ -87,8 +181,9 @@ class Board:
         self.command("reboot")
         return self.wait_boot(timeout)
 
-    def wait_boot(self, timeout: float = BOOT_TIMEOUT_S) -> str:
-        return self.console.expect(self.contract.events["boot"], timeout).group("version")
+    def wait_boot(self, timeout: float = BOOT_TIMEOUT_S, *, since: int | None = None) -> str:
+        return self.console.expect(self.contract.events["boot"], timeout,
+                                   since=since).group("version")
 
     # Fault hooks and rig instruments: the rig decides which one serves.
     def set_power(self, percent: int) -> None:
@@ -109,7 +204,10 @@ class Board:
     def revive(self) -> bool:
         """Make sure the board answers: one whose shell is silent for ``HUNG_AFTER_S`` is
         power-cycled through the rig's supply and must boot again. True if it had to be;
-        a RigFault if it stays silent or the rig cannot cut its power."""
+        a RigFault if it stays silent or the rig cannot cut its power. A board without a
+        shell cannot be asked: it is left to ``restore_base`` (flashed and reset)."""
+        if self.shell_less:
+            return False
         try:
             self.version(timeout=HUNG_AFTER_S)
             return False
@@ -129,9 +227,19 @@ class Board:
                            f"{dead}", self.rig.name) from None
         return True
 
-    def restore_base(self, firmware: Path | None, progress: Progress | None = None) -> str:
+    def restore_base(self, firmware: Path | None, progress: Progress | None = None
+                     ) -> str | None:
         """Back to the base state: flash ``firmware`` where the rig has a flasher, else the
-        firmware's factory reset. Returns the version the board boots."""
+        firmware's factory reset. Returns the version the board boots.
+
+        A board without a shell has no factory reset: it is flashed (a simulated one with its
+        factory image when no ``firmware`` is given, and its
+        settings partition erased, as a full chip erase does: its OTA state goes with it; a
+        real board's base image must clear its OTA state itself, or the rig's flasher erase
+        the whole chip). Returns its boot line's version, or None when only the service can
+        tell (its log has none)."""
+        if self.shell_less:
+            return self._restore_shell_less(firmware, progress)
         if firmware is None or self.rig.flasher.kind == "none":
             self.command("factory")
             return self.version()
@@ -159,3 +267,28 @@ class Board:
             except ExpectTimeout:
                 if time.monotonic() > deadline:
                     raise
+
+    def _restore_shell_less(self, firmware: Path | None, progress: Progress | None
+                            ) -> str | None:
+        if firmware is None and self.parts.bench is not None:
+            firmware = self.parts.bench.factory_image     # a simulated board's own base
+        flasher = self.parts.flasher() if firmware is not None else None
+        if firmware is None or flasher is None:
+            raise RigFault("flasher", "a board without a shell has no factory reset: give "
+                           "the rig a flasher and the base image (--hil-firmware)",
+                           self.rig.name)
+        if self.rig.flasher.kind == "esp":
+            self.parts.release("console")
+            flasher = self.parts.flasher()
+            assert flasher is not None
+        flasher.program(firmware, progress=progress)
+        if self.parts.bench is not None:
+            self.parts.bench.erase_settings()    # while the flashed board is held stopped
+        if self.rig.flasher.kind == "esp":
+            flasher.reset()
+            self.parts.release("flasher")
+            self.console.mark()                  # the log goes on; the boot line came unheard
+            return None
+        since = self.console.mark()
+        flasher.reset()
+        return self.wait_boot(BOOT_TIMEOUT_S, since=since) if self.boot_line else None

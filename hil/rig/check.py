@@ -60,7 +60,11 @@ def check_rig(rig: Rig) -> list[PartCheck]:
                     return f"{rig.console.address}, firmware {version.group('version')}"
                 except FirmwareFault:
                     return f"{rig.console.address} runs; it says {first.strip()!r}"
-            return f"{rig.console.address}, firmware {Board(parts).version()}"
+            board = Board(parts)
+            if not board.boot_line:       # no shell, no boot line: only the service can tell
+                parts.console()
+                return f"{rig.console.address}, a read-only log (no shell)"
+            return f"{rig.console.address}, firmware {board.version()}"
 
         def flasher() -> str:
             spec = rig.flasher

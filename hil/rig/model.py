@@ -10,6 +10,7 @@
       dev_id: "527776559"
       access_key_env: HIL_ACCESS_KEY  # the name of the variable; the key never lives here
     console: {port: /dev/ttyACM0, baudrate: 115200}   # or url: ..., or serial_number: ...
+                                      # shell: none for firmware as it ships (no test shell)
     # or a host build run as the board (hil.rig.providers.process):
     #   console: {command: [examples/onenet-agent/agent], build: [make, ...], env: {...}}
     #   flasher: {kind: process}    power: {kind: process}
@@ -17,9 +18,11 @@
     power: {kind: scpi, url: "socket://127.0.0.1:5025"}         # scpi | console | none
     rf: {kind: console}                                             # attenuator | console | none
     ota: {service: mock}              # mock or a base URL; gateway_host for lab networks
+                                      # trigger: reset | power-cycle | wait (shell: none)
     # firmware with a hard-coded host: the gateway on gateway_host:port, hil's DNS answering
     # host with gateway_host: ota: {host: ota.heclouds.com, port: 80, gateway_host: 192.168.1.10}
     sim: {defects: [early-101]}       # a simulated rig: hil runs the board and its bench
+                                      # shipped: true: its firmware as it ships, no shell
 
 A mistake is one ``ConfigError`` line naming the file and the key, raised at load, before any
 test runs. ``console`` as a power or rf kind means the firmware's ``test`` hooks.
@@ -90,6 +93,10 @@ class Console(BaseModel):
     defects: tuple[str, ...] = ()
     known_defects: tuple[str, ...] = ()
     baudrate: Annotated[int, Field(gt=0, strict=True)] = 115200
+    # "contract": the firmware's test shell (DESIGN.md); "none": firmware as it ships, whose
+    # console is a read-only log. An attempt then starts with ``ota.trigger`` and is read at
+    # the service; ``events.boot``, when given, is its boot-log line.
+    shell: Literal["contract", "none"] = "contract"
     ok: str = r"^OK$"
     err: str = r"^ERR (?P<reason>.*)$"
     # Contract commands and event patterns a firmware with another shell renames (DESIGN.md).
@@ -339,6 +346,10 @@ class Ota(BaseModel):
     # How long the board's firmware waits for an HTTP answer before it gives up: stall faults
     # must outlast it, and a scenario's deadline counts it. A simulated rig's is sim.http_timeout.
     device_timeout: Positive | None = None
+    # A board without a shell (console.shell: none) starts an attempt when it is reset through
+    # its flasher, power-cycled through its supply, or on its own timer every check_period s.
+    trigger: Literal["reset", "power-cycle", "wait"] | None = None
+    check_period: Positive | None = None
     host: str | None = None          # the OneNET host the firmware's build talks to
     port: Port | None = None         # the firmware's port; the gateway's (0: a free one)
     dns: OtaDns | None = None
@@ -425,6 +436,10 @@ class Sim(BaseModel):
     defects: tuple[str, ...] = ()     # hil.sim.defects.Defect names
     http_timeout: Positive = 5.0      # the firmware's HTTP timeout, seconds
     chunk_size: Annotated[int, Field(gt=0, strict=True)] = 4096
+    # The firmware as it ships (hil.sim.firmware): no shell, a check for an update at every
+    # boot (and every ota.check_period seconds when set), built to reach ota.host:ota.port,
+    # which it resolves through hil's DNS (ota.dns) at each attempt.
+    shipped: bool = False
 
     @field_validator("defects")
     @classmethod
@@ -510,6 +525,60 @@ class Rig(BaseModel):
                              f"a {self.board} is flashed with kind: {family.flasher.value}")
         return self
 
+    @model_validator(mode="after")
+    def _a_way_to_start_an_attempt(self) -> Rig:
+        """A board without a shell needs a trigger the rig can pull; hooks need a shell."""
+        if self.console.shell == "contract":
+            if self.ota.trigger is not None:
+                raise ValueError("ota.trigger: only a board without a test shell (console.shell:"
+                                 " none) is triggered so; a shell starts an attempt itself")
+            if self.sim is not None and self.sim.shipped:
+                raise ValueError("sim.shipped: firmware as it ships has no test shell; set "
+                                 "console.shell: none")
+            return self
+        if self.sim is not None and self.sim.shipped:
+            # The simulated network has no DNS but hil's: the firmware's host resolves there.
+            if self.ota.host is None:
+                raise ValueError("sim.shipped: the firmware is built to reach ota.host; give it "
+                                 "(ota: {host: ota.heclouds.com, port: 0, dns: {listen: "
+                                 "'127.0.0.1:0'}})")
+            if not self.ota.serves_dns:
+                raise ValueError("ota.dns: false: a simulated network has no DNS but hil's, "
+                                 f"and the shipped firmware could not resolve {self.ota.host}")
+            dns = self.ota.dns_config
+            if dns is not None and dns.listen is None:
+                raise ValueError("ota.dns.listen: give one on a simulated rig, '127.0.0.1:0' (a "
+                                 "free port: the bench asks hil's DNS where it listens; the "
+                                 "default, port 53, needs root)")
+        for part in ("power", "rf"):
+            if getattr(self, part).kind == "console":
+                raise ValueError(f"{part}.kind: console is the firmware's test hook, and this "
+                                 "board has no shell (console.shell: none)")
+        if self.sim is not None and not self.sim.shipped:
+            raise ValueError("console.shell: none on a simulated rig needs sim.shipped: true "
+                             "(the simulated test build has a shell)")
+        trigger = self.trigger
+        if trigger == "reset" and self.flasher.kind == "none":
+            raise ValueError("ota.trigger: reset needs a flasher to reset the board through "
+                             "(flasher.kind is none); use power-cycle or wait")
+        if trigger == "power-cycle" and "power_cut" not in self.capabilities:
+            raise ValueError("ota.trigger: power-cycle needs power the rig can cut (power.kind:"
+                             f" scpi), not power.kind: {self.power.kind}")
+        if trigger == "wait" and self.ota.check_period is None:
+            raise ValueError("ota.trigger: wait needs ota.check_period (the seconds between "
+                             "the firmware's own checks)")
+        return self
+
+    @property
+    def shell_less(self) -> bool:
+        """The firmware has no test shell (``console.shell: none``)."""
+        return self.console.shell == "none"
+
+    @property
+    def trigger(self) -> str:
+        """How an attempt starts on a board without a shell (default: a reset)."""
+        return self.ota.trigger or "reset"
+
     @property
     def sim_state_dir(self) -> Path | None:
         """Where a simulated rig's board keeps its state; None for a real rig."""
@@ -543,7 +612,9 @@ class Rig(BaseModel):
     @property
     def capabilities(self) -> frozenset[str]:
         """What tests may need (``@pytest.mark.needs``): flasher, power, power_cut, rf, space."""
-        caps = {"console", "space"}   # the console's `test space` hook is always there
+        caps = {"console"}
+        if not self.shell_less:
+            caps.add("space")        # the shell's `test space` hook
         if self.flasher.kind != "none":
             caps.add("flasher")
         if self.power.kind not in ("none", "process"):   # a host build has no battery to set

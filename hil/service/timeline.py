@@ -57,6 +57,9 @@ class Exchange:
     reason: str | None = None                  # why a request was refused, for humans
     duration_ms: float = 0.0
     fault: str | None = None                   # what the gateway did to it ("stall 2s"); mock: None
+    # The gateway's number for the device's TCP connection it came on (mock: None): a board
+    # that reboots cannot keep one, so it tells requests before a reboot from those after.
+    connection: int | None = None
 
     @property
     def accepted(self) -> bool:

@@ -21,6 +21,14 @@ whose bootloader region is blank gets its bootloader's vector table back, as a t
 reflash MCUboot after a chip erase. The bench starts with the supply on at full charge and the
 attenuator at 0 dB.
 
+A shipped-firmware rig (``sim.shipped``) runs the firmware as it ships: no shell, a check at
+every boot, built to reach the rig's ``ota.host``:``ota.port``. Its network is the bench's
+``resolve``, the one place where the firmware's host name becomes an address: it asks the DNS
+server ``route_ota_host`` named (hil's, ``ota.dns``) for the name at every attempt, as a board
+asks the DNS its router hands out, and a DNS that does not answer leaves the name unresolved.
+The firmware's port is ``ota.port``; ``port: 0`` (a free port, as parallel sessions share the
+loopback) is the gateway's, learned from the URL ``route_ota_host`` is given.
+
 ``stop()`` powers the board off and stops the firmware's threads, the ptys and the instruments:
 nothing outlives the bench. Flash and settings stay in the state directory for the next start.
 """
@@ -33,10 +41,12 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import filelock
 
 from hil.errors import RigFault
+from hil.gateway.dns import ResolveError, resolve
 from hil.rig.model import AttenuatorRf, Rig, ScpiPower
 from hil.service.server import new_access_key
 from hil.sim.defects import Defect
@@ -97,6 +107,7 @@ class _Instrument:
 
 
 BENCH_LOCK = "bench.lock"
+DNS_TIMEOUT_S = 1.0                  # a shipped firmware's wait for its DNS answer
 _running: set[Path] = set()          # state directories with a bench up in this process
 _running_lock = threading.Lock()
 
@@ -128,6 +139,10 @@ class SimBench:
         self._started = False
         self._wait = wait
         self._claim: filelock.FileLock | None = None
+        # The network (``route_ota_host``): its DNS server, and the gateway's port, the
+        # firmware's build-time port when the rig's is 0 (a free one).
+        self._dns: tuple[str, int] | None = None
+        self._gateway_port: int | None = None
 
     # ================================================================== lifecycle
     def start(self) -> SimBench:
@@ -145,7 +160,9 @@ class SimBench:
             self._install_factory_image()
             self.firmware = Firmware(self, self.state_dir, identity, defects=self.defects,
                                      http_timeout=self.sim.http_timeout,
-                                     chunk_size=self.sim.chunk_size)
+                                     chunk_size=self.sim.chunk_size, shipped=self.sim.shipped,
+                                     host=self.rig.ota.host, port=self.rig.ota.gateway_port,
+                                     check_period=self.rig.ota.check_period)
             self._hook_board()
             self._started = True
             self._apply_power()
@@ -232,6 +249,39 @@ class SimBench:
         reset or power-cycled."""
         if self.firmware is not None:
             self.firmware.stop()
+
+    # ================================================================== the network
+    def route_ota_host(self, base_url: str, dns: tuple[str, int] | None) -> None:
+        """The bench's network from now on: ``dns`` ((host, port) of hil's DNS server, None:
+        none) answers the firmware's names, and the gateway at ``base_url`` listens on the
+        firmware's port (for ``ota.port: 0`` its port is the one the firmware was built with)."""
+        self._dns = dns
+        self._gateway_port = urlsplit(base_url).port
+
+    def resolve(self, host: str, port: int) -> str | None:
+        """Platform.resolve: the base URL ``host:port`` reaches on this bench's network, or None
+        when the name does not resolve (no DNS, or it answers no address: REFUSED, NXDOMAIN,
+        silence). ``port`` 0: the gateway's, as ``route_ota_host`` learned it."""
+        if self._dns is None:
+            return None
+        try:
+            address = resolve(host, server=self._dns, timeout=DNS_TIMEOUT_S)
+        except ResolveError:
+            return None
+        port = port or self._gateway_port or 0
+        return f"http://{address}:{port}" if port else None
+
+    @property
+    def factory_image(self) -> Path:
+        """The image the board came with (``sim.factory_version``): a shell-less board's base
+        when no other is given, flashed as a production line would."""
+        return self.state_dir / FACTORY_FILE
+
+    def erase_settings(self) -> None:
+        """The settings partition erased (the OTA state with it), as a full chip erase does:
+        how a shell-less board, which has no ``test factory``, is brought back to its base."""
+        if self.firmware is not None:
+            self.firmware.nvs.erase()
 
     def __enter__(self) -> SimBench:
         return self.start()

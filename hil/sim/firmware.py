@@ -53,6 +53,15 @@ a new task (a new token) or ``test factory`` starts afresh. Fault-hook values (`
 
 Defects (``Defect``), off by default and chosen per board, make the firmware misbehave the way
 real firmware does, so the conformance suite's power to catch them can be measured.
+
+**Shipped mode** (``shipped=True``, a rig's ``sim.shipped``): the same agent as production firmware
+runs it. No shell: console input is ignored, the console is a read-only log (``I: app: firmware
+version V`` at boot, ``I: ota: ...`` lines, never the contract's events). At every boot it reports
+the outcome of a pending install (201/204), then runs one attempt (steps 1..7); with a
+``check_period`` it runs one again every that many seconds. It talks to the host and port its
+build names (``host``, ``port``: the rig's ``ota.host``/``ota.port``; ``Host:`` carries the
+name), whose address it asks the network for at each attempt (``Platform.resolve``: the rig's
+DNS, hil's); a name that does not resolve skips the check, logged (``cannot resolve``).
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import requests
 
@@ -127,6 +137,11 @@ class Platform(Protocol):
 
     def signal(self) -> int:
         """The signal level the radio reports now (after the rig's attenuator)."""
+
+    def resolve(self, host: str, port: int) -> str | None:
+        """The base URL the network takes ``host:port`` to (its DNS answer), or None when the
+        name does not resolve. ``port`` 0: the free port a simulated build was given, which the
+        network knows. Shipped firmware only."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +218,9 @@ class Firmware:
 
     def __init__(self, platform: Platform, state_dir: Path, identity: DeviceIdentity, *,
                  defects: frozenset[Defect] = frozenset(), http_timeout: float = HTTP_TIMEOUT_S,
-                 chunk_size: int = CHUNK_SIZE, clock: Callable[[], float] = time.time) -> None:
+                 chunk_size: int = CHUNK_SIZE, clock: Callable[[], float] = time.time,
+                 shipped: bool = False, host: str | None = None, port: int = 80,
+                 check_period: float | None = None) -> None:
         self.platform = platform
         self.board = platform.board
         self.family = board_family(platform.board)
@@ -215,6 +232,9 @@ class Firmware:
         self.chunk_size = chunk_size
         self.clock = clock
         self.nvs = Nvs(state_dir / NVS_FILE)
+        self.shipped = shipped
+        self.host, self.port = host, port
+        self.check_period = check_period
         self.version: str | None = None      # of the image running now; None: not running
         self._lock = threading.Lock()
         self._generation = 0                 # one per boot; a thread of an older one is stranded
@@ -257,6 +277,8 @@ class Firmware:
         self._threads = [thread for thread in self._threads if thread.is_alive()]
 
     def console_input(self, data: bytes) -> None:
+        if self.shipped:
+            return                # no shell: the UART's receive line goes nowhere
         with self._lock:
             if not self._running:
                 return            # powered off or held in reset: the UART hears nothing
@@ -301,6 +323,8 @@ class Firmware:
             raise _Stopped
 
     def _say(self, generation: int, line: str) -> None:
+        if self.shipped:
+            line = _shipped_log(line)
         with self._lock:
             self._alive(generation)
             self.platform.console_write(line.encode("ascii", errors="replace") + b"\r\n")
@@ -327,6 +351,12 @@ class Firmware:
             self.version = version
         self._say(generation, f"boot version={version}")
         self._serve_shell(generation)      # what the host typed while the board booted
+        self._finish_install(generation, primary)
+        if self.shipped:
+            self._checks(generation)
+
+    def _finish_install(self, generation: int, primary: SimFlash) -> None:
+        """Step 8 after a boot that followed an install; forget an attempt of another image."""
         ota = self.nvs.load().get("ota")
         if not isinstance(ota, dict):
             return
@@ -340,6 +370,30 @@ class Firmware:
                 self._alive(generation)
                 self._busy = threading.current_thread()
             self._after_install(generation, ota)
+
+    def _checks(self, generation: int) -> None:
+        """Shipped firmware: one attempt at boot, then one every ``check_period`` seconds."""
+        while True:
+            server = self._server(generation)
+            if server is not None:
+                with self._lock:
+                    self._alive(generation)
+                    self._busy = threading.current_thread()
+                self._attempt(generation, server)
+            if self.check_period is None:
+                return
+            self._sleep(generation, self.check_period)
+
+    def _server(self, generation: int) -> str | None:
+        """The OTA service's base URL: ``ota server`` (the shell) in a test build; the
+        hard-coded host as the network resolves it in shipped firmware."""
+        if not self.shipped:
+            server = self.nvs.load().get("server")
+            return server if isinstance(server, str) else None
+        resolved = self.platform.resolve(self.host, self.port) if self.host else None
+        if resolved is None:
+            self._say(generation, f"E: ota: cannot resolve {self.host}; no update check")
+        return resolved
 
     def _bootloader(self, generation: int) -> None:
         """MCUboot (overwrite-only) or the ESP32's bootloader: install a pending image."""
@@ -411,8 +465,8 @@ class Firmware:
             upgraded = self._booted_package(ota) and self.version == ota.get("target")
             if Defect.REPORTS_201_ON_OLD_IMAGE in self.defects:
                 upgraded = True
-            server = self.nvs.load().get("server")
-            if isinstance(server, str):
+            server = self._server(generation)
+            if server is not None:
                 with self._session() as http:
                     self._report(generation, http, server, ota["token"],
                                  ResultCode.UPGRADED if upgraded
@@ -677,8 +731,7 @@ class Firmware:
         self._alive(generation)
         try:
             answer = http.get(f"{server}/ota/south/download/{task.token}",
-                              headers={"Authorization": self._authorization(),
-                                       "Range": f"bytes={start}-{end}"},
+                              headers=self._headers(server, Range=f"bytes={start}-{end}"),
                               timeout=self.http_timeout)
             body = answer.content
         except requests.Timeout:
@@ -719,6 +772,16 @@ class Firmware:
             http.trust_env = False       # a simulated board has no proxy settings
             yield http
 
+    def _headers(self, server: str, **more: str) -> dict[str, str]:
+        """Every request's headers: the Authorization, and (shipped) the name of the host it
+        was built to reach, whatever address that resolved to, with the port when it is not
+        http's 80 (as real clients send it)."""
+        headers = {"Authorization": self._authorization(), **more}
+        if self.shipped and self.host:
+            port = urlsplit(server).port or 80
+            headers["Host"] = self.host if port == 80 else f"{self.host}:{port}"
+        return headers
+
     def _authorization(self) -> str:
         et = int(self.clock()) + TOKEN_LIFETIME_S
         return Authorization.build(self.identity.access_key, product_res(self.identity.product_id),
@@ -730,7 +793,7 @@ class Firmware:
         self._alive(generation)
         try:
             answer = http.request(method, server + path, timeout=self.http_timeout,
-                                  headers={"Authorization": self._authorization()}, **kwargs)
+                                  headers=self._headers(server), **kwargs)
             body = answer.json()
         except (requests.RequestException, ValueError):
             body = None
@@ -759,3 +822,17 @@ class Firmware:
         override = self._space_override
         size = self.layout.secondary.size
         return size if override is None else min(size, override)
+
+
+def _shipped_log(line: str) -> str:
+    """A narration line as shipped firmware logs it: its own words, not the contract's events
+    (``ota phase=detect errno=0`` -> ``I: ota: detect errno=0``), so that nothing but the
+    service's view and the rig's boot-log pattern can tell a test what happened."""
+    tag, _, rest = line.partition(" ")
+    if tag == "boot" and rest.startswith("version="):
+        return f"I: app: firmware version {rest.removeprefix('version=')}"
+    if line == "ota end":
+        return "I: ota: check done"
+    if tag == "ota" and rest.startswith("phase="):
+        return f"I: ota: {rest.removeprefix('phase=')}"
+    return line
