@@ -3,10 +3,11 @@
 import hashlib
 import json
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,11 @@ class Served:
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen([*HIL, "serve", "--port", "0", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Lines are read on a thread: a select() on the pipe misses lines that a readline()
+        # already pulled into the text wrapper's buffer (several printed at once).
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         self.preamble: list[str] = []
         line = self._readline(timeout=20)
         while not line.startswith("serving on ") and len(self.preamble) < 20:
@@ -39,18 +45,31 @@ class Served:
         assert line.startswith("serving on http://127.0.0.1:"), line
         self.url = line.split()[-1]
 
-    def _readline(self, timeout: float) -> str:
+    def _read(self) -> None:
         assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
+        for line in self.process.stdout:
+            self._lines.put(line.strip())
+
+    def _readline(self, timeout: float) -> str:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
             self.process.kill()
+            self.process.wait()
+            self._reader.join(timeout=20)
+            for pipe in (self.process.stdout, self.process.stderr):
+                if pipe is not None:
+                    pipe.close()        # not left to the garbage collector of a later test
             pytest.fail("hil serve printed nothing within the timeout")
-        return self.process.stdout.readline().strip()
 
     def stop(self) -> tuple[int, str, str]:
         self.process.send_signal(signal.SIGTERM)
-        out, err = self.process.communicate(timeout=20)
-        return self.process.returncode, out, err
+        _, err = self.process.communicate(timeout=20)
+        self._reader.join(timeout=20)
+        rest = []
+        while not self._lines.empty():
+            rest.append(self._lines.get())
+        return self.process.returncode, "".join(f"{line}\n" for line in rest), err
 
 
 def curl(*args: str) -> bytes:

@@ -42,7 +42,8 @@ def test_rigs_lists_the_lab_examples_and_the_simulated_rigs():
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert set(lines) == {"lab-esp32", "lab-gd32", "lab-nrf52832",
-                          "sim-esp32", "sim-gd32", "sim-nrf52832", "host-agent"}
+                          "sim-esp32", "sim-gd32", "sim-nrf52832", "host-agent",
+                          "sim-esp32-shipped", "sim-gd32-shipped", "sim-nrf52832-shipped"}
     assert "flasher=process power=process" in lines["host-agent"]
     assert "nrf52832" in lines["lab-nrf52832"]
     assert lines["lab-nrf52832"].endswith("can: console flasher power power_cut rf space")
