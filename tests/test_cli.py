@@ -64,8 +64,13 @@ class Served:
 
     def stop(self) -> tuple[int, str, str]:
         self.process.send_signal(signal.SIGTERM)
-        _, err = self.process.communicate(timeout=20)
-        self._reader.join(timeout=20)
+        self.process.wait(timeout=20)
+        self._reader.join(timeout=20)       # stdout is the reader's, to its end
+        assert self.process.stderr is not None
+        assert self.process.stdout is not None
+        err = self.process.stderr.read()
+        self.process.stderr.close()
+        self.process.stdout.close()
         rest = []
         while not self._lines.empty():
             rest.append(self._lines.get())
