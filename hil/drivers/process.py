@@ -345,10 +345,8 @@ class ProcessConsole(SerialConsole):
         return port
 
 
-class ProcessPower(DriverBase):
-    """The program's power: off is SIGKILL, on starts it. No battery to set."""
-
-    can_cut = True
+class _BoardPart(DriverBase):
+    """A part that is the board process itself: nothing of its own to open or close."""
 
     def __init__(self, board: ProcessBoard) -> None:
         self.board = board
@@ -358,6 +356,12 @@ class ProcessPower(DriverBase):
 
     def close(self) -> None:
         pass
+
+
+class ProcessPower(_BoardPart):
+    """The program's power: off is SIGKILL, on starts it. No battery to set."""
+
+    can_cut = True
 
     def identify(self) -> str:
         return f"host process {self.board.command[0]} (power: SIGKILL / start)"
@@ -370,17 +374,8 @@ class ProcessPower(DriverBase):
         self.board.power(on)
 
 
-class ProcessFlasher(DriverBase):
+class ProcessFlasher(_BoardPart):
     """The program's flash: ``primary.bin`` in its state directory; reset is SIGTERM, restart."""
-
-    def __init__(self, board: ProcessBoard) -> None:
-        self.board = board
-
-    def open(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def program(self, image: Path, *, progress: Progress | None = None) -> None:
         size = image.stat().st_size
