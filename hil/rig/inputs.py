@@ -166,6 +166,15 @@ def _read(path: Path, what: str) -> FirmwareImage:
         raise BadInput(path, f"{what}: cannot read it: {error.strerror}") from None
 
 
+def _read_for(path: Path, what: str, rig: Rig, flag: str, hint: bool) -> FirmwareImage:
+    """``path`` read as an image for ``rig``'s board, whole: one line naming it otherwise."""
+    image = _read(path, what)
+    _for_board(path, what, image, rig, flag, hint)
+    if image.damage:
+        raise BadInput(path, f"{what} is damaged: {image.damage}")
+    return image
+
+
 def _for_board(path: Path, what: str, image: FirmwareImage, rig: Rig, flag: str,
                hint: bool) -> None:
     if image.board == rig.board:
@@ -193,11 +202,8 @@ def check_builds(builds: Mapping[str, BoardBuild], rigs: Sequence[Rig], *,
             continue
         package = None
         if build.package is not None:
-            package = _read(build.package, "package")
-            _for_board(build.package, "package", package, rig, flags.package,
-                       build.plain_package and len(builds) > 1)
-            if package.damage:
-                raise BadInput(build.package, f"package is damaged: {package.damage}")
+            package = _read_for(build.package, "package", rig, flags.package,
+                                build.plain_package and len(builds) > 1)
             if package.version is None:
                 if not build.target_given:
                     raise BadInput(build.package, f"package: a {package.format} carries no "
@@ -211,11 +217,8 @@ def check_builds(builds: Mapping[str, BoardBuild], rigs: Sequence[Rig], *,
             report.lines.append(f"{board}: package {build.package.name}: "
                                 f"{package.describe()}; target {build.target}")
         if build.base is not None:
-            base = _read(build.base, "base image")
-            _for_board(build.base, "base image", base, rig, flags.firmware,
-                       build.plain_firmware and len(builds) > 1)
-            if base.damage:
-                raise BadInput(build.base, f"base image is damaged: {base.damage}")
+            base = _read_for(build.base, "base image", rig, flags.firmware,
+                             build.plain_firmware and len(builds) > 1)
             if base.version is not None and base.version == build.target:
                 raise BadInput(build.base, f"base image carries version {base.version}, the "
                                "target version: the update would change nothing")
