@@ -22,7 +22,7 @@ from pathlib import Path
 from hil.drivers.base import ConsoleProtocol, Progress
 from hil.drivers.contract import Event, parse_event
 from hil.drivers.hooks import ConsoleHookSpace
-from hil.errors import ExpectTimeout, RigFault
+from hil.errors import CommandRefused, ExpectTimeout, RigFault
 from hil.rig.parts import RigParts
 
 # The board's versions as the service heard them (version reports, detect queries), each with
@@ -212,10 +212,16 @@ class Board:
             self.version(timeout=HUNG_AFTER_S)
             return False
         except ExpectTimeout as silent:
-            supply = self.parts.power() if "power_cut" in self.rig.capabilities else None
-            if supply is None:
-                raise RigFault("console", "the board does not answer and the rig has no "
-                               f"supply to power-cycle it: {silent}", self.rig.name) from None
+            self._power_cycle_to_boot(f"the board does not answer: {silent}")
+        return True
+
+    def _power_cycle_to_boot(self, why: str) -> None:
+        """Power-cycle a board left in a state its shell cannot get it out of (hung, or still
+        busy with an attempt a previous test began) and wait for it to boot again."""
+        supply = self.parts.power() if "power_cut" in self.rig.capabilities else None
+        if supply is None:
+            raise RigFault("console", f"{why}; the rig has no supply to power-cycle it",
+                           self.rig.name)
         since = self.console.mark()
         supply.output(False)
         time.sleep(POWER_OFF_S)
@@ -223,9 +229,8 @@ class Board:
         try:
             self.console.expect(self.contract.events["boot"], BOOT_TIMEOUT_S, since=since)
         except ExpectTimeout as dead:
-            raise RigFault("console", f"the board hung and did not boot after a power cycle: "
-                           f"{dead}", self.rig.name) from None
-        return True
+            raise RigFault("console", f"{why}; it did not boot after a power cycle: {dead}",
+                           self.rig.name) from None
 
     def restore_base(self, firmware: Path | None, progress: Progress | None = None
                      ) -> str | None:
@@ -241,7 +246,15 @@ class Board:
         if self.shell_less:
             return self._restore_shell_less(firmware, progress)
         if firmware is None or self.rig.flasher.kind == "none":
-            self.command("factory")
+            try:
+                self.command("factory")
+            except CommandRefused as refused:
+                if "power_cut" not in self.rig.capabilities:
+                    raise
+                # Still busy with what a previous test left running (an attempt whose service
+                # is gone, retrying): a power cycle ends it, as a QA engineer's would.
+                self._power_cycle_to_boot(f"the factory reset was refused ({refused.reason})")
+                self.command("factory")
             return self.version()
         if self.rig.flasher.kind == "esp":
             # The ESP32 is flashed through its console's own serial port: let go of it first.
