@@ -43,6 +43,7 @@ from hil import __version__
 from hil.errors import ConfigError, HilError, RigFault
 from hil.onenet.auth import Authorization, SignMethod, decode_access_key, device_res, product_res
 from hil.onenet.codes import ErrorBodyForm, TaskState, TaskType, is_valid_version
+from hil.rig.lease import RigLease
 from hil.service.config import (
     FIRST_RUN_INTERVAL_S,
     FIRST_RUN_RETRY,
@@ -240,7 +241,7 @@ def _run_update(rig: Rig, onenet: MockOneNet, out: Path) -> str:
     base.write_bytes(build_image(rig.board, "1.0.0"))
     print(f"{rig.name}: flashing {base.name} through {rig.flasher.kind}", flush=True)
     try:
-        with RigParts(rig) as parts:
+        with RigLease(rig.name), RigParts(rig) as parts:
             board = Board(parts)
             base_version = board.restore_base(base)
             service = onenet.service
@@ -355,10 +356,15 @@ def cmd_rigs_check(args: argparse.Namespace) -> int:
             print(f"{path.stem:<16} {'file':<8} FAULT  {rig}")
             ok = False
             continue
-        ok = check_rig(rig) and ok
-        image = firmware.get(rig.board, firmware.get(None))
-        if image is not None:
-            ok = check_base(rig, Path(image)) and ok
+        try:
+            with RigLease(rig.name):       # never beside a suite that is using the rig
+                ok = check_rig(rig) and ok
+                image = firmware.get(rig.board, firmware.get(None))
+                if image is not None:
+                    ok = check_base(rig, Path(image)) and ok
+        except RigFault as busy:
+            print(f"{rig.name:<16} {'lease':<8} FAULT  {busy}")
+            ok = False
     return 0 if ok else 1
 
 
@@ -390,7 +396,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
     if not args.image.is_file():
         _fail(prog, f"no such image {args.image}")
     try:
-        with RigParts(rig) as parts:
+        with RigLease(rig.name), RigParts(rig) as parts:
             flasher = parts.flasher()
             if flasher is None:
                 _fail(prog, f"rig {rig.name} has no flasher (flasher.kind: none)")
@@ -423,7 +429,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     try:
         # A simulated rig's board runs while the terminal is open (no driver opens here).
-        with RigParts(rig):
+        with RigLease(rig.name), RigParts(rig):
             _terminal(rig, address)
     except RigFault as fault:
         _fail(prog, str(fault.for_rig(rig.name)))

@@ -117,4 +117,5 @@ def test_a_board_busy_with_an_attempt_a_test_left_running_is_power_cycled_first(
     [log] = records.glob("*test_2_the_next_board*.console.log")
     text = log.read_text()
     # Refused, then the power cycle's boot, then the factory reset that now succeeds.
-    assert "ERR busy" in text and text.index("ERR busy") < text.rindex("boot version="), text
+    assert "ERR busy" in text, text
+    assert text.index("ERR busy") < text.rindex("boot version="), text
