@@ -183,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"download error bodies: {args.error_body}", flush=True)
     # From here on lines are printed by a writer thread: the server's loop never waits on a
     # stdout nobody reads (lines it cannot keep up with are counted and the count printed).
-    printer = BackgroundPrinter(sys.stdout).start()
+    printer = BackgroundPrinter(sys.stdout, fallback=sys.stderr).start()
     service.timeline.subscribe(lambda exchange: printer.print_line(exchange.summary()))
 
     stop = _stop_on_signals()

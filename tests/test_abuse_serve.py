@@ -251,6 +251,48 @@ def test_serve_answers_every_request_while_nobody_reads_its_output(tmp_path):
     assert " -> " in lines[-2]     # the last exchange, logged once the writer had caught up
 
 
+UNWRITTEN = re.compile(r"^hil serve: stdout was not read: (\d+) log lines left unwritten at "
+                       r"exit \((\d+) dropped before\)$")
+
+
+def test_serve_stops_when_told_though_nobody_ever_reads_its_output(tmp_path):
+    """SIGTERM with stdout still full: it exits, says on stderr what never got written, and
+    leaves no line cut in the pipe."""
+    key = new_access_key()
+    process = subprocess.Popen(
+        [*HIL, "serve", "--port", "0", "--product-id", PRODUCT, "--access-key", key,
+         "--dev-id", DEV, "--target-version", "1.1.0", "--package", str(_package(tmp_path))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    assert process.stderr is not None
+    fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    head = b""
+    while b"serving on " not in head or not head.endswith(b"\n"):
+        chunk = os.read(process.stdout.fileno(), 4096)
+        assert chunk, f"hil serve ended before serving: {process.stderr.read()!r}"
+        head += chunk
+    url = head.decode().split("serving on ")[1].split()[0]
+    try:
+        assert _exchanges(url, key, EXCHANGES) == EXCHANGES
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+    out, err = process.stdout.read().decode(), process.stderr.read().decode()
+    process.stdout.close()
+    process.stderr.close()
+    assert status == 0, err
+    (said,) = err.splitlines()
+    match = UNWRITTEN.match(said)
+    assert match, said
+    unwritten, dropped = int(match.group(1)), int(match.group(2))
+    assert out.endswith("\n")
+    logged = [line for line in out.splitlines() if " -> " in line]
+    # Each exchange logged, dropped or left unwritten; the last two unwritten lines are the
+    # count of the dropped ones and "stopped".
+    assert dropped > 0
+    assert len(logged) + dropped + unwritten == EXCHANGES + 2
+
+
 def _package(tmp_path: Path) -> Path:
     path = tmp_path / "app.bin"
     path.write_bytes(b"\x5a" * 4096)

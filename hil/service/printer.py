@@ -15,6 +15,7 @@ and counted; once the writer has caught up, and at ``close``, a line says how ma
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -29,9 +30,11 @@ class BackgroundPrinter:
     """A bounded queue of lines and the thread that writes them to ``stream``. Start it, print,
     close it."""
 
-    def __init__(self, stream: TextIO, capacity: int = CAPACITY, *,
-                 label: str = "hil serve") -> None:
+    def __init__(self, stream: TextIO, capacity: int = CAPACITY, *, label: str = "hil serve",
+                 fallback: TextIO | None = None) -> None:
         self._stream = stream
+        self._fallback = fallback
+        self._in_flight = 0       # lines taken by the writer and not yet written whole
         self.capacity = capacity
         self._label = label
         self._pending: deque[str] = deque()
@@ -62,8 +65,10 @@ class BackgroundPrinter:
 
     def close(self, *last_lines: str, timeout: float) -> bool:
         """Write what is queued, the count of dropped lines and ``last_lines``, waiting up to
-        ``timeout`` seconds for a reader; True if all was written. After a False the writer is
-        left blocked on its write (a daemon thread: it does not hold the process)."""
+        ``timeout`` seconds for a reader; True if all was written. Otherwise the writer is left
+        blocked on its write (a daemon thread: it does not hold the process) and one line on
+        ``fallback`` (stderr) says how many lines were never written, if that can be said within
+        a second."""
         with self._changed:
             if not self._closing:
                 self._closing = True
@@ -73,7 +78,15 @@ class BackgroundPrinter:
                 self._changed.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if not self._thread.is_alive():
+            return True
+        if self._fallback is not None:
+            with self._changed:
+                unwritten = len(self._pending) + self._in_flight
+            _write_or_give_up(self._fallback, f"{self._label}: stdout was not read: {unwritten} "
+                              f"log lines left unwritten at exit ({self.dropped} dropped "
+                              "before)\n", timeout=1.0)
+        return False
 
     def _drop_report(self) -> str | None:
         if not self._unreported:
@@ -93,10 +106,14 @@ class BackgroundPrinter:
                 self._pending.clear()
                 # Caught up: what was dropped meanwhile is said right after what was kept.
                 report = None if self._closing else self._drop_report()
-            if report:
-                batch.append(report)
+                if report:
+                    batch.append(report)
+                self._in_flight = len(batch)
             try:
-                self._write("".join(f"{line}\n" for line in batch))
+                for text in _whole_lines(batch):
+                    self._write(text)
+                    with self._changed:
+                        self._in_flight -= text.count("\n")
             except (OSError, ValueError):
                 # The reader went away (a broken pipe) or the stream was closed: nothing more
                 # can be said there; the count stays in ``dropped``.
@@ -116,6 +133,43 @@ class BackgroundPrinter:
         data = text.encode("utf-8", "replace")
         while data:
             data = data[os.write(self._fd, data):]
+
+
+# POSIX writes up to PIPE_BUF bytes to a pipe whole or not at all: in writes of whole lines up to
+# this size, a reader that goes away (or a process that exits while blocked) cuts no line.
+_ATOMIC_BYTES = 4096
+
+
+def _whole_lines(lines: list[str]) -> list[str]:
+    """``lines`` joined into texts of whole lines, each at most ``_ATOMIC_BYTES`` long where the
+    lines allow."""
+    texts: list[str] = []
+    current, size = "", 0
+    for line in lines:
+        length = len(line.encode("utf-8", "replace")) + 1
+        if current and size + length > _ATOMIC_BYTES:
+            texts.append(current)
+            current, size = "", 0
+        current += f"{line}\n"
+        size += length
+    return [*texts, current] if current else texts
+
+
+def _write_or_give_up(stream: TextIO, text: str, timeout: float) -> None:
+    """Write ``text`` to ``stream`` unless it blocks longer than ``timeout`` (a daemon thread is
+    left behind then): a last word that must not keep the process from exiting."""
+    fd = _fileno(stream)
+
+    def write() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if fd is None:
+                stream.write(text)
+                stream.flush()
+            else:   # the descriptor, as in BackgroundPrinter._write: no stream lock held
+                os.write(fd, text.encode("utf-8", "replace"))
+    writer = threading.Thread(target=write, name="printer-fallback", daemon=True)
+    writer.start()
+    writer.join(timeout)
 
 
 def _fileno(stream: TextIO) -> int | None:
