@@ -48,10 +48,12 @@ from hil.service.config import (
     FIRST_RUN_INTERVAL_S,
     FIRST_RUN_RETRY,
     FIRST_RUN_TYPE,
+    MAX_PACKAGE_BYTES,
     apply_task_file,
     describe_task,
     read_package,
 )
+from hil.service.printer import BackgroundPrinter
 from hil.service.server import MockOneNet
 
 if TYPE_CHECKING:
@@ -132,17 +134,31 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+# How long `hil serve` waits at exit for a reader of its last lines: a pipe nobody reads must not
+# keep it from stopping on Ctrl-C or SIGTERM.
+SERVE_EXIT_WAIT_S = 5.0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     prog = "hil serve"
     key = _access_key(args, prog)
+    if args.packages_dir is not None and not args.packages_dir.is_dir():
+        _fail(prog, f"--packages-dir: {args.packages_dir} is not a directory")
+    limit = args.max_package_mib * 1024 * 1024
     # Exchanges go to the log, the listeners and --timeline; none pile up in memory.
-    onenet = MockOneNet(args.product_id, key, host=args.host, port=args.port,
-                        timeline_path=args.timeline, keep_timeline=False,
-                        error_body=ErrorBodyForm(args.error_body))
+    try:
+        onenet = MockOneNet(args.product_id, key, host=args.host, port=args.port,
+                            timeline_path=args.timeline, keep_timeline=False,
+                            error_body=ErrorBodyForm(args.error_body))
+    except ConfigError as error:
+        _fail(prog, f"--timeline: {error}")
+    except OSError as error:
+        _fail(prog, f"--timeline: cannot open {args.timeline}: {error.strerror}")
     service = onenet.service
     try:
         if args.tasks:
-            tasks = apply_task_file(service, args.tasks)
+            tasks = apply_task_file(service, args.tasks, packages_dir=args.packages_dir,
+                                    max_package_bytes=limit)
         else:
             missing = [flag for flag, value in (("--dev-id", args.dev_id),
                                                 ("--package", args.package),
@@ -150,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        if value is None]
             if missing:
                 _fail(prog, f"give --tasks FILE or {', '.join(missing)}")
-            package = read_package(args.package, "--package")
+            package = read_package(args.package, "--package", limit=limit)
             tasks = [service.create_task(
                 args.dev_id, args.target_version, package, task_type=TaskType(args.type),
                 manuf=args.manuf, model=args.model, signal=args.signal, power=args.power,
@@ -159,23 +175,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if args.version:
                 service.set_device_version(args.dev_id, args.version, TaskType(args.type))
     except ConfigError as error:
+        service.timeline.close()
         _fail(prog, str(error))
     # What a device's client must ask for (type) and will be told (retry, interval), before it
     # asks: a client detecting the other type hears errno 11, and nothing else says why.
     for task in tasks:
         print(describe_task(task), flush=True)
     print(f"download error bodies: {args.error_body}", flush=True)
-    service.timeline.subscribe(lambda exchange: print(exchange.summary(), flush=True))
+    # From here on lines are printed by a writer thread: the server's loop never waits on a
+    # stdout nobody reads (lines it cannot keep up with are counted and the count printed).
+    printer = BackgroundPrinter(sys.stdout, fallback=sys.stderr).start()
+    service.timeline.subscribe(lambda exchange: printer.print_line(exchange.summary()))
 
     stop = _stop_on_signals()
     try:
         onenet.start()
     except OSError as error:
+        printer.close(timeout=SERVE_EXIT_WAIT_S)
         _fail(prog, f"cannot listen on {args.host}:{args.port}: {error.strerror}")
-    print(f"serving on {onenet.url}", flush=True)
+    printer.print_line(f"serving on {onenet.url}")
     stop.wait()
     onenet.stop()
-    print("stopped", flush=True)
+    printer.close("stopped", timeout=SERVE_EXIT_WAIT_S)
     return 0
 
 
@@ -756,6 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-key",
                        help=f"base64 product access key (default: ${ACCESS_KEY_ENV})")
     serve.add_argument("--tasks", type=Path, metavar="FILE.yaml", help="several devices and tasks")
+    serve.add_argument("--packages-dir", type=Path, metavar="DIR",
+                       help="where a task file's packages are (default: the task file's "
+                            "directory); no package outside it is served")
+    serve.add_argument("--max-package-mib", type=_positive, metavar="MIB",
+                       default=MAX_PACKAGE_BYTES // (1024 * 1024),
+                       help="refuse a package larger than this many MiB (default %(default)s)")
     serve.add_argument("--dev-id")
     serve.add_argument("--manuf")
     serve.add_argument("--model")
@@ -778,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a download error's code as OneNET sends it, one raw byte (default), "
                        "or as the ASCII digit")
     serve.add_argument("--timeline", type=Path, metavar="FILE",
-                       help="append every exchange to FILE as JSON lines")
+                       help="append every exchange to FILE as JSON lines (a restart numbers on)")
     serve.set_defaults(run=cmd_serve)
 
     rigs_dir = _Parser(add_help=False)
