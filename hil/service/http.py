@@ -254,10 +254,14 @@ class RequestReader(asyncio.BufferedProtocol):
         raise NotImplementedError
 
     def shutdown(self) -> None:
-        """Close the connection now (the server is stopping)."""
+        """Close the connection now (the server is stopping); answers a client has not read are
+        dropped, or the close would wait for it."""
         self._closing = True
         if self._transport is not None:
-            self._transport.close()
+            if self._transport.get_write_buffer_size():
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     # -- back-pressure -----------------------------------------------------------------------
     def _busy(self) -> bool:
