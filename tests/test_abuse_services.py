@@ -196,6 +196,21 @@ def test_a_device_gone_while_latency_holds_its_answer_is_recorded_not_a_crash(mo
     gateway.raise_errors()   # a device's timeout is no gateway crash
 
 
+@pytest.mark.parametrize("leaving", ["close", "reset"])
+def test_a_device_that_gives_up_during_a_stall_ends_it_at_once(mock, gateway, leaving):
+    token = mock.service.create_task(DEV, "1.1.0", PACKAGE).token
+    device = socket.create_connection(address(gateway.url), timeout=TIMEOUT)
+    if leaving == "reset":
+        device.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gateway.arm(Fault(FaultKind.STALL, seconds=120))
+    device.sendall(download(mock, token, 4096))
+    wait_until(lambda: len(mock.timeline) == 1, "the service answered")
+    device.close()   # its HTTP timeout: the retry that follows must find the exchange recorded
+    recorded = gateway.timeline.wait_for(lambda e: e.phase == Endpoint.DOWNLOAD,
+                                         timeout=TIMEOUT)
+    assert (recorded.ended, recorded.fault) == ("cut by fault", "stall 120s")
+
+
 @pytest.mark.parametrize("kind", [FaultKind.LIMIT, FaultKind.STALL, FaultKind.DROP])
 def test_an_answer_a_fault_cuts_is_recorded_cut_by_the_fault(mock, gateway, kind):
     token = mock.service.create_task(DEV, "1.1.0", PACKAGE).token

@@ -289,6 +289,10 @@ class _GatewayConnection(RequestReader):
             if self._upstream is not None:
                 self._upstream.close()   # else the worker does, once the service has answered
 
+    def eof_received(self) -> bool:
+        self.release()   # a stall ends when the device has sent its last byte, as when it leaves
+        return super().eof_received()
+
     def resume_writing(self) -> None:
         super().resume_writing()
         self._wake_writer()
