@@ -9,10 +9,11 @@ then to the gateway), each sending N pipelined ``GET /ota/south/download/{token}
 ``--kib`` KiB (``Range: bytes=0-...``) in one go and never reading an answer (its receive buffer
 set to 8 KiB). Once the services have stopped answering (their timelines unchanged for 2 s) it
 reads each child's memory from ``/proc/<pid>/status``: VmRSS before the case (idle), VmHWM (the
-peak), then the clients close and, once the children's sockets are back to what they were, VmRSS
-again (after). It prints, per case and process: idle, peak and after in MB, peak-idle, and the
-requests answered while nobody read. The goal: peak-idle under 100 MB and after within 10 MB of
-idle. Exit status 0 when every figure meets it, 1 otherwise, 2 on a broken run.
+peak), then the clients close and, once the children's sockets are back to what they were,
+VmRSS again ``--settle`` seconds later (after). It prints, per case and process: idle, peak and
+after in MB, peak-idle, and the requests answered while nobody read. The goal: peak-idle under
+100 MB and after within 10 MB of idle. Exit status 0 when every figure meets it, 1 otherwise, 2
+on a broken run.
 
 Each case starts fresh children (VmHWM is a process's peak since it started).
 """
@@ -113,7 +114,7 @@ def abuse(url: str, request: bytes, connections: int, pipelined: int) -> list[so
     return socks
 
 
-def run_case(connections: int, pipelined: int, kib: int, via_gateway: bool
+def run_case(connections: int, pipelined: int, kib: int, via_gateway: bool, settle_s: float
              ) -> tuple[dict[str, Memory], int, int]:
     with tempfile.TemporaryDirectory() as tmp, Children() as children:
         target, mock_proc, mock_timeline = start_mock(children, Path(tmp), kib, None)
@@ -150,7 +151,7 @@ def run_case(connections: int, pipelined: int, kib: int, via_gateway: bool
             sock.close()
         for name, proc in procs.items():
             wait_sockets(proc.pid, idle_sockets[name])
-        time.sleep(1.0)
+        time.sleep(settle_s)
         for name, proc in procs.items():
             memory[name].after = status_mb(proc.pid, "VmRSS")
             if proc.poll() is not None:
@@ -164,6 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="connections x pipelined requests, comma-separated (10x1000,20x2000)")
     parser.add_argument("--kib", type=int, default=64, help="KiB each request downloads (64)")
     parser.add_argument("--only", choices=["mock", "gateway"], help="one target only")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds from the clients' sockets gone to reading 'after' (1)")
     return parser.parse_args(argv)
 
 
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             for via_gateway in (False, True):
                 if args.only and (args.only == "gateway") != via_gateway:
                     continue
-                memory, answered, sent = run_case(connections, pipelined, args.kib, via_gateway)
+                memory, answered, sent = run_case(connections, pipelined, args.kib, via_gateway,
+                                                  args.settle)
                 name = f"{connections}x{pipelined} {'gateway' if via_gateway else 'mock'}"
                 for process, figures in memory.items():
                     grew = figures.peak - figures.idle

@@ -12,6 +12,15 @@ serves its requests in order (pipelined ones wait their turn), each through ``_s
 the armed faults, run the request-side ones, forward (or answer in the service's place), change
 and deliver the answer as the plan says (``hil.gateway.faults``), and record one ``Exchange``.
 
+Every exchange the service saw is recorded, with how it ended for the device (``ended``):
+``answered``, ``device gone`` (it left before or while its answer went out: its HTTP timeout, a
+power cut; no error for ``raise_errors``, the device's retry will show), or ``cut by fault``. A
+device that half-closes after its requests is answered, then closed. What a device costs is
+bounded: the next request is forwarded only once the device has read enough of the answers
+before it, parsing stops while ``_QUEUE_HIGH`` requests wait, and a service's answer is held up
+to ``max_answer_head``/``max_answer_body`` (a 502 past them); connections and request time are
+bounded as ``hil.service.http`` bounds them.
+
 Forwarding is faithful: the request goes with its method, target (after the base URL's path),
 HTTP version, headers (names, order and repeats as sent; values without surrounding blanks) and
 body, only ``Host`` rewritten to the service's (kept as sent with ``keep_host``); the device gets
