@@ -678,7 +678,8 @@ async def _taken(transport: asyncio.Transport, timeout: float = _ACK_WAIT) -> bo
     """Whether a device that had sent its FIN took the answer just written. A FIN alone does not
     tell a device that half-closed and reads on (its TCP acknowledges the answer) from one that
     closed and left (its TCP resets the connection); Linux shows which (TCP_INFO, SIOCOUTQ).
-    Elsewhere, or if neither comes within ``timeout``, it counts as taken, or as gone."""
+    Elsewhere it counts as taken; on Linux, with neither within ``timeout`` (a device powered
+    off after its FIN), as gone."""
     sock = cast(socket.socket | None, transport.get_extra_info("socket"))
     if sys.platform != "linux" or sock is None:
         return True
