@@ -69,6 +69,9 @@ class Exchange:
     # The gateway's number for the device's TCP connection it came on (mock: None): a board
     # that reboots cannot keep one, so it tells requests before a reboot from those after.
     connection: int | None = None
+    # The gateway's: how the exchange ended for the device: "answered" (its answer went out),
+    # "device gone" (it left first), "cut by fault" (a fault withheld or cut it). Mock: None.
+    ended: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -95,6 +98,8 @@ class Exchange:
             outcome += f" result={self.result}"
         state = f" task={self.task_state}" if self.task_state else ""
         fault = f" [{self.fault}]" if self.fault else ""
+        if self.ended not in (None, "answered"):
+            fault += f" ({self.ended})"
         return (f"{clock} {self.dev_id or '-'} {self.phase.value:<8} {self.method} "
                 f"{self.target} -> {outcome}{state}{fault}")
 
