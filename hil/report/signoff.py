@@ -23,8 +23,8 @@ check broken and lists every finding. By default:
    same test passed, or when a waiver (``--waive FILE``) names it with a reason.
 
 Skipped tests do not block GO; they are counted, and listed. Every text that reaches the
-summary goes through ``Redactor``: secrets (access keys, tokens from the environment, signatures
-of OneNET Authorization values) never do.
+summary goes through ``Redactor`` (``hil.report.redact``): secrets (access keys, tokens from the
+environment, signatures of OneNET Authorization values, in any of their encodings) never do.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ from hil.configfile import (
     shorten,
 )
 from hil.errors import ConfigError
+from hil.report.redact import Redactor
+
+__all__ = ["Redactor"]   # its home was here: ``from hil.report.signoff import Redactor`` works
 
 NONE = "(none)"
 PHASES = ("detect", "token", "download", "verify", "flash", "report")
@@ -68,33 +71,6 @@ class Status(StrEnum):
 
 # The columns of the board x phase table; an unknown outcome is counted with the broken ones.
 COLUMNS = (Status.PASSED, Status.FAILED, Status.BROKEN, Status.SKIPPED)
-
-
-# ---------------------------------------------------------------------------------- secrets
-_SECRET_NAME = re.compile(r"ACCESS_KEY|SECRET|TOKEN|PASSWORD|PASSWD|API_KEY", re.IGNORECASE)
-# The signature of a OneNET Authorization value (``...&sign=<base64>``), urlencoded or not.
-_SIGNATURE = re.compile(r"(sign(?:=|%3D))[^&\s\"']+", re.IGNORECASE)
-MASK = "***"
-
-
-@dataclass(frozen=True)
-class Redactor:
-    """Masks secrets in text: the values of secret-named environment variables and signatures."""
-
-    secrets: tuple[str, ...] = ()
-
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Redactor:
-        environ = os.environ if environ is None else environ
-        # Short values ("1", "on") are flags, not secrets, and masking them would garble text.
-        found = {value for name, value in environ.items()
-                 if _SECRET_NAME.search(name) and len(value) >= 8}
-        return cls(tuple(sorted(found, key=len, reverse=True)))
-
-    def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
-        return _SIGNATURE.sub(rf"\g<1>{MASK}", text)
 
 
 # ---------------------------------------------------------------------------------- results
