@@ -60,26 +60,27 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
+def _refuse_unless_regular(path: Path, mode: int, what: str) -> None:
+    kind = _not_regular(mode)
+    if kind is not None:
+        raise ConfigError(str(path), f"cannot read: {kind}, not a {what} (hil reads regular "
+                                     "files only)")
+
+
 def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:
     """The bytes of ``path``, a regular file of at most ``limit`` bytes; ConfigError naming it
     otherwise (``what`` says what it should have been: "rig file", "package")."""
     try:
         # stat() never blocks; an open() of a FIFO waits for a writer, a device never ends.
-        kind = _not_regular(os.stat(path).st_mode)
-        if kind is not None:
-            raise ConfigError(str(path), f"is {kind}, not a {what}: hil reads regular files "
-                                         "only")
+        _refuse_unless_regular(path, os.stat(path).st_mode, what)
         # O_NONBLOCK: were it swapped for a FIFO since the stat, the open still returns.
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(descriptor, "rb") as file:
             info = os.fstat(file.fileno())
-            kind = _not_regular(info.st_mode)
-            if kind is not None:
-                raise ConfigError(str(path), f"is {kind}, not a {what}: hil reads regular "
-                                             "files only")
+            _refuse_unless_regular(path, info.st_mode, what)
             if info.st_size > limit:
-                raise ConfigError(str(path), f"{_size(info.st_size)}, more than the "
-                                             f"{_size(limit)} a {what} may be")
+                raise ConfigError(str(path), f"{_size(info.st_size)}: larger than the "
+                                             f"{_size(limit)} hil reads of a {what}")
             chunks, total = [], 0
             while total <= limit:           # a file growing while read stops at the limit too
                 chunk = file.read(min(_CHUNK, limit + 1 - total))
@@ -88,7 +89,8 @@ def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:
                 chunks.append(chunk)
                 total += len(chunk)
             if total > limit:
-                raise ConfigError(str(path), f"more than the {_size(limit)} a {what} may be")
+                raise ConfigError(str(path), f"larger than the {_size(limit)} hil reads of a "
+                                             f"{what}")
             return b"".join(chunks)
     except OSError as error:
         raise ConfigError(str(path), f"cannot read: {error.strerror or error}") from None

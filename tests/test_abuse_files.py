@@ -235,9 +235,9 @@ def test_hil_rigs_lists_every_rig_when_some_files_are_built_to_break_it(tmp_path
     said = {line.split()[0]: line for line in lines}
     assert "INVALID" not in said["sim-esp32"]
     assert "esp32-wroom-32" in said["sim-esp32"]
-    for name, why in {"deep": "nested too deep", "fifo": "is a named pipe (FIFO)",
-                      "zero": "is a character device",
-                      "huge": "28.6 MiB, more than the 1 MiB a rig file may be",
+    for name, why in {"deep": "nested too deep", "fifo": "cannot read: a named pipe (FIFO)",
+                      "zero": "cannot read: a character device",
+                      "huge": "28.6 MiB: larger than the 1 MiB hil reads of a rig file",
                       "laughs": "more than 100000 values",
                       "long-value": "board: unknown board 'yyyy",
                       "number": "not valid YAML"}.items():
@@ -250,8 +250,8 @@ def test_hil_rigs_lists_every_rig_when_some_files_are_built_to_break_it(tmp_path
     ('{"status": "passed", "start": ' + "9" * 5000 + "}",
      "x-result.json: not valid JSON: Exceeds the limit (4300 digits)"),
     ('{"status": "' + "z" * 100_000 + '"}', "status: 'zzzzz"),
-    ("fifo", "x-result.json: is a named pipe (FIFO), not a results file"),
-    ("/dev/zero", "x-result.json: is a character device, not a results file"),
+    ("fifo", "x-result.json: cannot read: a named pipe (FIFO), not a results file"),
+    ("/dev/zero", "x-result.json: cannot read: a character device, not a results file"),
 ], ids=["nested", "5000-digits", "long-status", "fifo", "dev-zero"])
 def test_a_results_file_built_to_break_the_reader_is_one_line(tmp_path, content, expected):
     results = tmp_path / "results"
@@ -269,8 +269,8 @@ def test_a_results_file_built_to_break_the_reader_is_one_line(tmp_path, content,
 
 @pytest.mark.parametrize(("content", "expected"), [
     (_nested(500), "w.yaml: not valid YAML: nested too deep"),
-    ("fifo", "w.yaml: is a named pipe (FIFO), not a waiver file"),
-    ("/dev/zero", "w.yaml: is a character device, not a waiver file"),
+    ("fifo", "w.yaml: cannot read: a named pipe (FIFO), not a waiver file"),
+    ("/dev/zero", "w.yaml: cannot read: a character device, not a waiver file"),
 ], ids=["nested", "fifo", "dev-zero"])
 def test_a_waiver_file_built_to_break_the_reader_is_one_line(tmp_path, content, expected):
     result(tmp_path / "results")
@@ -290,7 +290,7 @@ def test_an_environment_properties_fifo_is_one_line(tmp_path):
     (path.parent / "environment.properties").unlink()
     os.mkfifo(path.parent / "environment.properties")
     one_line(hil("report", tmp_path / "results", "-o", tmp_path / "report"),
-             "environment.properties: is a named pipe (FIFO)")
+             "environment.properties: cannot read: a named pipe (FIFO)")
 
 
 @pytest.mark.parametrize("option", ["--package", "--firmware"])
@@ -303,5 +303,5 @@ def test_a_package_or_base_image_that_is_no_file_is_one_line(tmp_path, option, g
     what = "package" if option == "--package" else "base image"
     done = hil("suite", "sim-esp32", option, given, "--target-version", "1.1.0",
                "--root", ROOT, "--out", tmp_path / "out")
-    one_line(done, f"hil suite: error: {given}: {what}: is {kind}, not a {what}")
+    one_line(done, f"hil suite: error: {given}: {what}: cannot read: {kind}, not a {what}")
     assert not (tmp_path / "out" / "allure-results").exists()      # no test ran
