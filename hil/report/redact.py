@@ -13,8 +13,8 @@ not secrets. Each secret is masked as it is and as it is written where it travel
 - URL-encoded, by ``quote`` or ``quote_plus`` (``+`` ``/`` ``=`` as ``%2B`` ``%2F`` ``%3D``, hex
   digits in either case), or with JSON's escaped slash (``\\/``), or any mix of these;
 - a base64 secret (a OneNET access key is one): its decoded bytes as hex, lower or upper case,
-  bytes together or apart by a space, colon or dash (a hex dump), and, in binary data, the
-  decoded bytes themselves.
+  bytes together or each apart by a space, a colon or a dash (hex dumps), and, in binary data,
+  the decoded bytes themselves.
 
 The signature of a OneNET Authorization value (``...&sign=<base64>``, URL-encoded or not), which
 is the key's HMAC and a replayable token until it expires, is masked whatever the key.
@@ -77,11 +77,40 @@ def _forms(secret: str) -> tuple[list[bytes], int]:
     longest = 3 * len(encoded)
     raw = _decoded(secret)
     if raw is not None:
-        # Hex: together, or each byte apart by one separator (hex dumps); either case.
-        forms.append(b"(?i:" + b"[ :-]?".join(f"{byte:02x}".encode() for byte in raw) + b")")
+        # Hex: together, or bytes apart by a space, colon or dash (hex dumps); either case.
+        forms += [b"(?i:" + re.escape(_hex(raw, separator)) + b")"
+                  for separator in _HEX_SEPARATORS]
         forms.append(re.escape(raw))
         longest = max(longest, 3 * len(raw))
     return forms, longest
+
+
+_HEX_SEPARATORS = ("", " ", ":", "-")
+
+
+def _hex(data: bytes, separator: str) -> bytes:
+    return separator.join(f"{byte:02x}" for byte in data).encode()
+_ANCHOR = 4       # the shortest literal run of a secret worth searching for first
+
+
+def _anchors(secrets: Iterable[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]] | None:
+    """Literal bytes every match contains one of: (as they are, lower-cased). Data holding none
+    has nothing to mask, and a bytes search is some fifty times faster than the expression.
+    None when a secret has no such run (every chunk then gets the full search)."""
+    exact: list[bytes] = []
+    folded = [b"sign=", b"sign%3d"]
+    for secret in secrets:
+        # Unreserved characters never travel encoded: the longest run of them is in any form.
+        runs = re.findall(rb"[A-Za-z0-9_.~-]+", secret.encode("utf-8"))
+        longest = max(runs, key=len, default=b"")
+        if len(longest) < _ANCHOR:
+            return None
+        exact.append(longest)
+        raw = _decoded(secret)
+        if raw is not None:
+            exact.append(raw[:_ANCHOR * 2])
+            folded += [_hex(raw[:_ANCHOR], separator) for separator in _HEX_SEPARATORS]
+    return tuple(exact), tuple(folded)
 
 
 @dataclass(frozen=True)
@@ -114,12 +143,26 @@ class Redactor:
         longest = max((_forms(secret)[1] for secret in self.secrets), default=0)
         return max(longest, _SIGNATURE_MAX + 8) + 1
 
+    @cached_property
+    def _anchors(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]] | None:
+        return _anchors(self.secrets)
+
+    def _may_hold(self, data: bytes) -> bool:
+        """False when ``data`` surely holds nothing to mask (no anchor in it)."""
+        if self._anchors is None:
+            return True
+        exact, folded = self._anchors
+        if any(anchor in data for anchor in exact):
+            return True
+        lowered = data.lower()
+        return any(anchor in lowered for anchor in folded)
+
     def _mask(self, found: re.Match[bytes]) -> bytes:
         return (found.group(1) or b"") + MASK.encode()
 
     def data(self, data: bytes) -> bytes:
         """``data`` with every form of every secret masked."""
-        return self._pattern.sub(self._mask, data)
+        return self._pattern.sub(self._mask, data) if self._may_hold(data) else data
 
     def __call__(self, text: str) -> str:
         return self.data(text.encode("utf-8")).decode("utf-8", errors="replace")
@@ -141,7 +184,7 @@ class Redactor:
             safe = len(text) - self.window if chunk else len(text)
             done = 0
             out = []
-            for found in self._pattern.finditer(text):
+            for found in self._pattern.finditer(text) if self._may_hold(text) else ():
                 if found.start() >= safe:
                     break
                 out += [text[done:found.start()], self._mask(found)]
