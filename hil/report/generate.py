@@ -150,7 +150,10 @@ def generate(results_dirs: Sequence[Path], report_dir: Path, *,
         with tempfile.TemporaryDirectory(prefix="hil-report-") as scratch, \
                 tempfile.TemporaryDirectory(prefix=_SCRATCH, dir=report_dir) as beside:
             merged = Path(scratch) / "results"
-            _merged_copy(results_dirs, merged, redact)
+            replaced = {name for name, given in (("environment.properties", environment),
+                                                 ("executor.json", executor))
+                        if given is not None}
+            _merged_copy(results_dirs, merged, redact, replaced)
             if environment is not None:
                 (merged / "environment.properties").write_text(
                     redact(properties_text(environment)), encoding="utf-8")
@@ -193,18 +196,18 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-_REPLACED = {"environment.properties", "executor.json"}
-
-
-def _merged_copy(results_dirs: Sequence[Path], merged: Path, redact: Redactor) -> None:
+def _merged_copy(results_dirs: Sequence[Path], merged: Path, redact: Redactor,
+                 replaced: set[str]) -> None:
     """Every file of every results directory in one, secrets masked (Allure's result and
     attachment names are UUIDs: they do not collide; categories.json is the plugin's, the same
-    in each). Only regular files are read: a FIFO or a device among the results is skipped."""
+    in each; the first directory's ``environment.properties`` is kept, unless it is in
+    ``replaced``: the sign-off's takes its place). Only regular files are read: a FIFO or a
+    device among the results is skipped."""
     merged.mkdir(parents=True)
     for directory in results_dirs:
         for source in directory.iterdir():
             target = merged / source.name
-            if source.name in _REPLACED or target.exists() or not _regular(source):
+            if source.name in replaced or target.exists() or not _regular(source):
                 continue
             try:
                 redact.copy(source, target)
