@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -570,36 +570,54 @@ def cmd_defects(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    return _report("hil report", args.results, args.output, args.waive)
+    return _report("hil report", args.results, args.output, args.waive,
+                   sorted(args.rigs_dir.glob("*.yaml")))
 
 
-def _report(prog: str, results_dirs: list[Path], output: Path, waive: Path | None) -> int:
-    """The Allure report of ``results_dirs`` in ``output`` and the sign-off beside it; 0 on GO."""
+def _key_variables(rig_paths: Iterable[Path]) -> set[str]:
+    """The variables holding the rigs' access keys (``identity.access_key_env``) of the rig
+    files that load, and the default one: the report masks their values."""
+    from hil.rig.model import Identity
+
+    names = {Identity.model_fields["access_key_env"].default}
+    for path in rig_paths:
+        rig = _load(path)
+        if not isinstance(rig, ConfigError):
+            names.add(rig.identity.access_key_env)
+    return names
+
+
+def _report(prog: str, results_dirs: list[Path], output: Path, waive: Path | None,
+            rig_paths: Iterable[Path] = ()) -> int:
+    """The Allure report of ``results_dirs`` in ``output`` and the sign-off beside it; 0 on GO.
+    Every line printed and every file written is masked of the keys of ``rig_paths``' rigs and
+    of secret-named variables (``hil.report.redact``)."""
     import json
 
     from hil.report.generate import GeneratorFailed, generate
-    from hil.report.signoff import Redactor, decide, load_waivers, read_results, write
+    from hil.report.redact import Redactor
+    from hil.report.signoff import decide, load_waivers, read_results, write
 
-    # Input first, so a typo costs no report generation; the report replaces -o, so it goes
-    # first and the sign-off is written into it after.
+    redact = Redactor.from_environment(names=_key_variables(rig_paths))
+    # Input first, so a typo costs no report generation; the sign-off goes into the report
+    # directory once the report is in place.
     try:
-        results = read_results(results_dirs)
+        results = read_results(results_dirs, redact)
         waivers = load_waivers(waive) if waive else ()
         signoff = decide(results, waivers)
-        redact = Redactor.from_environment()
-        index = generate(results_dirs, output,
+        index = generate(results_dirs, output, redact=redact,
                          environment={key: redact(value)
                                       for key, value in signoff.environment().items()},
                          executor=json.loads(redact(json.dumps(signoff.executor()))))
         markdown, document = write(signoff, output, redact)
     except (ConfigError, GeneratorFailed) as error:
-        _fail(prog, str(error))
+        _fail(prog, redact(str(error)))
     except OSError as error:
-        _fail(prog, f"-o: cannot write {output}: {error.strerror}")
-    print(f"report:   {index} (serve it over HTTP: python3 -m http.server -d {output})")
-    print(f"sign-off: {markdown}, {document}")
-    print(signoff.coverage_line())
-    print(signoff.verdict_line())
+        _fail(prog, redact(f"-o: cannot write {output}: {error.strerror}"))
+    for line in (f"report:   {index} (serve it over HTTP: python3 -m http.server -d {output})",
+                 f"sign-off: {markdown}, {document}", signoff.coverage_line(),
+                 signoff.verdict_line()):
+        print(redact(line))
     return 0 if signoff.go else 1
 
 
@@ -749,7 +767,12 @@ def cmd_suite(args: argparse.Namespace) -> int:
     print(f"{prog}: the suite exited {status} after {elapsed:.0f} s", flush=True)
     if status not in (0, 1):        # 1: tests failed; anything else: it did not run
         _fail(prog, f"pytest could not run the suite (exit status {status})")
-    return _report(prog, [results], args.out / "allure-report", args.waive)
+    from hil.rig.model import find_rig
+
+    # The report masks the keys of the rigs run on and of every rig in rigs/.
+    rigs_dir = args.root / "rigs"
+    rig_paths = [find_rig(name, rigs_dir) for name in args.rigs] + sorted(rigs_dir.glob("*.yaml"))
+    return _report(prog, [results], args.out / "allure-report", args.waive, rig_paths)
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -897,9 +920,14 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="RESULTS_DIR",
                         help="allure-results directories, one per host (default allure-results)")
     report.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR",
-                        help="where the report and signoff.md/.json go (replaced)")
+                        help="where the report and signoff.md/.json go: a new or empty "
+                             "directory, or an earlier report (only its report files are "
+                             "replaced)")
     report.add_argument("--waive", type=Path, metavar="FILE.yaml",
                         help="known rig faults: a YAML list of {test, rig, reason}")
+    report.add_argument("--rigs-dir", type=Path, default=Path("rigs"),
+                        help="rig files whose access keys (identity.access_key_env) are masked "
+                             "in everything the report writes (default ./rigs)")
     report.set_defaults(run=cmd_report)
     return parser
 

@@ -627,7 +627,7 @@ class Rig(BaseModel):
 
 
 def load_rig(path: Path) -> Rig:
-    return load_model(Rig, path)
+    return load_model(Rig, path, "rig file")
 
 
 def rig_of_test(test_id: str, names: Iterable[str]) -> str | None:
