@@ -13,8 +13,10 @@ output); ``ChannelScpiPower`` addresses one output of a multi-output Rigol DP800
 from __future__ import annotations
 
 import re
+import time
 from typing import ClassVar
 
+from hil.drivers.base import PowerProtocol
 from hil.drivers.scpi import ScpiInstrument
 
 _ERROR_CODE = re.compile(r"\s*([+-]?\d+)")
@@ -26,6 +28,20 @@ def check_percent(percent: int) -> None:
     """A battery level is 0..100 %; anything else is a mistake in the test, not a fault."""
     if not 0 <= percent <= 100:
         raise ValueError(f"battery level {percent} % is outside 0..100 %")
+
+
+def power_cycle(supply: PowerProtocol, off_s: float) -> None:
+    """Off, dark, on. A part with a ``cycle()`` of its own (a USB hub port, a relay command,
+    ``hil.drivers.switched``) does it in one step and keeps the board dark as long as its rig
+    file says (``off_s``: a dev board's capacitors may outlast a short blink); any other is
+    switched off, kept dark ``off_s`` seconds, and on."""
+    cycle = getattr(supply, "cycle", None)
+    if callable(cycle):
+        cycle()
+        return
+    supply.output(False)
+    time.sleep(off_s)
+    supply.output(True)
 
 
 class ScpiPower(ScpiInstrument):
