@@ -22,10 +22,12 @@ the rig's ``cycle`` command (``hil.drivers.power.power_cycle`` uses it where a p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from abc import abstractmethod
@@ -71,20 +73,31 @@ def run(argv: Sequence[str], *, key: str, timeout: float,
     exits 0 within ``timeout`` seconds."""
     command = shlex.join(argv)
     try:
-        done = subprocess.run(list(argv), capture_output=True, text=True,  # noqa: S603 (the rig's)
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        # Its own process group: a relay script's children (a `sleep`, a hung client) go with
+        # it on a timeout; else they would hold its output open and the wait would go on.
+        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,  # noqa: S603 (the rig's)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
     except FileNotFoundError:
         raise RigFault(PART, f"{key}: {argv[0]} not found") from None
     except PermissionError:
         raise RigFault(PART, f"{key}: {argv[0]} is not an executable program") from None
-    except subprocess.TimeoutExpired:
-        raise RigFault(PART, f"{key}: {command} did not finish within {timeout:g} s") from None
-    if done.returncode != 0:
-        what = said(done.stderr, ignore=ignore)
+    with process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise RigFault(PART, f"{key}: {command} did not finish within {timeout:g} s "
+                           "(stopped)") from None
+    if process.returncode != 0:
+        what = said(stderr, ignore=ignore)
         if what == "no output":
-            what = said(done.stdout, ignore=ignore)
-        raise RigFault(PART, f"{key}: {command} failed with status {done.returncode}: {what}")
-    return Ran(done.stdout, done.stderr)
+            what = said(stdout, ignore=ignore)
+        raise RigFault(PART, f"{key}: {command} failed with status {process.returncode}: "
+                       f"{what}")
+    return Ran(stdout, stderr)
 
 
 class SwitchedPower(DriverBase):
@@ -254,7 +267,7 @@ class CommandLinePower(SwitchedPower):
     """A relay or PDU switched by its own commands: ``on``, ``off``, optionally ``cycle`` and
     ``status`` (each an argument list, run without a shell)."""
 
-    what = "the power commands (power.kind: command)"
+    what = "a relay command (power.kind: command)"
 
     def __init__(self, on: Sequence[str], off: Sequence[str], *,
                  cycle: Sequence[str] | None = None, status: Sequence[str] | None = None,
