@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -378,13 +379,28 @@ def test_a_failing_relay_command_is_one_line_with_what_it_said(relay):
 
 
 def test_a_hung_relay_command_is_stopped_with_its_children(tmp_path):
-    # The script's child keeps its output open: without stopping the whole process group,
-    # waiting for that output would last as long as the child (here a minute).
-    hung = executable(tmp_path / "hung", "#!/bin/sh\nsleep 60\n")
+    # A relay tool that hangs in a child of its own: stopping the tool alone would leave the
+    # child running (and holding the relay's port) after the test.
+    hung = executable(tmp_path / "hung", f"#!/bin/sh\nsleep 120 &\necho $! > {tmp_path}/child"
+                      "\nwait\n")
     with CommandLinePower([str(hung)], [str(hung)], timeout=1.0) as power, \
             pytest.raises(RigFault) as caught:
         power.output(True)
     assert caught.value.message == f"power.on: {hung} did not finish within 1 s (stopped)"
+    child = int((tmp_path / "child").read_text())
+    deadline = time.monotonic() + 30.0
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child), f"the relay's child {child} outlived the timeout"
+
+
+def running(pid: int) -> bool:
+    """Alive, not a zombie waiting for its parent."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 def test_the_board_is_power_cycled_through_the_relay(relay):
