@@ -212,13 +212,14 @@ else:
     switch(action == "on")
 '''
 
-    def __init__(self, directory: Path, hub: str = "1-1.4", mode: str = "ok") -> None:
+    def __init__(self, directory: Path, hub: str = "1-1.4", mode: str = "ok",
+                 description: str = HUB_DESCRIPTION) -> None:
         directory.mkdir()
         self.directory = directory
         (directory / "config.json").write_text(json.dumps({"hub": hub, "mode": mode}))
         (directory / "state").write_text("on")
         executable(directory / "uhubctl", self.FAKE.format(
-            python=sys.executable, here=str(directory), description=HUB_DESCRIPTION,
+            python=sys.executable, here=str(directory), description=description,
             stlink=STLINK))
 
     @property
@@ -286,6 +287,16 @@ def test_a_port_uhubctl_cannot_read_is_one_line_saying_why(tmp_path, monkeypatch
     with UsbHubPortPower("1-1.4", port) as power, pytest.raises(RigFault) as caught:
         power.identify()
     assert caught.value.message.startswith(says)
+
+
+def test_a_ganged_hub_is_named_so_in_the_check(tmp_path, monkeypatch):
+    # Its ports are cut together: the check says so, for the other boards on that hub.
+    ganged = HUB_DESCRIPTION.replace("ppps", "ganged")
+    fake = FakeUhubctl(tmp_path / "bin", description=ganged)
+    monkeypatch.setenv("PATH", f"{fake.directory}:/usr/bin:/bin")
+    with UsbHubPortPower("1-1.4", 2) as port:
+        assert port.identify().endswith(f"hub {ganged}; ganged: every port of this hub is cut "
+                                        "together")
 
 
 def test_uhubctl_output_is_read_per_hub_and_port():

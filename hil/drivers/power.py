@@ -8,6 +8,9 @@ Dialects differ in command spelling only, so the commands are class attributes (
 and a dialect is a subclass that overrides them: ``ScpiPower`` speaks the subset common to the
 Rigol DP800, Keysight E36xx and Siglent SPD series for a single-output supply (or the selected
 output); ``ChannelScpiPower`` addresses one output of a multi-output Rigol DP800 in every command.
+
+Power that is switched rather than set (a USB hub port, a relay) is ``hil.drivers.switched``;
+``power_cycle`` here cycles any PowerProtocol part, in one step where the part has its own.
 """
 
 from __future__ import annotations

@@ -216,8 +216,11 @@ class UsbHubPortPower(SwitchedPower):
         reading = self._reading(self._uhubctl(), new=False)
         state = "on" if reading.powered else "off"
         device = f", {reading.device} attached" if reading.device else ", nothing attached"
+        # A ganged hub switches all its ports at once: another board on it goes dark too.
+        ganged = ("; ganged: every port of this hub is cut together"
+                  if reading.description.endswith(", ganged") else "")
         return (f"{self.what}: power {state} ({reading.flags}){device}; hub "
-                f"{reading.description}{self._level_note()}")
+                f"{reading.description}{ganged}{self._level_note()}")
 
     def output(self, on: bool) -> None:
         self._switch("on" if on else "off", on)
