@@ -3,7 +3,7 @@
 
     python3 dev.py run  [hil suite options]  set up, then the main job: the conformance suite on
                                              the simulated rigs, its Allure report and sign-off
-    python3 dev.py test [pytest options]     set up, then run the tests (3 xdist workers; -n 0: serially)
+    python3 dev.py test [pytest options]     set up, then run the tests (on 3 xdist workers)
     python3 dev.py lint                      set up, then ruff and mypy
     python3 dev.py hil ...                   set up, then any hil command
     python3 dev.py setup                     set up only

@@ -133,16 +133,17 @@ def test_a_fifo_is_refused_without_being_opened(bench, tmp_path):
                  new_access_key(), "--tasks", str(path))
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr == (f"hil serve: error: {path}: devices[0].tasks[0].package: pipe.bin "
-                             "is not a regular file (a FIFO)\n")
+    assert result.stderr == (f"hil serve: error: {path}: devices[0].tasks[0].package: pipe.bin: "
+                             "cannot read: a named pipe (FIFO), not a package (hil reads regular "
+                             "files only)\n")
 
 
 def test_a_device_file_is_refused_even_inside_the_packages_dir(bench, service):
     path = task_file(bench, "zero")
     with pytest.raises(ConfigError) as refused:
         apply_task_file(service, path, packages_dir=Path("/dev"))
-    assert str(refused.value) == (f"{path}: devices[0].tasks[0].package: zero is not a regular "
-                                  "file (a character device)")
+    assert str(refused.value) == (f"{path}: devices[0].tasks[0].package: zero: cannot read: a "
+                                  "character device, not a package (hil reads regular files only)")
 
 
 def test_a_package_over_the_size_limit_is_refused(bench, service):
@@ -150,8 +151,8 @@ def test_a_package_over_the_size_limit_is_refused(bench, service):
     path = task_file(bench, "big.bin")
     with pytest.raises(ConfigError) as refused:
         apply_task_file(service, path, max_package_bytes=4096)
-    assert str(refused.value) == (f"{path}: devices[0].tasks[0].package: big.bin is 4097 bytes, "
-                                  "over the limit of 4096 bytes for a package")
+    assert str(refused.value) == (f"{path}: devices[0].tasks[0].package: big.bin: 4097 bytes: "
+                                  "larger than the 4096 bytes hil reads of a package")
 
 
 def test_serve_refuses_an_outside_package_at_load_in_one_line(bench):
@@ -172,13 +173,14 @@ def test_serve_bounds_a_package_named_on_the_command_line(tmp_path):
                  new_access_key(), "--dev-id", DEV, "--target-version", "1.1.0",
                  "--package", str(big), "--max-package-mib", "2")
     assert result.returncode == 2
-    assert result.stderr == (f"hil serve: error: --package: {big} is 2097153 bytes, over the "
-                             "limit of 2097152 bytes for a package\n")
+    assert result.stderr == (f"hil serve: error: --package: {big}: 2.0 MiB: larger than the "
+                             "2 MiB hil reads of a package\n")
 
 
 @pytest.mark.parametrize(("token", "why"), [
     ("a/b", "'a/b' cannot be in a request path: 1..64 of [A-Za-z0-9_-.]"),
-    ("x" * 65, f"{'x' * 65!r} cannot be in a request path: 1..64 of [A-Za-z0-9_-.]"),
+    # (a value echoed in an error is cut to 60 characters)
+    ("x" * 65, f"'{'x' * 59}…' cannot be in a request path: 1..64 of [A-Za-z0-9_-.]"),
 ])
 def test_a_token_no_request_can_reach_is_refused(bench, service, token, why):
     path = task_file(bench, "app.bin", f"token: {json.dumps(token)}")

@@ -38,14 +38,13 @@ A task's ``token``, when given, must be one a request path can carry (1..64 of
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
-from hil.configfile import STRICT, load_model
+from hil.configfile import STRICT, load_model, read_bounded
 from hil.errors import ConfigError
 from hil.onenet.codes import TaskType, is_valid_version
 from hil.onenet.messages import is_valid_token
@@ -132,54 +131,24 @@ def load_task_file(path: Path) -> TaskFile:
     return load_model(TaskFile, path)
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
-
-
-def _read_regular(path: Path, shown: str, where: str, limit: int) -> tuple[tuple[int, int], bytes]:
-    """The whole content of the regular file ``path`` (named ``shown`` in messages) and its
-    identity (device, inode). Whatever is not a regular file is refused from its ``stat``, never
-    opened for reading: opening a FIFO blocks until a writer comes, /dev/zero never ends."""
+def _read_package_file(path: Path, shown: str, where: str, limit: int) -> bytes:
+    """The bytes of the package file ``path`` (named ``shown`` in messages), through the one
+    bounded reader every file hil reads from its user goes through (``read_bounded``: regular
+    files only, refused from their ``stat`` without being opened, never past ``limit``);
+    ConfigError at ``where`` (the task file's key, or the option)."""
     try:
-        status = os.stat(path)
-        if not stat.S_ISREG(status.st_mode):
-            kind = next((name for test, name in _KINDS if test(status.st_mode)), "special")
-            raise ConfigError(where, f"{shown} is not a regular file ({kind})")
-        # Files of /proc and /sys say 0 (or a page) whatever they hold: "empty" refuses the first
-        # without opening them; the length check below the second.
-        if status.st_size == 0:
-            raise ConfigError(where, f"{shown} is empty")
-        if status.st_size > limit:
-            raise ConfigError(where, f"{shown} is {status.st_size} bytes, over the limit of "
-                                     f"{limit} bytes for a package")
-        # O_NONBLOCK: should a FIFO take the file's place after the stat, opening it returns.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            opened = os.fstat(fd)
-            if (opened.st_dev, opened.st_ino) != (status.st_dev, status.st_ino):
-                raise ConfigError(where, f"{shown} was replaced while it was read")
-            chunks: list[bytes] = []
-            left = status.st_size + 1    # one byte more: a file that grew is not read on
-            while left > 0 and (chunk := os.read(fd, min(left, 1024 * 1024))):
-                chunks.append(chunk)
-                left -= len(chunk)
-        finally:
-            os.close(fd)
-    except OSError as error:
-        raise ConfigError(where, f"cannot read package {shown}: {error.strerror}") from None
-    data = b"".join(chunks)
-    if len(data) != status.st_size:
-        raise ConfigError(where, f"{shown} changed while it was read ({status.st_size} bytes at "
-                                 f"open, {len(data)} read)")
-    return (status.st_dev, status.st_ino), data
+        data = read_bounded(path, limit, "package")
+    except ConfigError as error:
+        raise ConfigError(where, f"{shown}: {error.message}") from None
+    if not data:
+        raise ConfigError(where, f"package {shown} is empty")
+    return data
 
 
 def read_package(path: Path, where: str, *, limit: int = MAX_PACKAGE_BYTES) -> Package:
     """The package file the operator named (``--package``, ``--hil-package``): a regular file of
     at most ``limit`` bytes, wherever it is."""
-    _, data = _read_regular(path, str(path), where, limit)
-    return Package(data, path.name)
+    return Package(_read_package_file(path, str(path), where, limit), path.name)
 
 
 @dataclass
@@ -205,10 +174,10 @@ class PackageFiles:
             identity = os.stat(resolved)
         except OSError as error:
             raise ConfigError(where, f"cannot read package {path}: {error.strerror}") from None
-        data = self._read.get((identity.st_dev, identity.st_ino))
+        key = (identity.st_dev, identity.st_ino)
+        data = self._read.get(key)
         if data is None:
-            key, data = _read_regular(resolved, name, where, self.limit)
-            self._read[key] = data
+            data = self._read[key] = _read_package_file(resolved, name, where, self.limit)
         return Package(data, inside.name)
 
 
