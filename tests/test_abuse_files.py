@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from hil.report.redact import Redactor
 from hil.service.server import new_access_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +119,30 @@ def test_a_new_report_replaces_only_what_allure_and_hil_wrote(tmp_path):
     summary = json.loads((report / "widgets" / "summary.json").read_text())
     assert summary["statistic"]["total"] == 2
     assert set(os.listdir(report)) == before | {"precious.txt", "notes", "link"}
+
+
+def test_the_reports_own_page_is_left_as_allure_wrote_it(tmp_path):
+    """The secrets' last guard covers what Allure made of the results, never its own scripts:
+    masking ``this.sign=e.sign`` in Allure's JavaScript broke the whole page."""
+    results, report = tmp_path / "results", tmp_path / "report"
+    result(results)
+    done = hil("report", results, "-o", report, bounded=False)
+    assert done.returncode in (0, 1), done.stderr
+    scripts = [*(report / "assets").rglob("*.js")] or [report / "app.js"]
+    for path in scripts:
+        script = path.read_bytes()
+        assert b"sign=***" not in script, path
+        assert b"***" not in script.replace(b"`*****`", b""), path   # Allure's own mask
+
+
+def test_a_onenet_signature_is_masked_and_code_that_says_sign_is_not():
+    redact = Redactor()
+    assert redact("res=products%2F1&et=9&sign=AbCdEfGhIjKlMnOpQrStUvWx%2B%3D") \
+        == "res=products%2F1&et=9&sign=***"
+    assert redact("version%3D2018%26sign%3DAbCdEfGhIjKlMnOpQrStUv%252B") \
+        == "version%3D2018%26sign%3D***"
+    code = "this.sign=e.sign===void 0?`-`:e.sign+``"
+    assert redact(code) == code
 
 
 # ------------------------------------------------------------------- 4. secrets, every form

@@ -38,7 +38,9 @@ MIN_SECRET = 8            # shorter values are flags ("1", "on"): masking them g
 MIN_DECODED = 8           # decoded bytes shorter than this are no key's
 _SIGNATURE_MAX = 512      # a signature is a base64 HMAC (<= 88 characters URL-encoded)
 # The signature of a OneNET Authorization value, URL-encoded or not; group 1 is kept.
-_SIGNATURE = rb"(?i:(sign(?:=|%3D))[^&\s\"'\\]{1," + str(_SIGNATURE_MAX).encode() + rb"})"
+# Base64 (or its URL encoding) of at least 16 characters: a digest, never code (``x.sign=e``).
+_SIGNATURE = rb"(?i:(?<!\.)(sign(?:=|%3D))(?:[a-z0-9+/_-]|%2B|%2F|%3D|%25|=){16," \
+    + str(_SIGNATURE_MAX).encode() + rb"})"
 # Characters quote() leaves as they are: everything else may travel as %XX.
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
 _CHUNK = 1024 * 1024
