@@ -19,7 +19,8 @@
  *   6. 101, then the md5 (205 on a mismatch)
  *   7. install: "install pending" recorded, secondary.bin renamed over primary.bin, exit 0 (the
  *      board reboots: hil restarts it) or execv itself (HIL_AGENT_REBOOT=exec)
- *   8. at the next start, 201 if the image booted is the target, else 204; then `ota end`.
+ *   8. at the next start, 201 if the image booted is the target, else 204; then `ota end`, and
+ *      the check every start makes (steps 1..7: its version report tells what now runs).
  */
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE
@@ -1051,9 +1052,8 @@ int main(int argc, char **argv)
         s.present = 0;
     }
     if (s.present && !strcmp(s.stage, "install"))
-        after_install(&s, version, md5);
-    else
-        attempt(version, md5);
+        after_install(&s, version, md5);   /* the install's outcome first, then a check as */
+    attempt(version, md5);                 /* at every boot (its version report says what runs) */
     for (;;) {                             /* idle until the next check, if any */
         if (cfg.check_period_s <= 0) {
             pause();

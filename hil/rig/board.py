@@ -79,12 +79,15 @@ class Board:
                        "line before OK", self.rig.name)
 
     def point_at(self, url: str, dns: tuple[str, int] | None = None) -> None:
-        """``ota server <url>``. A board without a shell reaches its hard-coded host: a
-        simulated bench's network is told the DNS server that answers it (hil's, ``dns``) and
-        the gateway's port; a lab network's DNS is the rig's own setup (README)."""
+        """``ota server <url>``. The rig's provider may tell the board itself (a host build gets
+        ``HIL_OTA_URL`` at its next start, which begins a shell-less board's attempt). Else a
+        board without a shell reaches its hard-coded host: a simulated bench's network is told
+        the DNS server that answers it (hil's, ``dns``) and the gateway's port; a lab
+        network's DNS is the rig's own setup (README)."""
+        told = self.parts.point_at(url)
         if not self.shell_less:
             self.command("server", url=url)
-        elif self.parts.bench is not None:
+        elif not told and self.parts.bench is not None:
             self.parts.bench.route_ota_host(url, dns)
 
     def start_update(self) -> None:
@@ -281,10 +284,19 @@ class Board:
                 if time.monotonic() > deadline:
                     raise
 
+    def _factory_image(self) -> Path | None:
+        """The image the board came with, where hil knows it: a simulated board's, a host
+        build's (``factory_image`` of its provider); None for a lab board."""
+        if self.parts.bench is not None:
+            factory: Path = self.parts.bench.factory_image
+            return factory
+        image: Path | None = getattr(self.parts.provider, "factory_image", None)
+        return image
+
     def _restore_shell_less(self, firmware: Path | None, progress: Progress | None
                             ) -> str | None:
-        if firmware is None and self.parts.bench is not None:
-            firmware = self.parts.bench.factory_image     # a simulated board's own base
+        if firmware is None:
+            firmware = self._factory_image()
         flasher = self.parts.flasher() if firmware is not None else None
         if firmware is None or flasher is None:
             raise RigFault("flasher", "a board without a shell has no factory reset: give "
