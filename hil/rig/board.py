@@ -54,6 +54,13 @@ class Board:
         board's boots are read from its console; else from the service."""
         return not self.shell_less or "boot" in self.rig.console.events
 
+    @property
+    def narrates(self) -> bool:
+        """Its log prints the contract's phase lines as they happen: always with a shell; a
+        shell-less board's rig says so by naming the pattern (``console.events.phase``), and
+        then a scenario acts on them (a power cut timed by ``ota phase=flash bytes=N``)."""
+        return not self.shell_less or "phase" in self.rig.console.events
+
     def watch_service(self, versions: ServiceVersions) -> None:
         """Where a shell-less board's boots are heard when its log has no boot line (the
         scenario's gateway timeline)."""
