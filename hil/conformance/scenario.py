@@ -690,15 +690,19 @@ class OtaScenario:
 
     def _check_order(self) -> None:
         exchanges = self.exchanges()
-        first_101 = next((e.seq for e in exchanges if e.phase is Endpoint.REPORT
+        # By when each request was made, not when its exchange was over: a download asked for
+        # before the 101 but answered after it (held by a hook that reset the board meanwhile)
+        # was not asked for after the 101.
+        first_101 = next((started_at(e) for e in exchanges if e.phase is Endpoint.REPORT
                           and e.result == 101), None)
         if first_101 is not None:
             # A download after the 101 is early only within that attempt: after a detect it
             # belongs to a later attempt that re-reported (the first answer was lost).
-            next_detect = next((e.seq for e in exchanges if e.phase is Endpoint.DETECT
-                                and e.seq > first_101), None)
-            late = [e for e in exchanges if e.phase is Endpoint.DOWNLOAD and e.seq > first_101
-                    and (next_detect is None or e.seq < next_detect)
+            next_detect = min((started_at(e) for e in exchanges if e.phase is Endpoint.DETECT
+                               and started_at(e) > first_101), default=None)
+            late = [e for e in exchanges if e.phase is Endpoint.DOWNLOAD
+                    and started_at(e) > first_101
+                    and (next_detect is None or started_at(e) < next_detect)
                     and e.errno is None and e.error_byte is None]
             if late:
                 self._fail("download", f"expected 101 only once the package was downloaded "
