@@ -234,12 +234,53 @@ def test_a_whole_update_installs_reboots_and_reports_201(onenet, board, package)
 
     agent.start()                                    # hil restarts a board that exited
     onenet.timeline.wait_for(lambda e: e.result == 201, dev_id=DEV, timeout=DEADLINE)
-    agent.wait_line("ota end", after=len(agent.boots()[0]))
+    # After the install's outcome, the check every start makes: its version report is how the
+    # service (and a scenario on a board without a shell) hears what now runs.
+    version = onenet.timeline.wait_for(
+        lambda e: e.phase is Endpoint.VERSION and e.seq > reported_at(onenet, 201),
+        dev_id=DEV, timeout=DEADLINE)
+    assert b'"s_version":"1.1.0"' in version.request_body.encode()
+    onenet.timeline.wait_for(lambda e: e.phase is Endpoint.DETECT and e.seq > version.seq,
+                             dev_id=DEV, timeout=DEADLINE)
+    second_boot = agent.wait_line("ota end", after=len(agent.boots()[0]))
+    agent.wait_line("ota end", after=second_boot + 1)
     assert reported(onenet) == [101, 201]
     assert onenet.service.task(DEV).state is TaskState.SUCCEEDED
     assert agent.boots()[1][1] == "boot version=1.1.0"
     assert agent.stop() == 0, "SIGTERM ends it cleanly"
     assert "ota phase=flash bytes=66088" in agent.boots()[0]
+
+
+def reported_at(onenet: MockOneNet, result: int) -> int:
+    """The timeline number of the first report of ``result``."""
+    return next(e.seq for e in onenet.timeline.exchanges(DEV, Endpoint.REPORT)
+                if e.result == result)
+
+
+def test_a_power_cut_during_the_install_copies_the_image_again_at_the_next_start(
+        onenet, board, package):
+    """The install writes primary.bin page by page, announced (``ota phase=flash bytes=N``) and
+    taking a flash's time: a power cut in the middle leaves half an image, and the next start
+    copies the intact secondary.bin again, announcing it again, then boots the target (as
+    MCUboot's overwrite upgrade resumes), and reports 201 once."""
+    agent = board()
+    agent.env["HIL_FLASH_PAGE_MS"] = "200"           # 17 pages: ~3.4 s to cut into
+    new_task(onenet, package)
+    agent.start()
+    agent.wait_line("ota phase=flash bytes=66088")
+    agent.power_cut()
+    assert agent.primary != package.data, "the cut came after the copy (machine too slow?)"
+
+    agent.env["HIL_FLASH_PAGE_MS"] = "0"
+    agent.start()
+    agent.wait_line("boot version=1.1.0")
+    restart = agent.boots()[1]
+    assert restart[1] == "ota phase=flash bytes=66088", restart
+    assert restart.index("I: bootloader: copied 66088 of 66088 bytes") < \
+        restart.index("boot version=1.1.0")
+    assert agent.primary == package.data
+    onenet.timeline.wait_for(lambda e: e.result == 201, dev_id=DEV, timeout=DEADLINE)
+    assert reported(onenet) == [101, 201]
 
 
 def test_it_reexecutes_itself_when_asked_to_reboot_in_place(onenet, board, package):
