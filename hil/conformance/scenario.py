@@ -15,7 +15,10 @@ starts with the rig's trigger (a reset, a power cycle, the firmware's timer) and
 requests from then on; it ends on a
 final report (any result but 101), a refused detect or a token check answered 12/20/22 (the
 task is over: the board stops without a report) followed by ``QUIET_AFTER_END_S`` with no
-request, on ``silence()`` seconds with no request at all, or (``until_boot``) on the next boot.
+request (after a 201 it took, ``silence()``: the check of the boot that sent it follows), on
+``silence()`` seconds with no request at all, or (``until_boot``) on the next boot. A rig that
+names its log's phase lines (``console.events.phase``) has those the service cannot tell
+(``ota phase=flash bytes=N``) acted on as they come, and placed among the exchanges.
 Its events are the exchanges, told as the contract's events (``ota phase=report result=201``);
 its boot lines are the version reports that follow the first (a boot-log line,
 ``console.events.boot``, tells ``Board.version`` what runs, but its stamp cannot bound
@@ -215,6 +218,12 @@ _TOLD_PHASES = frozenset(phase.value for phase in Endpoint)   # the service tell
 
 # Token-check answers after which a board ends its attempt without a report (ONENET.md).
 _TOKEN_ENDED = (Errno.TOKEN_EXPIRED, Errno.TASK_FINISHED, Errno.TASK_CANCELLED)
+
+
+def _upgraded(exchange: Exchange) -> bool:
+    """A 201 the service took (a report, or a progress step)."""
+    return exchange.result == 201 and exchange.errno == Errno.OK and \
+        (exchange.phase is Endpoint.REPORT or exchange.phase is Endpoint.PROGRESS)
 
 
 def _final(exchange: Exchange) -> bool:
@@ -537,8 +546,13 @@ class OtaScenario:
             exchanges = [e for e in mine if started_at(e) >= begun
                          and (cut is None or started_at(e) < cut)]
             last = max([begun, *(e.at for e in exchanges)])
+            # A 201 is sent at the boot into the new image, and the check that boot makes
+            # follows it (its version report: how the service hears the boot); it may come
+            # late on a loaded host (the board's own writes first), not within a round trip.
+            after_end = quiet_for if exchanges and _upgraded(exchanges[-1]) \
+                else QUIET_AFTER_END_S
             over = cut is not None or (
-                bool(exchanges) and _final(exchanges[-1]) and now - last >= QUIET_AFTER_END_S) \
+                bool(exchanges) and _final(exchanges[-1]) and now - last >= after_end) \
                 or now - last >= quiet_for
             timed_out = not over and time.monotonic() > deadline
             if over or timed_out:
