@@ -3,7 +3,7 @@
 
     python3 dev.py run  [hil suite options]  set up, then the main job: the conformance suite on
                                              the simulated rigs, its Allure report and sign-off
-    python3 dev.py test [pytest options]     set up, then run the tests
+    python3 dev.py test [pytest options]     set up, then run the tests (3 xdist workers; -n 0: serially)
     python3 dev.py lint                      set up, then ruff and mypy
     python3 dev.py hil ...                   set up, then any hil command
     python3 dev.py setup                     set up only
@@ -90,7 +90,12 @@ def main(argv: list[str]) -> int:
     if command == "hil":
         return subprocess.call([BIN / "hil", *rest])
     if command == "test":
-        return subprocess.call([BIN / "python", "-m", "pytest", *rest])
+        # Side by side on three pytest-xdist workers: most tests wait on simulated boards and
+        # sockets rather than compute, so three share two cores well (a whole run takes about
+        # half the time); each rig's tests stay on one worker (loadgroup). `-n 0` runs serially.
+        parallel = [] if any(arg.startswith(("-n", "--numprocesses")) for arg in rest) \
+            else ["-n", "3", "--dist", "loadgroup"]
+        return subprocess.call([BIN / "python", "-m", "pytest", *parallel, *rest])
     status = subprocess.call([BIN / "ruff", "check", "hil", "tests", "testcases", "benchmarks",
                                  "dev.py"])
     return subprocess.call([BIN / "mypy", "hil"]) or status

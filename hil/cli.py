@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -43,14 +43,17 @@ from hil import __version__
 from hil.errors import ConfigError, HilError, RigFault
 from hil.onenet.auth import Authorization, SignMethod, decode_access_key, device_res, product_res
 from hil.onenet.codes import ErrorBodyForm, TaskState, TaskType, is_valid_version
+from hil.rig.lease import RigLease
 from hil.service.config import (
     FIRST_RUN_INTERVAL_S,
     FIRST_RUN_RETRY,
     FIRST_RUN_TYPE,
+    MAX_PACKAGE_BYTES,
     apply_task_file,
     describe_task,
     read_package,
 )
+from hil.service.printer import BackgroundPrinter
 from hil.service.server import MockOneNet
 
 if TYPE_CHECKING:
@@ -131,17 +134,31 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+# How long `hil serve` waits at exit for a reader of its last lines: a pipe nobody reads must not
+# keep it from stopping on Ctrl-C or SIGTERM.
+SERVE_EXIT_WAIT_S = 5.0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     prog = "hil serve"
     key = _access_key(args, prog)
+    if args.packages_dir is not None and not args.packages_dir.is_dir():
+        _fail(prog, f"--packages-dir: {args.packages_dir} is not a directory")
+    limit = args.max_package_mib * 1024 * 1024
     # Exchanges go to the log, the listeners and --timeline; none pile up in memory.
-    onenet = MockOneNet(args.product_id, key, host=args.host, port=args.port,
-                        timeline_path=args.timeline, keep_timeline=False,
-                        error_body=ErrorBodyForm(args.error_body))
+    try:
+        onenet = MockOneNet(args.product_id, key, host=args.host, port=args.port,
+                            timeline_path=args.timeline, keep_timeline=False,
+                            error_body=ErrorBodyForm(args.error_body))
+    except ConfigError as error:
+        _fail(prog, f"--timeline: {error}")
+    except OSError as error:
+        _fail(prog, f"--timeline: cannot open {args.timeline}: {error.strerror}")
     service = onenet.service
     try:
         if args.tasks:
-            tasks = apply_task_file(service, args.tasks)
+            tasks = apply_task_file(service, args.tasks, packages_dir=args.packages_dir,
+                                    max_package_bytes=limit)
         else:
             missing = [flag for flag, value in (("--dev-id", args.dev_id),
                                                 ("--package", args.package),
@@ -149,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        if value is None]
             if missing:
                 _fail(prog, f"give --tasks FILE or {', '.join(missing)}")
-            package = read_package(args.package, "--package")
+            package = read_package(args.package, "--package", limit=limit)
             tasks = [service.create_task(
                 args.dev_id, args.target_version, package, task_type=TaskType(args.type),
                 manuf=args.manuf, model=args.model, signal=args.signal, power=args.power,
@@ -158,23 +175,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if args.version:
                 service.set_device_version(args.dev_id, args.version, TaskType(args.type))
     except ConfigError as error:
+        service.timeline.close()
         _fail(prog, str(error))
     # What a device's client must ask for (type) and will be told (retry, interval), before it
     # asks: a client detecting the other type hears errno 11, and nothing else says why.
     for task in tasks:
         print(describe_task(task), flush=True)
     print(f"download error bodies: {args.error_body}", flush=True)
-    service.timeline.subscribe(lambda exchange: print(exchange.summary(), flush=True))
+    # From here on lines are printed by a writer thread: the server's loop never waits on a
+    # stdout nobody reads (lines it cannot keep up with are counted and the count printed).
+    printer = BackgroundPrinter(sys.stdout, fallback=sys.stderr).start()
+    service.timeline.subscribe(lambda exchange: printer.print_line(exchange.summary()))
 
     stop = _stop_on_signals()
     try:
         onenet.start()
     except OSError as error:
+        printer.close(timeout=SERVE_EXIT_WAIT_S)
         _fail(prog, f"cannot listen on {args.host}:{args.port}: {error.strerror}")
-    print(f"serving on {onenet.url}", flush=True)
+    printer.print_line(f"serving on {onenet.url}")
     stop.wait()
     onenet.stop()
-    print("stopped", flush=True)
+    printer.close("stopped", timeout=SERVE_EXIT_WAIT_S)
     return 0
 
 
@@ -240,7 +262,7 @@ def _run_update(rig: Rig, onenet: MockOneNet, out: Path) -> str:
     base.write_bytes(build_image(rig.board, "1.0.0"))
     print(f"{rig.name}: flashing {base.name} through {rig.flasher.kind}", flush=True)
     try:
-        with RigParts(rig) as parts:
+        with RigLease(rig.name), RigParts(rig) as parts:
             board = Board(parts)
             base_version = board.restore_base(base)
             service = onenet.service
@@ -355,10 +377,15 @@ def cmd_rigs_check(args: argparse.Namespace) -> int:
             print(f"{path.stem:<16} {'file':<8} FAULT  {rig}")
             ok = False
             continue
-        ok = check_rig(rig) and ok
-        image = firmware.get(rig.board, firmware.get(None))
-        if image is not None:
-            ok = check_base(rig, Path(image)) and ok
+        try:
+            with RigLease(rig.name):       # never beside a suite that is using the rig
+                ok = check_rig(rig) and ok
+                image = firmware.get(rig.board, firmware.get(None))
+                if image is not None:
+                    ok = check_base(rig, Path(image)) and ok
+        except RigFault as busy:
+            print(f"{rig.name:<16} {'lease':<8} FAULT  {busy}")
+            ok = False
     return 0 if ok else 1
 
 
@@ -390,7 +417,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
     if not args.image.is_file():
         _fail(prog, f"no such image {args.image}")
     try:
-        with RigParts(rig) as parts:
+        with RigLease(rig.name), RigParts(rig) as parts:
             flasher = parts.flasher()
             if flasher is None:
                 _fail(prog, f"rig {rig.name} has no flasher (flasher.kind: none)")
@@ -423,7 +450,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     try:
         # A simulated rig's board runs while the terminal is open (no driver opens here).
-        with RigParts(rig):
+        with RigLease(rig.name), RigParts(rig):
             _terminal(rig, address)
     except RigFault as fault:
         _fail(prog, str(fault.for_rig(rig.name)))
@@ -543,36 +570,54 @@ def cmd_defects(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    return _report("hil report", args.results, args.output, args.waive)
+    return _report("hil report", args.results, args.output, args.waive,
+                   sorted(args.rigs_dir.glob("*.yaml")))
 
 
-def _report(prog: str, results_dirs: list[Path], output: Path, waive: Path | None) -> int:
-    """The Allure report of ``results_dirs`` in ``output`` and the sign-off beside it; 0 on GO."""
+def _key_variables(rig_paths: Iterable[Path]) -> set[str]:
+    """The variables holding the rigs' access keys (``identity.access_key_env``) of the rig
+    files that load, and the default one: the report masks their values."""
+    from hil.rig.model import Identity
+
+    names = {Identity.model_fields["access_key_env"].default}
+    for path in rig_paths:
+        rig = _load(path)
+        if not isinstance(rig, ConfigError):
+            names.add(rig.identity.access_key_env)
+    return names
+
+
+def _report(prog: str, results_dirs: list[Path], output: Path, waive: Path | None,
+            rig_paths: Iterable[Path] = ()) -> int:
+    """The Allure report of ``results_dirs`` in ``output`` and the sign-off beside it; 0 on GO.
+    Every line printed and every file written is masked of the keys of ``rig_paths``' rigs and
+    of secret-named variables (``hil.report.redact``)."""
     import json
 
     from hil.report.generate import GeneratorFailed, generate
-    from hil.report.signoff import Redactor, decide, load_waivers, read_results, write
+    from hil.report.redact import Redactor
+    from hil.report.signoff import decide, load_waivers, read_results, write
 
-    # Input first, so a typo costs no report generation; the report replaces -o, so it goes
-    # first and the sign-off is written into it after.
+    redact = Redactor.from_environment(names=_key_variables(rig_paths))
+    # Input first, so a typo costs no report generation; the sign-off goes into the report
+    # directory once the report is in place.
     try:
-        results = read_results(results_dirs)
+        results = read_results(results_dirs, redact)
         waivers = load_waivers(waive) if waive else ()
         signoff = decide(results, waivers)
-        redact = Redactor.from_environment()
-        index = generate(results_dirs, output,
+        index = generate(results_dirs, output, redact=redact,
                          environment={key: redact(value)
                                       for key, value in signoff.environment().items()},
                          executor=json.loads(redact(json.dumps(signoff.executor()))))
         markdown, document = write(signoff, output, redact)
     except (ConfigError, GeneratorFailed) as error:
-        _fail(prog, str(error))
+        _fail(prog, redact(str(error)))
     except OSError as error:
-        _fail(prog, f"-o: cannot write {output}: {error.strerror}")
-    print(f"report:   {index} (serve it over HTTP: python3 -m http.server -d {output})")
-    print(f"sign-off: {markdown}, {document}")
-    print(signoff.coverage_line())
-    print(signoff.verdict_line())
+        _fail(prog, redact(f"-o: cannot write {output}: {error.strerror}"))
+    for line in (f"report:   {index} (serve it over HTTP: python3 -m http.server -d {output})",
+                 f"sign-off: {markdown}, {document}", signoff.coverage_line(),
+                 signoff.verdict_line()):
+        print(redact(line))
     return 0 if signoff.go else 1
 
 
@@ -722,7 +767,12 @@ def cmd_suite(args: argparse.Namespace) -> int:
     print(f"{prog}: the suite exited {status} after {elapsed:.0f} s", flush=True)
     if status not in (0, 1):        # 1: tests failed; anything else: it did not run
         _fail(prog, f"pytest could not run the suite (exit status {status})")
-    return _report(prog, [results], args.out / "allure-report", args.waive)
+    from hil.rig.model import find_rig
+
+    # The report masks the keys of the rigs run on and of every rig in rigs/.
+    rigs_dir = args.root / "rigs"
+    rig_paths = [find_rig(name, rigs_dir) for name in args.rigs] + sorted(rigs_dir.glob("*.yaml"))
+    return _report(prog, [results], args.out / "allure-report", args.waive, rig_paths)
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -750,6 +800,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-key",
                        help=f"base64 product access key (default: ${ACCESS_KEY_ENV})")
     serve.add_argument("--tasks", type=Path, metavar="FILE.yaml", help="several devices and tasks")
+    serve.add_argument("--packages-dir", type=Path, metavar="DIR",
+                       help="where a task file's packages are (default: the task file's "
+                            "directory); no package outside it is served")
+    serve.add_argument("--max-package-mib", type=_positive, metavar="MIB",
+                       default=MAX_PACKAGE_BYTES // (1024 * 1024),
+                       help="refuse a package larger than this many MiB (default %(default)s)")
     serve.add_argument("--dev-id")
     serve.add_argument("--manuf")
     serve.add_argument("--model")
@@ -772,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a download error's code as OneNET sends it, one raw byte (default), "
                        "or as the ASCII digit")
     serve.add_argument("--timeline", type=Path, metavar="FILE",
-                       help="append every exchange to FILE as JSON lines")
+                       help="append every exchange to FILE as JSON lines (a restart numbers on)")
     serve.set_defaults(run=cmd_serve)
 
     rigs_dir = _Parser(add_help=False)
@@ -864,9 +920,14 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="RESULTS_DIR",
                         help="allure-results directories, one per host (default allure-results)")
     report.add_argument("-o", "--output", required=True, type=Path, metavar="REPORT_DIR",
-                        help="where the report and signoff.md/.json go (replaced)")
+                        help="where the report and signoff.md/.json go: a new or empty "
+                             "directory, or an earlier report (only its report files are "
+                             "replaced)")
     report.add_argument("--waive", type=Path, metavar="FILE.yaml",
                         help="known rig faults: a YAML list of {test, rig, reason}")
+    report.add_argument("--rigs-dir", type=Path, default=Path("rigs"),
+                        help="rig files whose access keys (identity.access_key_env) are masked "
+                             "in everything the report writes (default ./rigs)")
     report.set_defaults(run=cmd_report)
     return parser
 

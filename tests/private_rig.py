@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +37,12 @@ class PrivateRig:
     env: dict[str, str]          # os.environ with the rig's access key set
 
 
-def private_sim_rig(tmp_path: Path, rig: str = "sim-nrf52832") -> PrivateRig:
+def private_sim_rig(tmp_path: Path, rig: str = "sim-nrf52832", name: str | None = None
+                    ) -> PrivateRig:
+    """``name``: the copy's name before ``--control`` (default: the rig's, made unique, so that
+    tests run side by side under xdist never wait on each other's leases)."""
     base = read_yaml(ROOT / "rigs" / f"{rig}.yaml")
+    base["name"] = name or f"{rig}-{uuid.uuid4().hex[:6]}"
     document = defect_rig(base, validate(Rig, base, rig), None, tmp_path / "state")
     path = tmp_path / f"{document['name']}.yaml"
     path.write_text(yaml.safe_dump(document), encoding="utf-8")

@@ -26,7 +26,7 @@ def _steps(steps: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, dict]]:
     tmp = tmp_path_factory.mktemp("allure")
-    rig = private_sim_rig(tmp)
+    rig = private_sim_rig(tmp, name="allure-nrf52832")
     key = rig.env[rig.document["identity"]["access_key_env"]]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "testcases/test_download.py", "--hil-rig",
@@ -46,12 +46,12 @@ def test_labels_and_parameters_name_phase_scenario_board_rig_and_fault(results):
     result = by_name["test_a_range_failing_persistently_is_given_up_after_its_retries"]
     labels = {(label["name"], label["value"]) for label in result["labels"]}
     assert {("feature", "download"), ("severity", "critical"), ("board", "nrf52832"),
-            ("rig", "sim-nrf52832--control"), ("tag", "stall persistent"),
+            ("rig", "allure-nrf52832--control"), ("tag", "stall persistent"),
             ("story", "a range failing persistently is given up after its retries (stall)"),
             ("as_id", "download/a_range_failing_persistently_is_given_up_after_its_retries"
                       "[stall]")} <= labels
     shown = {p["name"]: p["value"] for p in result["parameters"] if p.get("mode") != "hidden"}
-    assert shown == {"board": "'nrf52832'", "rig": "'sim-nrf52832--control'",
+    assert shown == {"board": "'nrf52832'", "rig": "'allure-nrf52832--control'",
                      "firmware": "'1.0.0'", "target": "'1.1.0'"}
 
 
@@ -101,7 +101,7 @@ def test_the_session_writes_its_environment_and_categories(results):
                       (directory / "environment.properties").read_text().splitlines())
     assert properties["firmware.build"] == "1.1.0"
     assert properties["package.md5"].startswith("nrf52832=")
-    assert properties["rigs"] == "sim-nrf52832--control (nrf52832)"
+    assert properties["rigs"] == "allure-nrf52832--control (nrf52832)"
     assert properties["service"] == "mock"
     assert {"hil.version", "pytest.version", "pyocd.version", "esptool.version"} \
         <= set(properties)

@@ -504,8 +504,8 @@ def test_power_cut_through_a_hook_is_a_rig_fault(on: bool) -> None:
         ConsoleHookPower(console).output(on)
     assert caught.value.part == "power"
     assert caught.value.message == (
-        "the console hook cannot switch power; give the rig a bench supply for power cuts"
-    )
+        "the console hook cannot switch power; give the rig a bench supply, a USB hub port "
+        "or a relay command for power cuts (power.kind: scpi, usb-hub, command)")
     assert console.commands == []
 
 

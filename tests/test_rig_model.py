@@ -406,7 +406,7 @@ MISTAKES: dict[str, tuple[Any, str, str]] = {
     "unknown flasher kind": (edited(NRF, flasher={"kind": "jtag"}), "flasher",
                              "kind must be one of swd, esp, process, none"),
     "unknown power kind": (edited(NRF, power={"kind": "relay"}), "power",
-                           "kind must be one of scpi, console, process, none"),
+                           "kind must be one of scpi, usb-hub, command, console, process, none"),
     "unknown rf kind": (edited(NRF, rf={"kind": "shield"}), "rf",
                         "kind must be one of attenuator, console, none"),
     "rf without a kind": (edited(NRF, rf={}), "rf", "kind must be one of"),

@@ -83,3 +83,39 @@ def test_a_vanished_port_and_a_hung_board_do_not_stop_the_suite(bench, tmp_path)
     [log] = records.glob("*test_3_a_hung_board*.console.log")
     assert log.read_text().count("boot version=1.0.0") >= 2     # the power cycle, the factory
     assert time.monotonic() - started < 120
+
+
+LEFT_RUNNING = '''
+def test_1_leaves_an_attempt_running(ota):
+    ota.shape_task(retry=3, interval=10)    # a board that retries, slowly
+    ota.inject("stall", at=0, persistent=True, seconds=60)
+    attempt = ota.update(timeout=1.0)        # gives up on the board long before it gives up
+    assert attempt.timed_out
+
+
+def test_2_the_next_board_is_restored_anyway(board):
+    assert board.version() == "1.0.0"
+'''
+
+
+@pytest.mark.slow
+def test_a_board_busy_with_an_attempt_a_test_left_running_is_power_cycled_first(bench, tmp_path):
+    """The firmware refuses ``test factory`` while an attempt runs (its service gone, it is
+    retrying): the next test's board fixture power-cycles it through the rig's supply instead
+    of failing that test for what the previous one left behind."""
+    rig_file, env = bench
+    (tmp_path / "test_left.py").write_text(LEFT_RUNNING, encoding="utf-8")
+    records = tmp_path / "records"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path / "test_left.py"), "--hil-rig",
+         str(rig_file), "--hil-timeline-dir", str(records), "-p", "no:cacheprovider", "-v",
+         "-rE", "--rootdir", str(ROOT), "-c", str(ROOT / "pytest.ini")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    out = done.stdout
+    assert re.search(r"test_1_leaves_an_attempt_running\[lab-bench\] PASSED", out), out
+    assert re.search(r"test_2_the_next_board_is_restored_anyway\[lab-bench\] PASSED", out), out
+    [log] = records.glob("*test_2_the_next_board*.console.log")
+    text = log.read_text()
+    # Refused, then the power cycle's boot, then the factory reset that now succeeds.
+    assert "ERR busy" in text, text
+    assert text.index("ERR busy") < text.rindex("boot version="), text

@@ -56,8 +56,8 @@ def load(tmp_path: Path, doc: dict[str, Any]) -> Any:
 # ------------------------------------------------------------------------------- rig keys
 @pytest.mark.parametrize(("changes", "message"), [
     ({"ota__trigger": "power-cycle", "power": {"kind": "none"}},
-     "ota.trigger: power-cycle needs power the rig can cut (power.kind: scpi), not power.kind:"
-     " none"),
+     "ota.trigger: power-cycle needs power the rig can cut (power.kind: scpi, usb-hub or "
+     "command), not power.kind: none"),
     ({"ota__trigger": "wait"},
      "ota.trigger: wait needs ota.check_period (the seconds between the firmware's own checks)"),
     ({"rf": {"kind": "console"}},

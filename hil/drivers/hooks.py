@@ -58,7 +58,8 @@ class ConsoleHookPower(ConsoleHook):
     def output(self, on: bool) -> None:
         raise RigFault(
             "power",
-            "the console hook cannot switch power; give the rig a bench supply for power cuts",
+            "the console hook cannot switch power; give the rig a bench supply, a USB hub port "
+            "or a relay command for power cuts (power.kind: scpi, usb-hub, command)",
         )
 
 

@@ -8,13 +8,18 @@ Dialects differ in command spelling only, so the commands are class attributes (
 and a dialect is a subclass that overrides them: ``ScpiPower`` speaks the subset common to the
 Rigol DP800, Keysight E36xx and Siglent SPD series for a single-output supply (or the selected
 output); ``ChannelScpiPower`` addresses one output of a multi-output Rigol DP800 in every command.
+
+Power that is switched rather than set (a USB hub port, a relay) is ``hil.drivers.switched``;
+``power_cycle`` here cycles any PowerProtocol part, in one step where the part has its own.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import ClassVar
 
+from hil.drivers.base import PowerProtocol
 from hil.drivers.scpi import ScpiInstrument
 
 _ERROR_CODE = re.compile(r"\s*([+-]?\d+)")
@@ -26,6 +31,20 @@ def check_percent(percent: int) -> None:
     """A battery level is 0..100 %; anything else is a mistake in the test, not a fault."""
     if not 0 <= percent <= 100:
         raise ValueError(f"battery level {percent} % is outside 0..100 %")
+
+
+def power_cycle(supply: PowerProtocol, off_s: float) -> None:
+    """Off, dark, on. A part with a ``cycle()`` of its own (a USB hub port, a relay command,
+    ``hil.drivers.switched``) does it in one step and keeps the board dark as long as its rig
+    file says (``off_s``: a dev board's capacitors may outlast a short blink); any other is
+    switched off, kept dark ``off_s`` seconds, and on."""
+    cycle = getattr(supply, "cycle", None)
+    if callable(cycle):
+        cycle()
+        return
+    supply.output(False)
+    time.sleep(off_s)
+    supply.output(True)
 
 
 class ScpiPower(ScpiInstrument):

@@ -454,9 +454,11 @@ def needs_a_shell(name: str, params: Mapping[str, Any], *, power: str, rf: str,
     if name == "reboot" and flasher == "none":      # else a reset through the flasher
         return "the firmware hook `sys reboot`"
     if name == "low-power" and power != "scpi":
-        return "the firmware hook `test power`"
+        # A USB hub port or a relay (power.kind usb-hub, command) cuts, but sets no voltage.
+        return ("a bench supply that sets a level (power.kind: scpi) or the firmware hook "
+                "`test power`")
     if name == "bad-signal" and rf != "attenuator":
-        return "the firmware hook `test signal`"
+        return "an attenuator (rf.kind: attenuator) or the firmware hook `test signal`"
     if name == "power-cut" and params.get("during") == "flash" and not narrates:
         # The cut is timed to the write by the board's own line (``ota phase=flash bytes=N``):
         # the service sees nothing between the 101 and the reboot to time it by.

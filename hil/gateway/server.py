@@ -12,6 +12,15 @@ serves its requests in order (pipelined ones wait their turn), each through ``_s
 the armed faults, run the request-side ones, forward (or answer in the service's place), change
 and deliver the answer as the plan says (``hil.gateway.faults``), and record one ``Exchange``.
 
+Every exchange the service saw is recorded, with how it ended for the device (``ended``):
+``answered``, ``device gone`` (it left before or while its answer went out: its HTTP timeout, a
+power cut; no error for ``raise_errors``, the device's retry will show), or ``cut by fault``. A
+device that half-closes after its requests is answered, then closed. What a device costs is
+bounded: the next request is forwarded only once the device has read enough of the answers
+before it, parsing stops while ``_QUEUE_HIGH`` requests wait, and a service's answer is held up
+to ``max_answer_head``/``max_answer_body`` (a 502 past them); connections and request time are
+bounded as ``hil.service.http`` bounds them.
+
 Forwarding is faithful: the request goes with its method, target (after the base URL's path),
 HTTP version, headers (names, order and repeats as sent; values without surrounding blanks) and
 body, only ``Host`` rewritten to the service's (kept as sent with ``keep_host``); the device gets
@@ -50,6 +59,8 @@ from hil.gateway.faults import (
     shift_content_range,
 )
 from hil.gateway.upstream import (
+    MAX_ANSWER_BODY,
+    MAX_ANSWER_HEAD,
     UpstreamAnswer,
     UpstreamConnection,
     UpstreamError,
@@ -71,6 +82,13 @@ _QUEUE_HIGH, _QUEUE_LOW = 16, 4   # pipelined requests waiting: stop reading abo
 _NO_PLAN = Plan()           # shared by every request no fault fired on; never changed
 _CONNECTION_NUMBERS = itertools.count(1)
 _PLAIN = (("Content-Type", "text/plain"),)
+_ACK_WAIT = 5.0             # seconds a device that sent its FIN has to acknowledge an answer
+_TCP_CLOSE = 7              # Linux's TCP_CLOSE state (tcp_states.h): the peer reset
+
+# How an exchange ended for the device (``Exchange.ended``).
+ANSWERED = "answered"           # the answer went out whole (a fault may have changed or slowed it)
+DEVICE_GONE = "device gone"     # it left before or while its answer went out
+CUT_BY_FAULT = "cut by fault"   # a fault withheld or cut the answer (drop, stall, limit, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +112,17 @@ class Gateway:
 
     def __init__(self, upstream: str, timeline: Timeline | None = None, host: str = "127.0.0.1",
                  port: int = 0, upstream_timeout: float = 10.0, *,
-                 keep_host: bool = False) -> None:
+                 keep_host: bool = False, max_connections: int = 512,
+                 request_timeout: float = 30.0, max_answer_head: int = MAX_ANSWER_HEAD,
+                 max_answer_body: int = MAX_ANSWER_BODY) -> None:
+        """``max_connections``, ``request_timeout``: the device side's limits, as
+        ``hil.service.http.HttpServer``'s (512 devices' connections at once; 30 s for a
+        request to arrive whole). ``max_answer_head``/``max_answer_body``: the most of a
+        service's answer it holds (64 KiB of head, 64 MiB of body: a whole package fetched at
+        once fits); a larger answer is a 502 to the device, recorded."""
         self.upstream = upstream
+        self.max_answer_head = max_answer_head
+        self.max_answer_body = max_answer_body
         # The device's Host header goes upstream unchanged: a board with a hard-coded host
         # (hil's DNS sent it here) names the service's host itself, as the service must see it.
         self.keep_host = keep_host
@@ -111,6 +138,8 @@ class Gateway:
         self._hooks: ThreadPoolExecutor | None = None
         self._server = BackgroundServer(host=host, port=port, thread_name="hil-gateway",
                                         max_requests=sys.maxsize,
+                                        max_connections=max_connections,
+                                        request_timeout=request_timeout,
                                         connection=lambda http: _GatewayConnection(http, self))
 
     def __repr__(self) -> str:
@@ -235,7 +264,12 @@ class Gateway:
 
 
 class _GatewayConnection(RequestReader):
-    """A device's connection: requests queue in order, one worker task serves them."""
+    """A device's connection: requests queue in order, one worker task serves them.
+
+    Back-pressure both ways: the worker forwards a request only once the device has read enough
+    of the answers before it (the transport is under its high-water mark), and parsing stops
+    while ``_QUEUE_HIGH`` requests wait.
+    """
 
     def __init__(self, server: HttpServer, gateway: Gateway) -> None:
         super().__init__(server)
@@ -245,20 +279,32 @@ class _GatewayConnection(RequestReader):
         self._queue: deque[_Item | tuple[int, str]] = deque()
         self.worker: asyncio.Task[None] | None = None
         self._upstream: UpstreamConnection | None = None
-        self._paused = False
         self._release: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
 
     # -- the request side ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._gateway._connections.add(self)
+        if not self._closing:   # else refused: over max_connections
+            self._gateway._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._gateway._connections.discard(self)
         self.release()   # a stall holds nothing once the device is gone
-        if self.worker is None and self._upstream is not None:
-            self._upstream.close()   # else the worker does, once the service has answered
+        self._wake_writer()
+        if self.worker is None:
+            self._queue.clear()
+            if self._upstream is not None:
+                self._upstream.close()   # else the worker does, once the service has answered
+
+    def eof_received(self) -> bool:
+        self.release()   # a stall ends when the device has sent its last byte, as when it leaves
+        return super().eof_received()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._wake_writer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -280,11 +326,14 @@ class _GatewayConnection(RequestReader):
             self._closing = True
             self._enqueue((status, reason))
 
+    def _busy(self) -> bool:
+        return len(self._queue) >= _QUEUE_HIGH
+
+    def _owes(self) -> bool:
+        return bool(self._inbox or self._queue) or self.worker is not None
+
     def _enqueue(self, item: _Item | tuple[int, str]) -> None:
         self._queue.append(item)
-        if len(self._queue) > _QUEUE_HIGH and self._transport is not None and not self._paused:
-            self._paused = True
-            self._transport.pause_reading()
         if self.worker is None:
             self.worker = asyncio.get_running_loop().create_task(self._work())
 
@@ -300,14 +349,30 @@ class _GatewayConnection(RequestReader):
         if self._release is not None and not self._release.done():
             self._release.set_result(None)
 
+    def _wake_writer(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def _until_writable(self, transport: asyncio.Transport) -> None:
+        """Until the device has read enough of its answers (or is gone)."""
+        while self._write_paused and not transport.is_closing():
+            self._writable = asyncio.get_running_loop().create_future()
+            try:
+                await self._writable
+            finally:
+                self._writable = None
+
     async def _work(self) -> None:
+        transport = self._transport
+        assert transport is not None
         try:
-            while self._queue and self._transport is not None \
-                    and not self._transport.is_closing():
+            while self._queue and not transport.is_closing():
+                await self._until_writable(transport)
+                if transport.is_closing():
+                    break
                 item = self._queue.popleft()
-                if self._paused and len(self._queue) < _QUEUE_LOW:
-                    self._paused = False
-                    self._transport.resume_reading()
+                if len(self._queue) < _QUEUE_LOW and (self._inbox or self._reading_paused):
+                    self._resume()
                 if isinstance(item, _Item):
                     await self._serve(item)
                 else:
@@ -320,9 +385,12 @@ class _GatewayConnection(RequestReader):
             super().shutdown()
         finally:
             self.worker = None
-            if self._upstream is not None and (self._transport is None
-                                               or self._transport.is_closing()):
-                self._upstream.close()
+            if transport.is_closing():
+                self._queue.clear()   # requests the service never saw: their device is gone
+                if self._upstream is not None:
+                    self._upstream.close()
+            else:
+                self._resume()   # a device that half-closed: closed once it is owed nothing
 
     # -- one request ---------------------------------------------------------------------------
     async def _serve(self, item: _Item) -> None:
@@ -354,9 +422,9 @@ class _GatewayConnection(RequestReader):
                         loaded = orjson.loads(answer.body)
                         data = loaded if isinstance(loaded, dict) else None
                 gateway._learn(target, dev_id, answer, data)
-        sent_body, head = await self._deliver(answer, item, plan, epoch)
+        sent_body, head, ended = await self._deliver(answer, item, plan, epoch)
         self._record(item, target, dev_id, answer, head, data, sent_body, fired,
-                     ", ".join(labels) or None, started)
+                     ", ".join(labels) or None, started, ended)
 
     async def _forward(self, item: _Item, plan: Plan) -> UpstreamAnswer:
         gateway = self._gateway
@@ -368,8 +436,7 @@ class _GatewayConnection(RequestReader):
         if not reused:
             if connection is not None:
                 connection.close()
-            connection = self._upstream = await UpstreamConnection.open(
-                url, gateway.upstream_timeout)
+            connection = self._upstream = await self._open_upstream(url)
         assert connection is not None
         try:
             return await connection.exchange(request, gateway.upstream_timeout, no_body=no_body)
@@ -379,20 +446,26 @@ class _GatewayConnection(RequestReader):
             if not (reused and error.status == 502 and connection.answered_nothing
                     and item.request.method in ("GET", "HEAD")):
                 raise
-        connection = self._upstream = await UpstreamConnection.open(url,
-                                                                     gateway.upstream_timeout)
+        connection = self._upstream = await self._open_upstream(url)
         return await connection.exchange(request, gateway.upstream_timeout, no_body=no_body)
 
+    async def _open_upstream(self, url: UpstreamURL) -> UpstreamConnection:
+        gateway = self._gateway
+        return await UpstreamConnection.open(url, gateway.upstream_timeout,
+                                             max_head=gateway.max_answer_head,
+                                             max_body=gateway.max_answer_body)
+
     async def _deliver(self, answer: UpstreamAnswer | None, item: _Item, plan: Plan,
-                       epoch: int) -> tuple[int | None, bytes]:
-        """Send the answer as the plan says; the body bytes sent and the head as changed."""
+                       epoch: int) -> tuple[int | None, bytes, str]:
+        """Send the answer as the plan says: the body bytes sent, the head as changed, and how
+        the exchange ended for the device (``ANSWERED``, ``DEVICE_GONE``, ``CUT_BY_FAULT``)."""
         transport = self._transport
         assert transport is not None
         if answer is None:   # drop: no answer at all
             if plan.delay:
                 await asyncio.sleep(plan.delay)
             self._close(transport)
-            return None, b""
+            return None, b"", CUT_BY_FAULT
         head, body, cut_body = answer.head, answer.body, None
         for armed in plan.transforms:
             fault = armed.fault
@@ -408,27 +481,35 @@ class _GatewayConnection(RequestReader):
             wire_body = wire_body[:cut_body]
         data = head + wire_body
         close = cut_body is not None or not answer.keep_alive or not item.keep_alive
-        if plan is _NO_PLAN:
+        if plan is _NO_PLAN and not self._eof:   # the path of every unfaulted exchange
+            if transport.is_closing():
+                return 0, head, DEVICE_GONE
             transport.write(data)
             if close:
                 self._close(transport)
-            return len(wire_body), head
+            return len(wire_body), head, ANSWERED
         if plan.delay:
             await asyncio.sleep(plan.delay)
         if plan.stall is not None:
             if epoch == self._gateway._epoch:   # else cleared while the service answered
                 await self._hold(plan.stall)
             self._close(transport)
-            return 0, head
+            return 0, head, CUT_BY_FAULT
+        if transport.is_closing():   # it left while the service answered, or a fault delayed
+            return 0, head, DEVICE_GONE
+        cut = cut_body is not None
         if plan.cut is not None:
-            data, close = data[:plan.cut], True
-        await self._write(transport, data, plan)
+            data, close, cut = data[:plan.cut], True, True
+        sent = await self._write(transport, data, plan)
+        ended = CUT_BY_FAULT if cut or plan.reset else ANSWERED
+        if sent < len(data) or (self._eof and not await _taken(transport)):
+            ended = DEVICE_GONE
         if plan.reset:
             await _drained(transport)
             _reset(transport)
         elif close:
             self._close(transport)
-        return max(0, len(data) - len(head)), head
+        return max(0, sent - len(head)), head, ended
 
     async def _hold(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -443,17 +524,19 @@ class _GatewayConnection(RequestReader):
             self._release = None
 
     @staticmethod
-    async def _write(transport: asyncio.Transport, data: bytes, plan: Plan) -> None:
+    async def _write(transport: asyncio.Transport, data: bytes, plan: Plan) -> int:
+        """Write ``data`` at the plan's pace; the bytes written before the device was gone."""
         pace = plan.pace
         if pace is None:
             transport.write(data)
-            return
+            return len(data)
         for at in range(0, len(data), pace.size):
             if at:
                 await asyncio.sleep(pace.gap)
             if transport.is_closing():
-                return
+                return at
             transport.write(data[at:at + pace.size])
+        return len(data)
 
     def _close(self, transport: asyncio.Transport) -> None:
         self._closing = True
@@ -462,7 +545,7 @@ class _GatewayConnection(RequestReader):
     def _record(self, item: _Item, target: Route, dev_id: str | None,
                 answer: UpstreamAnswer | None, head: bytes, data: dict[str, Any] | None,
                 sent_body: int | None, fired: list[Armed], label: str | None,
-                started: float) -> None:
+                started: float, ended: str) -> None:
         request = item.request
         phase = target.endpoint
         headers = dict(request.headers)
@@ -490,7 +573,7 @@ class _GatewayConnection(RequestReader):
             result=_result_of(phase, request.body), range=request.header("range"),
             content_range=content_range, length=length, error_byte=error_byte,
             duration_ms=round((time.perf_counter() - started) * 1000, 3), fault=label,
-            connection=self.number))
+            connection=self.number, ended=ended))
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -589,6 +672,36 @@ async def _drained(transport: asyncio.Transport, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while transport.get_write_buffer_size() and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
+
+
+async def _taken(transport: asyncio.Transport, timeout: float = _ACK_WAIT) -> bool:
+    """Whether a device that had sent its FIN took the answer just written. A FIN alone does not
+    tell a device that half-closed and reads on (its TCP acknowledges the answer) from one that
+    closed and left (its TCP resets the connection); Linux shows which (TCP_INFO, SIOCOUTQ).
+    Elsewhere it counts as taken; on Linux, with neither within ``timeout`` (a device powered
+    off after its FIN), as gone."""
+    sock = cast(socket.socket | None, transport.get_extra_info("socket"))
+    if sys.platform != "linux" or sock is None:
+        return True
+    import fcntl
+    import termios
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if transport.is_closing():   # a write failed: the device is gone
+            return False
+        if not transport.get_write_buffer_size():
+            try:
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                unacked, = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                          b"\0\0\0\0"))
+            except OSError:
+                return False
+            if state == _TCP_CLOSE:
+                return False
+            if unacked == 0:
+                return True
+        await asyncio.sleep(0.001)
+    return False
 
 
 def _reset(transport: asyncio.Transport) -> None:

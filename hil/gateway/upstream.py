@@ -6,6 +6,10 @@ send, TLS for https). ``UpstreamConnection`` sends one request at a time and ret
 byte, so a device gets what the service sent) and its body. Framing follows the service: a
 Content-Length, chunks (decoded here; ``Answer.wire_body`` frames them again as one chunk), or
 the end of the connection (OneNET's one-byte download error has no Content-Length).
+Interim answers (``100 Continue``, any 1xx but 101) are read past: the device gets the final one.
+
+What it holds is bounded: an answer's head to ``max_head`` bytes, its body to ``max_body``
+(announced larger, or grown larger, the exchange fails with a 502 naming the limit).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-MAX_ANSWER_BYTES = 256 * 1024 * 1024   # a package is a few MB; past this the service is broken
+MAX_ANSWER_HEAD = 64 * 1024            # OneNET's heads are a few hundred bytes
+MAX_ANSWER_BODY = 64 * 1024 * 1024     # above a whole OTA package (a few MB) fetched at once
 
 
 class UpstreamError(Exception):
@@ -87,18 +92,23 @@ class _Pending:
     future: asyncio.Future[UpstreamAnswer]
     no_body: bool                           # a HEAD: the answer ends with its head
     received: int = 0                       # bytes of this answer so far
+    body_bytes: int = 0
     head: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     body: list[bytes] = field(default_factory=list)
     raw: bytearray = field(default_factory=bytearray)   # bytes until the head is complete
     headed: bool = False
+    interim: bool = False                   # the head just parsed was a 1xx: not the answer
 
 
 class UpstreamConnection(asyncio.Protocol):
     """A connection to the service; ``exchange`` sends a request and awaits its answer."""
 
-    def __init__(self, url: UpstreamURL) -> None:
+    def __init__(self, url: UpstreamURL, *, max_head: int = MAX_ANSWER_HEAD,
+                 max_body: int = MAX_ANSWER_BODY) -> None:
         self.url = url
+        self.max_head = max_head
+        self.max_body = max_body
         self.used = 0                       # answers received on it
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
@@ -107,12 +117,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
 
     @classmethod
-    async def open(cls, url: UpstreamURL, timeout: float) -> UpstreamConnection:
+    async def open(cls, url: UpstreamURL, timeout: float, *, max_head: int = MAX_ANSWER_HEAD,
+                   max_body: int = MAX_ANSWER_BODY) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         context = ssl.create_default_context() if url.scheme == "https" else None
         try:
             _, connection = await asyncio.wait_for(loop.create_connection(
-                lambda: cls(url), url.host, url.port, ssl=context,
+                lambda: cls(url, max_head=max_head, max_body=max_body), url.host, url.port,
+                ssl=context,
                 server_hostname=url.host if context else None), timeout)
         except TimeoutError:
             raise UpstreamError(504, f"connecting to {url.url} timed out after "
@@ -158,15 +170,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         pending.received += len(data)
-        if pending.received > MAX_ANSWER_BYTES:
-            self._fail(UpstreamError(502, f"the answer is over {MAX_ANSWER_BYTES} bytes"))
-            return
         if not pending.headed:
             pending.raw += data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
-            self._fail(UpstreamError(502, f"the service's answer is not HTTP: {error}"))
+            # llhttp wraps what a callback raised: an UpstreamError there is a limit of ours.
+            over = error.__cause__ or error.__context__
+            self._fail(over if isinstance(over, UpstreamError) else
+                       UpstreamError(502, f"the service's answer is not HTTP: {error}"))
+            return
+        if not pending.headed and len(pending.raw) > self.max_head:
+            self._fail(UpstreamError(502, f"the service's answer head is over {self.max_head} "
+                                          f"bytes"))
 
     def eof_received(self) -> bool | None:
         self._ended()
@@ -184,23 +200,45 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         pending = self._pending
         assert pending is not None
-        raw = bytes(pending.raw)
+        raw = pending.raw
         end = raw.find(b"\r\n\r\n", raw.find(b"HTTP/"))
-        pending.head = raw[:end + 4] if end >= 0 else raw
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 102 Processing): the final one follows, and may
+            # have come in the same read, after this head.
+            pending.interim = True
+            pending.raw = raw[end + 4:] if end >= 0 else bytearray()
+            pending.headers = {}
+            return
+        pending.head = bytes(raw[:end + 4] if end >= 0 else raw)
         pending.raw = bytearray()
         pending.headed = True
         if pending.no_body:
             self._complete(self._parser.should_keep_alive())
+            return
+        length = pending.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            raise self._over_body()
 
     def on_body(self, body: bytes) -> None:
-        assert self._pending is not None
-        self._pending.body.append(body)
+        pending = self._pending
+        assert pending is not None
+        pending.body_bytes += len(body)
+        if pending.body_bytes > self.max_body:
+            raise self._over_body()
+        pending.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._pending is not None and not self._pending.future.done():
+        pending = self._pending
+        if pending is not None and pending.interim:
+            pending.interim = False
+        elif pending is not None and not pending.future.done():
             self._complete(self._parser.should_keep_alive())
 
     # -- helpers -----------------------------------------------------------------------------
+    def _over_body(self) -> UpstreamError:
+        return UpstreamError(502, f"the service's answer body is over {self.max_body} bytes")
+
     def _complete(self, keep_alive: bool, *, close_delimited: bool = False) -> None:
         pending = self._pending
         assert pending is not None

@@ -28,7 +28,16 @@ class Endpoint(StrEnum):
     UNKNOWN = "unknown"
 
 
-_TOKEN = r"([A-Za-z0-9_\-.]{1,64})"
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-.]{1,64}")
+_TOKEN = f"({_TOKEN_RE.pattern})"
+
+
+def is_valid_token(token: str) -> bool:
+    """A task token the routes below can match in a request path (1..64 of ``[A-Za-z0-9_-.]``):
+    a task with any other token could be offered but never downloaded."""
+    return _TOKEN_RE.fullmatch(token) is not None
+
+
 # (path pattern, endpoint, HTTP method). /ota/check is the oldest detect path (seed 001), and
 # /ota/download/{token} the download address seed 001 gives for the token.
 # Downloads first: they are most of the requests a device makes.

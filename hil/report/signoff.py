@@ -23,8 +23,8 @@ check broken and lists every finding. By default:
    same test passed, or when a waiver (``--waive FILE``) names it with a reason.
 
 Skipped tests do not block GO; they are counted, and listed. Every text that reaches the
-summary goes through ``Redactor``: secrets (access keys, tokens from the environment, signatures
-of OneNET Authorization values) never do.
+summary goes through ``Redactor`` (``hil.report.redact``): secrets (access keys, tokens from the
+environment, signatures of OneNET Authorization values, in any of their encodings) never do.
 """
 
 from __future__ import annotations
@@ -42,8 +42,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from hil.configfile import STRICT, load_model
+from hil.configfile import (
+    JSON_LIMIT,
+    STRICT,
+    YAML_LIMIT,
+    load_json,
+    load_model,
+    read_bounded,
+    shorten,
+)
 from hil.errors import ConfigError
+from hil.report.redact import Redactor
+
+__all__ = ["Redactor"]   # its home was here: ``from hil.report.signoff import Redactor`` works
 
 NONE = "(none)"
 PHASES = ("detect", "token", "download", "verify", "flash", "report")
@@ -60,33 +71,6 @@ class Status(StrEnum):
 
 # The columns of the board x phase table; an unknown outcome is counted with the broken ones.
 COLUMNS = (Status.PASSED, Status.FAILED, Status.BROKEN, Status.SKIPPED)
-
-
-# ---------------------------------------------------------------------------------- secrets
-_SECRET_NAME = re.compile(r"ACCESS_KEY|SECRET|TOKEN|PASSWORD|PASSWD|API_KEY", re.IGNORECASE)
-# The signature of a OneNET Authorization value (``...&sign=<base64>``), urlencoded or not.
-_SIGNATURE = re.compile(r"(sign(?:=|%3D))[^&\s\"']+", re.IGNORECASE)
-MASK = "***"
-
-
-@dataclass(frozen=True)
-class Redactor:
-    """Masks secrets in text: the values of secret-named environment variables and signatures."""
-
-    secrets: tuple[str, ...] = ()
-
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Redactor:
-        environ = os.environ if environ is None else environ
-        # Short values ("1", "on") are flags, not secrets, and masking them would garble text.
-        found = {value for name, value in environ.items()
-                 if _SECRET_NAME.search(name) and len(value) >= 8}
-        return cls(tuple(sorted(found, key=len, reverse=True)))
-
-    def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
-        return _SIGNATURE.sub(rf"\g<1>{MASK}", text)
 
 
 # ---------------------------------------------------------------------------------- results
@@ -236,19 +220,13 @@ def _coverage_file(path: Path, directory: Path, redact: Redactor) -> CoverageFil
             for entry in document["entries"])
     except (KeyError, TypeError, AttributeError) as error:
         raise ConfigError(str(path), f"not a hil coverage file ({type(error).__name__}: "
-                                     f"{error})") from None
+                                     f"{shorten(str(error))})") from None
     return CoverageFile(path, directory, str(document.get("host", "")), rigs, scenarios,
                         uncollected, planned)
 
 
 def _read_json_document(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except OSError as error:
-        raise ConfigError(str(path), f"cannot read: {error.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        line = f"line {error.lineno}: " if isinstance(error, json.JSONDecodeError) else ""
-        raise ConfigError(str(path), f"{line}not valid JSON") from None
+    return load_json(path, JSON_LIMIT, "results file")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -262,8 +240,8 @@ def _attempt(path: Path, document: dict[str, Any], source: Path, redact: Redacto
     try:
         status = Status(document["status"])
     except ValueError:
-        raise ConfigError(str(path), f"status: {document['status']!r} is not an Allure "
-                                     f"status ({', '.join(Status)})") from None
+        raise ConfigError(str(path), f"status: {shorten(repr(document['status']))} is not "
+                                     f"an Allure status ({', '.join(Status)})") from None
     label = _pairs(document.get("labels"))
     parameters = {name: _unquote(value) for name, value in
                   _pairs(document.get("parameters")).items()}
@@ -315,13 +293,12 @@ def _int(value: object) -> int:
 def _read_properties(directory: Path) -> dict[str, str]:
     """Java properties as Allure reads them: ``key=value`` or ``key: value``, # and ! comments."""
     path = directory / "environment.properties"
-    if not path.exists():
+    if not os.path.lexists(path):
         return {}
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        raise ConfigError(str(path), f"cannot read: {reason}") from None
+        text = read_bounded(path, YAML_LIMIT, "properties file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "cannot read: not UTF-8 text") from None
     properties: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
@@ -381,7 +358,7 @@ class WaiverFile(RootModel[tuple[Waiver, ...]]):
 def load_waivers(path: Path) -> tuple[Waiver, ...]:
     """A YAML list of ``{test, rig, board, reason}`` (rig and board optional); every mistake
     one line naming file and key."""
-    return load_model(WaiverFile, path).root
+    return load_model(WaiverFile, path, "waiver file").root
 
 
 # ---------------------------------------------------------------------------------- coverage

@@ -3,7 +3,10 @@ per rig before a suite's first test on it (``--hil-check-rigs``).
 
 One ``PartCheck`` per part the rig has: the console (the test shell answers its version
 command), the flasher (pyocd lists the SWD probe; an ESP32's bootloader is checked at flash
-time), the supply and the attenuator (each answers with its identity).
+time), the supply and the attenuator (each answers with its identity). Power that is switched
+is asked its state and never switched: a USB hub port through ``uhubctl -l <hub> -p <port>``
+(the hub must be listed and the port read), a relay through the rig's ``status`` command (or,
+without one, its commands must be found) (``hil.drivers.switched``).
 
 ``boots_on_sim(board, image)`` is the check of a base image: it is flashed, through the real
 flasher, onto a throwaway simulated board of that family (its own state directory and probe,

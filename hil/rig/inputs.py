@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hil.boards import BOARDS
 from hil.boards.images import FirmwareImage, UnknownImage, read_image
+from hil.configfile import IMAGE_LIMIT, read_bounded
 from hil.errors import ConfigError
 from hil.onenet.codes import is_valid_version
 from hil.rig.model import Rig
@@ -101,7 +102,7 @@ def resolve_builds(boards: Sequence[str], *, firmware: Sequence[str], package: S
                               "[a-zA-Z0-9_.-])")
     for flag, files in ((flags.firmware, firmwares), (flags.package, packages)):
         for value in files.values():     # a file named is checked, selected board or not
-            if not (base_dir / value).is_file():
+            if not (base_dir / value).exists():
                 raise ConfigError(flag, f"no such file {base_dir / value}")
     builds = {}
     for board in dict.fromkeys(boards):
@@ -116,12 +117,15 @@ def resolve_builds(boards: Sequence[str], *, firmware: Sequence[str], package: S
             path = own_package
             if version is None:     # the package says what it is
                 try:
-                    version = read_image(own_package.read_bytes()).version
-                except (UnknownImage, OSError):
+                    version = read_image(read_bounded(own_package, IMAGE_LIMIT,
+                                                      "package")).version
+                except (UnknownImage, ConfigError):
                     version = None  # refused by check_builds, naming the file
         base = own_firmware or root / "fixtures" / "images" / f"{board}-{DEFAULT_BASE}.bin"
         builds[board] = BoardBuild(
-            board, path, version, own_firmware, base if base.is_file() else None,
+            # A given base is checked whatever it is (a FIFO is refused by name, not skipped).
+            board, path, version, own_firmware,
+            base if own_firmware is not None or base.is_file() else None,
             package_given=own_package is not None,
             target_given=board in targets or None in targets,
             plain_package=board not in packages and None in packages,
@@ -158,12 +162,15 @@ class BadInput(ConfigError):
 
 
 def _read(path: Path, what: str) -> FirmwareImage:
+    # Bounded: a FIFO or a device (--package /dev/zero) is refused, not read until memory ends.
     try:
-        return read_image(path.read_bytes())
+        data = read_bounded(path, IMAGE_LIMIT, what)
+    except ConfigError as error:
+        raise BadInput(path, f"{what}: {error.message}") from None
+    try:
+        return read_image(data)
     except UnknownImage as error:
         raise BadInput(path, f"{what}: {error}") from None
-    except OSError as error:
-        raise BadInput(path, f"{what}: cannot read it: {error.strerror}") from None
 
 
 def _read_for(path: Path, what: str, rig: Rig, flag: str, hint: bool) -> FirmwareImage:

@@ -15,7 +15,10 @@
     #   console: {command: [examples/onenet-agent/agent], build: [make, ...], env: {...}}
     #   flasher: {kind: process}    power: {kind: process}
     flasher: {kind: swd, probe: "000683xxxxxx", target: nrf52832}   # swd | esp | none
-    power: {kind: scpi, url: "socket://127.0.0.1:5025"}         # scpi | console | none
+    power: {kind: scpi, url: "socket://127.0.0.1:5025"}  # scpi|usb-hub|command|console|none
+    #   a USB hub port (uhubctl):  power: {kind: usb-hub, hub: "1-1.4", port: 2}
+    #   a relay or PDU's own tool: power: {kind: command, on: [relay, "3", "on"],
+    #                                      off: relay 3 off, status: relay 3 state}
     rf: {kind: console}                                             # attenuator | console | none
     ota: {service: mock}              # mock or a base URL; gateway_host for lab networks
                                       # trigger: reset | power-cycle | wait (shell: none)
@@ -32,12 +35,21 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from hil.boards import BOARDS, BoardFamily, FlasherKind
 from hil.configfile import STRICT, load_model
@@ -207,6 +219,80 @@ class ScpiPower(BaseModel):
             raise ValueError(f"empty_volts: {self.empty_volts} V is not below full_volts "
                              f"({self.full_volts} V)")
         return self
+
+
+def _argv(value: Any) -> Any:
+    """A command as a rig file gives it: a list of arguments, or one string split into them as
+    a shell would (``shlex``). Either way it is run without a shell: no pipes, no variables."""
+    if isinstance(value, str):
+        try:
+            words = shlex.split(value)
+        except ValueError as error:
+            raise ValueError(f"{value!r} is not a command line ({error})") from None
+        value = tuple(words)
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError("an empty command")
+    return value
+
+
+Command = Annotated[tuple[Annotated[str, Field(min_length=1)], ...], BeforeValidator(_argv),
+                    Field(min_length=1)]
+
+
+class UsbHubPower(BaseModel):
+    """The USB hub port the board is powered from, switched by uhubctl (Debian's package).
+
+    Off is a real cut where the hub switches VBUS port by port (uhubctl's list of compatible
+    hubs; its status says ``ppps``; a ``ganged`` hub cuts all its ports together). ``hub`` is
+    uhubctl's location (``-l``, as ``uhubctl`` with no options lists it), ``port`` the port
+    number on that hub. ``uhubctl`` is how to run it: another path, or ``sudo -n uhubctl``
+    where the hub needs root and no udev rule gives this user access."""
+
+    model_config = STRICT
+
+    kind: Literal["usb-hub"]
+    # bus-port[.port...]: "1-1.4" is port 4 of the hub on port 1 of bus 1's root hub
+    hub: str
+    port: Annotated[int, Field(ge=1, le=14, strict=True)]   # uhubctl's MAX_HUB_PORTS
+    off_s: Positive = 2.0         # how long a power cycle keeps the port off (uhubctl -d)
+    uhubctl: Command = ("uhubctl",)
+    timeout: Positive = 10.0      # seconds for one uhubctl run (a cycle: plus off_s)
+
+    @field_validator("hub")
+    @classmethod
+    def _a_location(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+(-\d+(\.\d+)*)?", value):
+            raise ValueError(f"{value!r} is not a hub location as uhubctl lists it "
+                             "(bus-port[.port...], e.g. 1-1.4)")
+        return value
+
+
+class CommandPower(BaseModel):
+    """Any relay or PDU with a command line: ``on`` and ``off`` switch the board's power, each
+    an argument list or a string split as a shell would (run without a shell). ``cycle``
+    (optional) is one command for off-then-on (a PDU's own reboot); without it a cycle is
+    ``off``, ``off_s`` seconds, ``on``. ``status`` (optional) is what ``hil rigs check`` runs
+    to see the switch answers without switching it (its first line of output is shown).
+    A command fails when it exits non-zero or outlasts ``timeout`` seconds."""
+
+    model_config = STRICT
+
+    kind: Literal["command"]
+    on: Command
+    off: Command
+    cycle: Command | None = None
+    status: Command | None = None
+    off_s: Positive = 2.0
+    timeout: Positive = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on:` or `off:` key as the boolean true or false.
+        if isinstance(value, dict) and (True in value or False in value):
+            value = {{True: "on", False: "off"}.get(key, key) if isinstance(key, bool) else key:
+                     item for key, item in value.items()}
+        return value
 
 
 class HookPower(BaseModel):
@@ -474,9 +560,13 @@ FlasherSpec = Annotated[
     | Annotated[ProcessFlasher, Tag("kind=process")]
     | Annotated[NoFlasher, Tag("kind=none")], _choice("swd, esp, process, none")]
 PowerSpec = Annotated[
-    Annotated[ScpiPower, Tag("kind=scpi")] | Annotated[HookPower, Tag("kind=console")]
+    Annotated[ScpiPower, Tag("kind=scpi")] | Annotated[UsbHubPower, Tag("kind=usb-hub")]
+    | Annotated[CommandPower, Tag("kind=command")] | Annotated[HookPower, Tag("kind=console")]
     | Annotated[ProcessPower, Tag("kind=process")]
-    | Annotated[NoPower, Tag("kind=none")], _choice("scpi, console, process, none")]
+    | Annotated[NoPower, Tag("kind=none")],
+    _choice("scpi, usb-hub, command, console, process, none")]
+# Power kinds that switch the board's power but set no level (no battery voltage to lower).
+SWITCHED_POWER = ("usb-hub", "command")
 RfSpec = Annotated[
     Annotated[AttenuatorRf, Tag("kind=attenuator")] | Annotated[HookRf, Tag("kind=console")]
     | Annotated[NoRf, Tag("kind=none")], _choice("attenuator, console, none")]
@@ -514,6 +604,9 @@ class Rig(BaseModel):
             if getattr(self, part).kind == "process" and self.console.command is None:
                 raise ValueError(f"{part}.kind: process is a host build's; give "
                                  "console.command")
+        if self.power.kind in SWITCHED_POWER and self.sim is not None:
+            raise ValueError(f"power.kind: {self.power.kind} switches a real board's power; a "
+                             "simulated board runs on its bench's supply (power.kind: scpi)")
         if self.console.command is not None and self.sim is not None:
             raise ValueError("sim: a host build (console.command) is not a simulated board")
         kind = self.flasher.kind
@@ -563,7 +656,7 @@ class Rig(BaseModel):
                              "(flasher.kind is none); use power-cycle or wait")
         if trigger == "power-cycle" and "power_cut" not in self.capabilities:
             raise ValueError("ota.trigger: power-cycle needs power the rig can cut (power.kind:"
-                             f" scpi), not power.kind: {self.power.kind}")
+                             f" scpi, usb-hub or command), not power.kind: {self.power.kind}")
         if trigger == "wait" and self.ota.check_period is None:
             raise ValueError("ota.trigger: wait needs ota.check_period (the seconds between "
                              "the firmware's own checks)")
@@ -617,9 +710,14 @@ class Rig(BaseModel):
             caps.add("space")        # the shell's `test space` hook
         if self.flasher.kind != "none":
             caps.add("flasher")
-        if self.power.kind not in ("none", "process"):   # a host build has no battery to set
+        # "power": a battery level can be set: by a supply, or by the firmware's `test power`
+        # hook (a switch sets none; beside one, a board with a shell still has its hook).
+        # A host build has no battery to set.
+        if self.power.kind in ("scpi", "console") or (
+                self.power.kind in SWITCHED_POWER and not self.shell_less):
             caps.add("power")
-        if self.power.kind in ("scpi", "process"):   # a process's power cut is SIGKILL
+        # "power_cut": the power really goes (a process's power cut is SIGKILL).
+        if self.power.kind in ("scpi", "process", *SWITCHED_POWER):
             caps.add("power_cut")
         if self.rf.kind != "none":
             caps.add("rf")
@@ -627,7 +725,7 @@ class Rig(BaseModel):
 
 
 def load_rig(path: Path) -> Rig:
-    return load_model(Rig, path)
+    return load_model(Rig, path, "rig file")
 
 
 def rig_of_test(test_id: str, names: Iterable[str]) -> str | None:

@@ -173,6 +173,24 @@ class RigParts:
                           empty_volts=spec.empty_volts, full_volts=spec.full_volts)
         from hil.drivers.hooks import ConsoleHookPower
 
+        if spec.kind in ("usb-hub", "command"):
+            from hil.drivers import switched
+
+            # A switch sets no battery level; a board with a shell still has its hook. The
+            # console is asked for at each use: an ESP32's is closed and reopened around flashing.
+            def level(percent: int) -> None:
+                ConsoleHookPower(self.console(), self.contract.commands["power"]
+                                 ).set_level(percent)
+
+            hook = None if self.rig.shell_less else level
+            if spec.kind == "usb-hub":
+                return switched.UsbHubPortPower(spec.hub, spec.port, uhubctl=spec.uhubctl,
+                                                off_s=spec.off_s, timeout=spec.timeout,
+                                                level=hook)
+            return switched.CommandLinePower(spec.on, spec.off, cycle=spec.cycle,
+                                             status=spec.status, off_s=spec.off_s,
+                                             timeout=spec.timeout, level=hook)
+
         return ConsoleHookPower(self.console(), command=self.contract.commands["power"])
 
     def _build_rf(self) -> Any:

@@ -36,6 +36,7 @@ from hil.onenet.messages import (
     Route,
     VersionReport,
     encode_answer,
+    is_valid_token,
     parse_result,
     parse_step,
     result_code,
@@ -142,6 +143,9 @@ class OtaService:
             raise ConfigError(f"task of {dev_id}", "a full-package task needs its package")
         if package is not None and package.size == 0:
             raise ConfigError(f"task of {dev_id}", "the package is empty")
+        if token is not None and not is_valid_token(token):
+            raise ConfigError(f"task of {dev_id}", f"token {token!r} cannot be in a request "
+                              "path: 1..64 of [A-Za-z0-9_-.]")
         with self._lock:
             self.add_device(dev_id)
             current = self._live_task(dev_id, task_type)

@@ -14,10 +14,19 @@ task shaped before it was offered). A gateway fault's hit is the exchange it hit
 field), not a second record. In the JSON-lines file a hit is a line with ``"kind":
 "fault-hit"`` and, like an exchange, a ``seq``, an ``at``, a ``dev_id`` and a ``phase``; an
 exchange's line has no ``kind``.
+
+``seq`` numbers every record of a file once: a timeline opened on a file that already holds one
+(a restarted ``hil serve --timeline``, a second pytest run on the same timeline directory) numbers
+on from its last record, and ``clear`` (a test's reset) forgets the records it holds in memory,
+not the numbers. A last line torn by a crash (no newline: a full disk, a power loss) is not a
+record: it is cut off on reopening, so that every line of the file stays one JSON record.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +36,7 @@ from typing import IO, Any
 
 import orjson
 
-from hil.errors import ServiceFault
+from hil.errors import ConfigError, ServiceFault
 from hil.onenet.codes import Errno
 from hil.onenet.messages import Endpoint
 
@@ -60,6 +69,9 @@ class Exchange:
     # The gateway's number for the device's TCP connection it came on (mock: None): a board
     # that reboots cannot keep one, so it tells requests before a reboot from those after.
     connection: int | None = None
+    # The gateway's: how the exchange ended for the device: "answered" (its answer went out),
+    # "device gone" (it left first), "cut by fault" (a fault withheld or cut it). Mock: None.
+    ended: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -86,6 +98,8 @@ class Exchange:
             outcome += f" result={self.result}"
         state = f" task={self.task_state}" if self.task_state else ""
         fault = f" [{self.fault}]" if self.fault else ""
+        if self.ended not in (None, "answered"):
+            fault += f" ({self.ended})"
         return (f"{clock} {self.dev_id or '-'} {self.phase.value:<8} {self.method} "
                 f"{self.target} -> {outcome}{state}{fault}")
 
@@ -149,6 +163,11 @@ class Timeline:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Unbuffered: each line is one write() to the OS, so a crash loses no answered line.
             self._sink = self.path.open("ab", buffering=0)
+            try:
+                self._seq = _continue_file(self._sink, self.path)
+            except BaseException:
+                self._sink.close()
+                raise
 
     def next_seq(self) -> int:
         with self._changed:
@@ -228,13 +247,70 @@ class Timeline:
                 self._changed.wait(remaining)
 
     def clear(self) -> None:
+        """Forget the records held in memory; ``seq`` numbers on (the file keeps every record,
+        and two of them must never share a number)."""
         with self._changed:
             self._exchanges.clear()
             self._hits.clear()
-            self._seq = 0
 
     def close(self) -> None:
         with self._changed:
             if self._sink is not None:
                 self._sink.close()
                 self._sink = None
+
+
+_TAIL_BLOCK = 64 * 1024
+_TORN = re.compile(rb'^\{("(s(e(q("(:[0-9]*)?)?)?)?)?)?$')   # a prefix of {"seq":N
+
+
+def _continue_file(sink: IO[bytes], path: Path) -> int:
+    """The last ``seq`` of the timeline file ``sink`` appends to (0 for an empty file), with a torn
+    last line cut off. A FIFO or a terminal (``--timeline /dev/stdout``) is written on from 0. A
+    file whose last line is not a record is refused: it is not a timeline to append to."""
+    status = os.fstat(sink.fileno())
+    if not stat.S_ISREG(status.st_mode):
+        return 0
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (status.st_dev, status.st_ino):
+            raise ConfigError(str(path), "was replaced while it was opened")
+        seq, torn = _last_seq(fd, status.st_size, path)
+    finally:
+        os.close(fd)
+    if torn:
+        # Cut what a crash left of a line being written: appending after it would make the torn
+        # piece and the next record one invalid line.
+        os.ftruncate(sink.fileno(), status.st_size - torn)
+    return seq
+
+
+def _last_seq(fd: int, end: int, path: Path) -> tuple[int, int]:
+    """The ``seq`` of the last whole line of the file ``fd`` (of ``end`` bytes), and the length of
+    the torn line after it."""
+    # The file may be large (a long-running service's): read back from its end to the start of
+    # its last whole line, a block at a time.
+    tail = b""
+    start = end
+    while start > 0 and tail.count(b"\n") < 2:
+        start = max(0, start - _TAIL_BLOCK)
+        tail = os.pread(fd, end - start, start)
+    complete, newline, torn = tail.rpartition(b"\n")
+    if not newline:
+        complete, torn = b"", tail
+    if torn and not (torn.startswith(b'{"seq":') or _TORN.match(torn)):
+        raise ConfigError(str(path), "its last line is not a timeline record: not a timeline "
+                                     "to append to")
+    last = complete.rsplit(b"\n", 1)[-1]
+    seq = 0
+    if last or (start == 0 and complete):
+        try:
+            record = orjson.loads(last)
+            seq = record["seq"]
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                raise TypeError(seq)
+        except (orjson.JSONDecodeError, TypeError, KeyError):
+            raise ConfigError(str(path), "its last line is not a timeline record: not a "
+                                         "timeline to append to") from None
+    return seq, len(torn)
