@@ -97,8 +97,8 @@ EXAMPLES = {
        for board, chip in [("esp32", "esp32-wroom-32"), ("gd32", "gd32f103c8"),
                            ("nrf52832", "nrf52832_xxaa")]},
     # The C agent run as a board (hil.rig.providers.process): SIGKILL is its power cut.
-    "host-agent": ("nrf52832", "nrf52832_xxaa",
-                   {"console", "space", "flasher", "power_cut"}),
+    # No shell (console.shell: none): no `test space` hook.
+    "host-agent": ("nrf52832", "nrf52832_xxaa", {"console", "flasher", "power_cut"}),
 }
 
 

@@ -230,13 +230,20 @@ def test_an_attempt_ends_on_silence(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("name", "params", "hook"), [
     ("no-space", {}, "`test space`"),
-    ("reboot", {}, "`sys reboot`"),
     ("power-cut", {"during": "flash"}, "`ota phase=flash bytes=N`"),
 ])
 def test_a_fault_that_needs_a_firmware_hook_is_unsupported_naming_it(shipped, name, params,
                                                                      hook):
     with pytest.raises(Unsupported, match=f"rig shipped has no shell: fault {name}.*{hook}"):
         shipped.ota.inject(name, **params)
+
+
+def test_a_reboot_is_a_reset_through_the_flasher_and_needs_sys_reboot_only_without_one():
+    from hil.faults.catalog import needs_a_shell
+
+    assert needs_a_shell("reboot", {}, power="scpi", rf="attenuator", flasher="swd") is None
+    assert needs_a_shell("reboot", {}, power="scpi", rf="attenuator",
+                         flasher="none") == "the firmware hook `sys reboot`"
 
 
 def test_no_shell_command_is_ever_sent(shipped):

@@ -19,7 +19,8 @@
  *   6. 101, then the md5 (205 on a mismatch)
  *   7. install: "install pending" recorded, secondary.bin renamed over primary.bin, exit 0 (the
  *      board reboots: hil restarts it) or execv itself (HIL_AGENT_REBOOT=exec)
- *   8. at the next start, 201 if the image booted is the target, else 204; then `ota end`.
+ *   8. at the next start, 201 if the image booted is the target, else 204; then `ota end`, and
+ *      the check every start makes (steps 1..7: its version report tells what now runs).
  */
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE
@@ -52,6 +53,8 @@
 #define TOKEN_LIFETIME_S 3600L
 #define DEFAULT_HTTP_TIMEOUT_S 5
 #define RETRY_FLOOR_MS 50              /* a "retries forever" build still does not spin */
+#define DEFAULT_FLASH_PAGE_MS 64       /* nRF52832 NVMC: 85 ms page erase + 1024 x 41 us word
+                                        * writes per 4 KiB, halved as hil's simulated boards do */
 
 /* Result codes (ONENET.md) and the errnos the agent acts on. */
 enum {
@@ -78,6 +81,7 @@ static struct {
     int http_timeout_s;
     int check_period_s;                /* 0: one attempt per boot */
     int reboot_exec;                   /* HIL_AGENT_REBOOT=exec: execv itself instead of exiting */
+    long flash_page_ms;                /* how long the install takes per 4 KiB page */
     char *const *argv;
 } cfg;
 
@@ -286,6 +290,7 @@ struct ota_state {
     long offset;
     int reported_101;
     int reported;                      /* the post-boot result is reported already */
+    int copied;                        /* the install's copy into primary.bin is complete */
 };
 
 static void sync_dir(void)
@@ -331,6 +336,8 @@ static void state_load(struct ota_state *s)
             s->offset = atol(value);
         else if (!strcmp(line, "reported_101"))
             s->reported_101 = atoi(value);
+        else if (!strcmp(line, "copied"))
+            s->copied = atoi(value);
     }
     fclose(file);
     s->present = s->stage[0] && s->token[0];
@@ -347,8 +354,9 @@ static void state_save(const struct ota_state *s)
         return;
     }
     fprintf(file, "stage=%s\ntoken=%s\ntarget=%s\nsize=%ld\nmd5=%s\nrunning=%s\nimage=%s\n"
-            "offset=%ld\nreported_101=%d\nreported=%d\n", s->stage, s->token, s->target, s->size,
-            s->md5, s->running, s->image, s->offset, s->reported_101, s->reported);
+            "offset=%ld\nreported_101=%d\nreported=%d\ncopied=%d\n", s->stage, s->token, s->target,
+            s->size, s->md5, s->running, s->image, s->offset, s->reported_101, s->reported,
+            s->copied);
     fflush(file);
     fsync(fileno(file));
     fclose(file);
@@ -762,29 +770,59 @@ static int download(const struct task *task, struct ota_state *s)
     return 0;
 }
 
-/* Replace primary.bin by secondary.bin if an install is pending and not done yet (what MCUboot
- * does at boot; also called right before the reboot). */
+/* Copy secondary.bin over primary.bin if an install is pending and its copy is not complete
+ * (what MCUboot's overwrite-only upgrade does at boot; also called right before the reboot).
+ * The copy goes page by page, each written and fsync'd, taking the time the nRF52832's NVMC
+ * takes to erase and program a page (HIL_FLASH_PAGE_MS): a power cut in the middle leaves half
+ * an image in primary.bin, and the next start copies the intact secondary.bin again from the
+ * start, announcing it again (`ota phase=flash bytes=N`), as MCUboot resumes from its trailer. */
 static void bootloader(void)
 {
     struct ota_state s;
     state_load(&s);
-    if (!s.present || strcmp(s.stage, "install") != 0)
+    if (!s.present || strcmp(s.stage, "install") != 0 || s.copied)
         return;
-    char primary[1200], secondary[1200], md5[33], version[32], why[160];
+    char primary[1200], secondary[1200], version[32], why[160];
     path_of(primary, sizeof primary, PRIMARY);
     path_of(secondary, sizeof secondary, SECONDARY);
-    if (file_md5_hex(primary, -1, md5) == 0 && strcmp(md5, s.running) != 0)
-        return;                            /* installed already, or reflashed since */
     if (access(secondary, F_OK) != 0)
         return;
     if (image_version(secondary, version, sizeof version, why, sizeof why) != 0) {
         say("E: bootloader: " SECONDARY " rejected: %s", why);
         return;
     }
-    say("I: bootloader: installing " SECONDARY " (%s) as " PRIMARY, version);
-    if (rename(secondary, primary) != 0)
+    struct stat st;
+    int from = open(secondary, O_RDONLY), to = -1;
+    if (from >= 0 && fstat(from, &st) == 0)
+        to = open(primary, O_WRONLY | O_CREAT | O_TRUNC, 0644);   /* the slot erased */
+    if (from < 0 || to < 0) {
         say("E: bootloader: cannot install: %s", strerror(errno));
+        if (from >= 0)
+            close(from);
+        return;
+    }
+    say("ota phase=flash bytes=%ld", (long)st.st_size);   /* the write starts now */
+    say("I: bootloader: installing " SECONDARY " (%s) as " PRIMARY, version);
+    static unsigned char page[CHUNK_SIZE];
+    long done = 0;
+    ssize_t n;
+    while ((n = read(from, page, sizeof page)) > 0) {
+        sleep_ms(cfg.flash_page_ms);       /* the page's erase and program */
+        if (write(to, page, (size_t)n) != n || fsync(to) != 0) {
+            say("E: bootloader: cannot write " PRIMARY ": %s", strerror(errno));
+            break;
+        }
+        done += n;
+        if (done == st.st_size || done % (4 * CHUNK_SIZE) == 0)
+            say("I: bootloader: copied %ld of %ld bytes", done, (long)st.st_size);
+    }
+    close(from);
+    close(to);
     sync_dir();
+    if (done == st.st_size) {
+        s.copied = 1;
+        state_save(&s);
+    }
 }
 
 static void reboot(void)
@@ -872,10 +910,10 @@ static int run_task(const struct task *task, const char *running_md5)
     report(task->token, R_UPGRADED);
     s.reported = 1;
 #endif
-    /* Committed before it is announced: once the log says `flash`, a power cut at any moment
-     * ends with the new image installed (the next start finishes it) and reported. */
+    /* Committed before the copy starts: a power cut at any moment after this ends with the new
+     * image installed (the next start copies it again) and reported. */
+    s.copied = 0;
     state_save(&s);
-    say("ota phase=flash bytes=%ld", task->size);
     bootloader();
     reboot();
     return END_NO_REPORT;
@@ -983,6 +1021,10 @@ static void configure(void)
     if (cfg.http_timeout_s <= 0)
         cfg.http_timeout_s = DEFAULT_HTTP_TIMEOUT_S;
     cfg.check_period_s = period ? atoi(period) : 0;
+    const char *page_ms = env("HIL_FLASH_PAGE_MS", 0);
+    cfg.flash_page_ms = page_ms ? atol(page_ms) : DEFAULT_FLASH_PAGE_MS;
+    if (cfg.flash_page_ms < 0)
+        cfg.flash_page_ms = DEFAULT_FLASH_PAGE_MS;
     const char *reboot_mode = env("HIL_AGENT_REBOOT", 0);
     cfg.reboot_exec = reboot_mode && !strcmp(reboot_mode, "exec");
 }
@@ -1051,9 +1093,8 @@ int main(int argc, char **argv)
         s.present = 0;
     }
     if (s.present && !strcmp(s.stage, "install"))
-        after_install(&s, version, md5);
-    else
-        attempt(version, md5);
+        after_install(&s, version, md5);   /* the install's outcome first, then a check as */
+    attempt(version, md5);                 /* at every boot (its version report says what runs) */
     for (;;) {                             /* idle until the next check, if any */
         if (cfg.check_period_s <= 0) {
             pause();

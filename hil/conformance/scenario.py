@@ -15,7 +15,10 @@ starts with the rig's trigger (a reset, a power cycle, the firmware's timer) and
 requests from then on; it ends on a
 final report (any result but 101), a refused detect or a token check answered 12/20/22 (the
 task is over: the board stops without a report) followed by ``QUIET_AFTER_END_S`` with no
-request, on ``silence()`` seconds with no request at all, or (``until_boot``) on the next boot.
+request (after a 201 it took, ``silence()``: the check of the boot that sent it follows), on
+``silence()`` seconds with no request at all, or (``until_boot``) on the next boot. A rig that
+names its log's phase lines (``console.events.phase``) has those the service cannot tell
+(``ota phase=flash bytes=N``) acted on as they come, and placed among the exchanges.
 Its events are the exchanges, told as the contract's events (``ota phase=report result=201``);
 its boot lines are the version reports that follow the first (a boot-log line,
 ``console.events.boot``, tells ``Board.version`` what runs, but its stamp cannot bound
@@ -45,7 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 import requests
 
 from hil.conformance.expectations import Profile
-from hil.drivers.contract import Event
+from hil.drivers.contract import Event, parse_event
 from hil.drivers.hooks import ConsoleHookPower, ConsoleHookRf
 from hil.errors import (
     ConformanceFailure,
@@ -78,7 +81,8 @@ DEFAULT_INTERVAL = 1
 POWER_DARK_S = 0.3                # how long a power cut keeps the board dark
 _SLOWEST_LINK = 20_000            # bytes/s a slow lab board still downloads at
 # An attempt's own work besides the transfer (version, detect, reports, the install's copy and
-# reboot): a simulated board's is instant; a real MCUboot copying 1 MiB takes tens of seconds.
+# reboot): a simulated board's or a host build's takes seconds at most; a real MCUboot copying
+# 1 MiB takes tens of seconds.
 _SLACK_SIM_S, _SLACK_REAL_S = 4.0, 60.0
 # A shell-less board's attempt is over this long after its final report or refused detect, if
 # nothing followed (a board that goes on after either does so within a round trip).
@@ -184,8 +188,42 @@ def told(exchange: Exchange) -> Event:
     return Event("ota", fields)
 
 
+class _PhaseLog:
+    """The phase lines (``console.events.phase``) of a shell-less board's log that the service
+    cannot tell (``ota phase=flash bytes=N``, ``verify``), read as they come, each with when it
+    was read: the moment a trigger acts on it, and its place among the exchanges (a line is read
+    within a poll of being printed, well before a write it announces is over)."""
+
+    def __init__(self, board: Board) -> None:
+        self.console = board.console
+        self.pattern = board.contract.events["phase"]
+        self.mark = self.console.mark()
+        self.heard: list[tuple[float, Event]] = []
+
+    def read(self) -> list[Event]:
+        lines = self.console.lines()[self.mark:]
+        self.mark += len(lines)
+        new = []
+        for line in lines:
+            match = self.pattern.search(line.text)
+            if match is None or match.group("phase") in _TOLD_PHASES:
+                continue
+            event = parse_event(line.text) or Event("ota", {"phase": match.group("phase")})
+            self.heard.append((time.time(), event))
+            new.append(event)
+        return new
+
+
+_TOLD_PHASES = frozenset(phase.value for phase in Endpoint)   # the service tells these
+
 # Token-check answers after which a board ends its attempt without a report (ONENET.md).
 _TOKEN_ENDED = (Errno.TOKEN_EXPIRED, Errno.TASK_FINISHED, Errno.TASK_CANCELLED)
+
+
+def _upgraded(exchange: Exchange) -> bool:
+    """A 201 the service took (a report, or a progress step)."""
+    return exchange.result == 201 and exchange.errno == Errno.OK and \
+        (exchange.phase is Endpoint.REPORT or exchange.phase is Endpoint.PROGRESS)
 
 
 def _final(exchange: Exchange) -> bool:
@@ -231,6 +269,11 @@ class OtaScenario:
         # Called with each attempt once it is over (the report draws its steps from them).
         self.observers: list[Callable[[OtaScenario, Attempt], None]] = []
 
+    @property
+    def _runs_here(self) -> bool:
+        """The board is one hil runs on this host: simulated, or a host build."""
+        return self.rig.sim is not None or self.rig.console.command is not None
+
     # ================================================================ Injection (hil.faults)
     @property
     def dev_id(self) -> str:
@@ -245,7 +288,8 @@ class OtaScenario:
         spec = fault_spec(name)
         check_params(spec, params)
         if self.board.shell_less:
-            wanted = needs_a_shell(name, params, power=self.rig.power.kind, rf=self.rig.rf.kind)
+            wanted = needs_a_shell(name, params, power=self.rig.power.kind, rf=self.rig.rf.kind,
+                                   flasher=self.rig.flasher.kind, narrates=self.board.narrates)
             if wanted is not None:
                 raise Unsupported(f"rig {self.rig.name} has no shell: fault "
                                   f"{spec.label(params)} needs {wanted}")
@@ -308,7 +352,9 @@ class OtaScenario:
             raise ValueError(f"unknown operator action {action!r}")
 
     def set_power(self, percent: int) -> None:
-        if self.rig.power.kind == "none":
+        # The rig's supply when it can set a level; else the firmware's `test power` hook (a
+        # host build's power part cuts, but has no battery to lower).
+        if "power" not in self.rig.capabilities:
             ConsoleHookPower(self.board.console,
                              self.board.contract.commands["power"]).set_level(percent)
         else:
@@ -335,13 +381,21 @@ class OtaScenario:
     def send_console(self, command: str, **values: object) -> None:
         self.board.console.send(self.board.contract.command(command, **values))
 
+    def reboot(self) -> None:
+        if self.board.shell_less:
+            self.board.reset()
+        else:
+            self.send_console("reboot")
+
     def on_event(self, phase: str, action: Callable[[Event], str | None], *,
                  when: Callable[[Event], bool] | None = None) -> None:
         self._triggers.append(_Trigger(self._injecting(), phase, action, when))
 
-    def _fire(self, event: Event) -> None:
-        """Run the triggers ``event`` is for, once each; record each one's hit."""
+    def _fire(self, event: Event) -> list[InjectedFault]:
+        """Run the triggers ``event`` is for, once each; record each one's hit. Returns the
+        faults fired."""
         phase = event.fields.get("phase", "")
+        fired: list[InjectedFault] = []
         for trigger in list(self._triggers):
             if trigger.phase != phase or (trigger.when is not None and not trigger.when(event)):
                 continue
@@ -353,6 +407,8 @@ class OtaScenario:
             fault.hits.append(self.gateway.timeline.record_hit(
                 self.dev_id, fault.label, phase, at=started, event=event_text(event),
                 detail=detail))
+            fired.append(fault)
+        return fired
 
     # ================================================================ did the faults land
     def check_faults_landed(self) -> None:
@@ -389,7 +445,7 @@ class OtaScenario:
         interval = task.interval if task else DEFAULT_INTERVAL
         size = task.package.size if task and task.package else self.package.size
         tries = (retry + 1) * self.device_timeout + retry * interval
-        slack = _SLACK_SIM_S if self.rig.sim is not None else _SLACK_REAL_S
+        slack = _SLACK_SIM_S if self._runs_here else _SLACK_REAL_S
         return slack + size / _SLOWEST_LINK + tries
 
     def update(self, *, until_boot: bool = False, timeout: float | None = None) -> Attempt:
@@ -443,7 +499,7 @@ class OtaScenario:
         over: a request held to its timeout, the retry interval after it, and the attempt's
         own work between requests (the install's copy and reboot)."""
         interval = self.task.interval if self.task else DEFAULT_INTERVAL
-        slack = _SLACK_SIM_S if self.rig.sim is not None else _SLACK_REAL_S
+        slack = _SLACK_SIM_S if self._runs_here else _SLACK_REAL_S
         return self.device_timeout + interval + slack
 
     def _service_versions(self) -> list[tuple[float, str]]:
@@ -457,6 +513,7 @@ class OtaScenario:
 
     def _update_shell_less(self, until_boot: bool, limit: float) -> Attempt:
         """One attempt of a board without a shell (see the module docstring)."""
+        log = _PhaseLog(self.board) if self.board.narrates else None
         if self._next_start is not None:
             # The boot that cut the last attempt short began this one: the board checks at boot.
             since, self._next_start = self._next_start, None
@@ -466,8 +523,14 @@ class OtaScenario:
         deadline = time.monotonic() + limit
         quiet_for = self.silence()
         traced = len(self.trace)
+        fired_live: list[tuple[Event, list[InjectedFault]]] = []
         while True:
             time.sleep(_POLL_S)
+            if log is not None:
+                # Its log's own phase lines, acted on as they come (a power cut timed by the
+                # flash write's announcement); placed among the exchanges by when they came.
+                for event in log.read():
+                    fired_live.append((event, self._fire(event)))
             now = time.time()
             # Read at the service alone: a console's stamps lag its lines (it is polled), so
             # they cannot bound an attempt's exchanges.
@@ -483,8 +546,13 @@ class OtaScenario:
             exchanges = [e for e in mine if started_at(e) >= begun
                          and (cut is None or started_at(e) < cut)]
             last = max([begun, *(e.at for e in exchanges)])
+            # A 201 is sent at the boot into the new image, and the check that boot makes
+            # follows it (its version report: how the service hears the boot); it may come
+            # late on a loaded host (the board's own writes first), not within a round trip.
+            after_end = quiet_for if exchanges and _upgraded(exchanges[-1]) \
+                else QUIET_AFTER_END_S
             over = cut is not None or (
-                bool(exchanges) and _final(exchanges[-1]) and now - last >= QUIET_AFTER_END_S) \
+                bool(exchanges) and _final(exchanges[-1]) and now - last >= after_end) \
                 or now - last >= quiet_for
             timed_out = not over and time.monotonic() > deadline
             if over or timed_out:
@@ -492,10 +560,18 @@ class OtaScenario:
         told_events = [(started_at(e), told(e)) for e in exchanges]
         booted = [(at, Event("boot", {"version": version})) for at, version in later
                   if cut is None or at <= cut]
-        events = [event for _, event in sorted(told_events + booted, key=lambda pair: pair[0])]
+        logged = log.heard if log is not None else []
+        events = [event for _, event in sorted(told_events + booted + logged,
+                                               key=lambda pair: pair[0])]
         for event in events:
             self.trace.append(event)
-            self._fire(event)
+            if not any(event is heard for heard, _ in fired_live):
+                self._fire(event)
+        for event, faults in fired_live:
+            # A trigger fired by a log line counts from that line's place in the trace.
+            place = next(i for i, traced_event in enumerate(self.trace) if traced_event is event)
+            for fault in faults:
+                fault.fired[-1] = place + 1
         if cut is not None:
             self._next_start = cut
         return Attempt([e for e in events if e.tag != "boot"], exchanges, cut is None,
@@ -630,15 +706,19 @@ class OtaScenario:
 
     def _check_order(self) -> None:
         exchanges = self.exchanges()
-        first_101 = next((e.seq for e in exchanges if e.phase is Endpoint.REPORT
+        # By when each request was made, not when its exchange was over: a download asked for
+        # before the 101 but answered after it (held by a hook that reset the board meanwhile)
+        # was not asked for after the 101.
+        first_101 = next((started_at(e) for e in exchanges if e.phase is Endpoint.REPORT
                           and e.result == 101), None)
         if first_101 is not None:
             # A download after the 101 is early only within that attempt: after a detect it
             # belongs to a later attempt that re-reported (the first answer was lost).
-            next_detect = next((e.seq for e in exchanges if e.phase is Endpoint.DETECT
-                                and e.seq > first_101), None)
-            late = [e for e in exchanges if e.phase is Endpoint.DOWNLOAD and e.seq > first_101
-                    and (next_detect is None or e.seq < next_detect)
+            next_detect = min((started_at(e) for e in exchanges if e.phase is Endpoint.DETECT
+                               and started_at(e) > first_101), default=None)
+            late = [e for e in exchanges if e.phase is Endpoint.DOWNLOAD
+                    and started_at(e) > first_101
+                    and (next_detect is None or started_at(e) < next_detect)
                     and e.errno is None and e.error_byte is None]
             if late:
                 self._fail("download", f"expected 101 only once the package was downloaded "

@@ -146,6 +146,10 @@ class Injection(Protocol):
     def send_console(self, command: str, **values: object) -> None:
         """A contract command, sent without waiting for its answer (from a trigger)."""
 
+    def reboot(self) -> None:
+        """The board rebooted: ``sys reboot`` through its shell, or a reset through the rig's
+        flasher (a board without a shell)."""
+
     def on_event(self, phase: str, action: Callable[[Event], str | None], *,
                  when: Callable[[Event], bool] | None = None) -> None:
         """Run ``action`` on the test's thread when the board prints ``ota phase=<phase>`` (the
@@ -360,7 +364,7 @@ def _cut_mid_write(injection: Injection) -> Landing:
 def _reboot(injection: Injection, params: Params) -> None:
     injection.arm(Fault(FaultKind.HOOK, phase=Endpoint.DOWNLOAD, dev_id=injection.dev_id,
                         offset=params.get("at", DEFAULT_AT),
-                        action=lambda: injection.send_console("reboot")))
+                        action=injection.reboot))
     injection.landing(_boots_again(injection))
 
 
@@ -433,18 +437,21 @@ CATALOG: dict[str, FaultSpec] = {spec.name: spec for spec in (
     FaultSpec("power-cut", _R, "the supply's output off, then on (during download or flash)",
               _power_cut, needs=("power_cut",), params=("during", "at"),
               during=("download", "flash")),
-    FaultSpec("reboot", _R, "sys reboot mid-download", _reboot, params=("at",)),
+    FaultSpec("reboot", _R, "sys reboot (or a reset through the flasher) mid-download", _reboot,
+              params=("at",)),
 )}
 
 
-def needs_a_shell(name: str, params: Mapping[str, Any], *, power: str, rf: str) -> str | None:
+def needs_a_shell(name: str, params: Mapping[str, Any], *, power: str, rf: str,
+                  flasher: str = "none", narrates: bool = False) -> str | None:
     """What fault ``name`` needs of a firmware with the console contract's shell on a rig
-    whose power and rf parts are of these kinds, or None when the gateway and the rig's
-    instruments do it all. A board without a shell cannot give it: the scenario skips,
-    saying so (``OtaScenario.inject``)."""
+    whose power, rf and flasher parts are of these kinds (``narrates``: the firmware's log
+    prints the contract's phase lines, ``console.events.phase``), or None when the gateway, the
+    rig's instruments and the log do it all. A board without a shell cannot give it: the
+    scenario skips, saying so (``OtaScenario.inject``)."""
     if name == "no-space":
         return "the firmware hook `test space`"
-    if name == "reboot":
+    if name == "reboot" and flasher == "none":      # else a reset through the flasher
         return "the firmware hook `sys reboot`"
     if name == "low-power" and power != "scpi":
         # A USB hub port or a relay (power.kind usb-hub, command) cuts, but sets no voltage.
@@ -452,7 +459,7 @@ def needs_a_shell(name: str, params: Mapping[str, Any], *, power: str, rf: str) 
                 "`test power`")
     if name == "bad-signal" and rf != "attenuator":
         return "an attenuator (rf.kind: attenuator) or the firmware hook `test signal`"
-    if name == "power-cut" and params.get("during") == "flash":
+    if name == "power-cut" and params.get("during") == "flash" and not narrates:
         # The cut is timed to the write by the board's own line (``ota phase=flash bytes=N``):
         # the service sees nothing between the 101 and the reboot to time it by.
         return ("the firmware hook `ota phase=flash bytes=N` (the contract's flash-write line, "

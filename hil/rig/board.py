@@ -54,6 +54,13 @@ class Board:
         board's boots are read from its console; else from the service."""
         return not self.shell_less or "boot" in self.rig.console.events
 
+    @property
+    def narrates(self) -> bool:
+        """Its log prints the contract's phase lines as they happen: always with a shell; a
+        shell-less board's rig says so by naming the pattern (``console.events.phase``), and
+        then a scenario acts on them (a power cut timed by ``ota phase=flash bytes=N``)."""
+        return not self.shell_less or "phase" in self.rig.console.events
+
     def watch_service(self, versions: ServiceVersions) -> None:
         """Where a shell-less board's boots are heard when its log has no boot line (the
         scenario's gateway timeline)."""
@@ -69,8 +76,10 @@ class Board:
         return self.console.command(self.contract.command(name, **values), timeout=timeout)
 
     def version(self, timeout: float = 10.0) -> str:
+        """``sys version``; a board without a shell: the last boot line its log holds (what it
+        runs now), else what a reset makes it say."""
         if self.shell_less:
-            return self._boot_version(max(timeout, BOOT_TIMEOUT_S))
+            return self._last_boot() or self._boot_version(max(timeout, BOOT_TIMEOUT_S))
         for line in self.command("version", timeout=timeout):
             match = self.contract.events["version"].search(line)
             if match:
@@ -79,12 +88,15 @@ class Board:
                        "line before OK", self.rig.name)
 
     def point_at(self, url: str, dns: tuple[str, int] | None = None) -> None:
-        """``ota server <url>``. A board without a shell reaches its hard-coded host: a
-        simulated bench's network is told the DNS server that answers it (hil's, ``dns``) and
-        the gateway's port; a lab network's DNS is the rig's own setup (README)."""
+        """``ota server <url>``. The rig's provider may tell the board itself (a host build gets
+        ``HIL_OTA_URL`` at its next start, which begins a shell-less board's attempt). Else a
+        board without a shell reaches its hard-coded host: a simulated bench's network is told
+        the DNS server that answers it (hil's, ``dns``) and the gateway's port; a lab
+        network's DNS is the rig's own setup (README)."""
+        told = self.parts.point_at(url)
         if not self.shell_less:
             self.command("server", url=url)
-        elif self.parts.bench is not None:
+        elif not told and self.parts.bench is not None:
             self.parts.bench.route_ota_host(url, dns)
 
     def start_update(self) -> None:
@@ -122,6 +134,18 @@ class Board:
         supply.output(False)
         time.sleep(POWER_OFF_S)
         supply.output(True)
+
+    def _last_boot(self) -> str | None:
+        """The version of the last boot line in the log: no reset needed to learn what runs
+        (a reset would cut short the check the board makes at boot, mid-request)."""
+        if not self.boot_line:
+            return None
+        pattern = self.contract.events["boot"]
+        for line in reversed(self.console.lines()):
+            booted = None if line.sent else pattern.search(line.text)
+            if booted:
+                return booted.group("version")
+        return None
 
     def _boot_version(self, timeout: float) -> str:
         """A shell-less board's version: reset it and read the boot that follows, in its boot
@@ -281,10 +305,19 @@ class Board:
                 if time.monotonic() > deadline:
                     raise
 
+    def _factory_image(self) -> Path | None:
+        """The image the board came with, where hil knows it: a simulated board's, a host
+        build's (``factory_image`` of its provider); None for a lab board."""
+        if self.parts.bench is not None:
+            factory: Path = self.parts.bench.factory_image
+            return factory
+        image: Path | None = getattr(self.parts.provider, "factory_image", None)
+        return image
+
     def _restore_shell_less(self, firmware: Path | None, progress: Progress | None
                             ) -> str | None:
-        if firmware is None and self.parts.bench is not None:
-            firmware = self.parts.bench.factory_image     # a simulated board's own base
+        if firmware is None:
+            firmware = self._factory_image()
         flasher = self.parts.flasher() if firmware is not None else None
         if firmware is None or flasher is None:
             raise RigFault("flasher", "a board without a shell has no factory reset: give "

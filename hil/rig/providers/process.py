@@ -33,8 +33,15 @@ from urllib.parse import urlsplit
 import filelock
 
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol
-from hil.drivers.process import ProcessBoard, ProcessConsole, ProcessFlasher, ProcessPower
+from hil.drivers.process import (
+    PRIMARY,
+    ProcessBoard,
+    ProcessConsole,
+    ProcessFlasher,
+    ProcessPower,
+)
 from hil.errors import RigFault
+from hil.rig.inputs import DEFAULT_BASE
 from hil.rig.model import PROCESS_ROOT, Rig
 from hil.rig.providers import fresh_access_key
 
@@ -97,6 +104,7 @@ class ProcessProvider:
         self.rig = rig
         self.state_dir: Path = rig.process_state_dir
         self.board: ProcessBoard | None = None
+        self.factory_image: Path | None = None     # written at start (_write_factory_image)
         self._refuser: socket.socket | None = None
         self._claim: filelock.FileLock | None = None
 
@@ -119,6 +127,10 @@ class ProcessProvider:
             refuser.bind(("127.0.0.1", 0))      # bound, never listening: connections refused
             nowhere = f"http://127.0.0.1:{refuser.getsockname()[1]}"
             assert self.rig.console.command is not None
+            self.factory_image = self._write_factory_image()
+            primary = self.state_dir / PRIMARY
+            if not primary.is_file():      # a new board: the image it came with
+                shutil.copyfile(self.factory_image, primary)
             self.board = ProcessBoard([str(program), *self.rig.console.command[1:]],
                                       env=self._env(nowhere), state_dir=self.state_dir,
                                       console_path=Path(f"{self.state_dir}.console"),
@@ -127,6 +139,20 @@ class ProcessProvider:
         except BaseException:
             self.stop()
             raise
+
+    def _write_factory_image(self) -> Path:
+        """The image the board came with (the suite's base version, built as the simulated
+        boards' factory image is): a shell-less board's base when no ``--hil-firmware`` is
+        given, and what a new state directory's ``primary.bin`` starts as."""
+        from hil.sim.images import build_image
+
+        path = Path(f"{self.state_dir}.factory.bin")
+        image = build_image(self.rig.board, DEFAULT_BASE)
+        if not path.is_file() or path.read_bytes() != image:
+            staged = path.with_suffix(".hil")
+            staged.write_bytes(image)
+            staged.replace(path)
+        return path
 
     def stop(self) -> None:
         board, self.board = self.board, None
