@@ -50,6 +50,7 @@ import requests
 from hil.conformance.expectations import Profile
 from hil.drivers.contract import Event, parse_event
 from hil.drivers.hooks import ConsoleHookPower, ConsoleHookRf
+from hil.drivers.power import power_cycle
 from hil.errors import (
     ConformanceFailure,
     ExpectTimeout,
@@ -374,9 +375,7 @@ class OtaScenario:
         supply = self.board.parts.power()
         if supply is None:
             raise Unsupported(f"rig {self.rig.name} has no bench supply to cut")
-        supply.output(False)
-        time.sleep(POWER_DARK_S)
-        supply.output(True)
+        power_cycle(supply, POWER_DARK_S)
 
     def send_console(self, command: str, **values: object) -> None:
         self.board.console.send(self.board.contract.command(command, **values))

@@ -22,6 +22,7 @@ from pathlib import Path
 from hil.drivers.base import ConsoleProtocol, Progress
 from hil.drivers.contract import Event, parse_event
 from hil.drivers.hooks import ConsoleHookSpace
+from hil.drivers.power import power_cycle
 from hil.errors import CommandRefused, ExpectTimeout, RigFault
 from hil.rig.parts import RigParts
 
@@ -131,9 +132,7 @@ class Board:
         if supply is None or not supply.can_cut:
             raise RigFault("power", "the rig has no supply that can cut the board's power",
                            self.rig.name)
-        supply.output(False)
-        time.sleep(POWER_OFF_S)
-        supply.output(True)
+        power_cycle(supply, POWER_OFF_S)
 
     def _last_boot(self) -> str | None:
         """The version of the last boot line in the log: no reset needed to learn what runs
@@ -247,9 +246,7 @@ class Board:
             raise RigFault("console", f"{why}; the rig has no supply to power-cycle it",
                            self.rig.name)
         since = self.console.mark()
-        supply.output(False)
-        time.sleep(POWER_OFF_S)
-        supply.output(True)
+        power_cycle(supply, POWER_OFF_S)
         try:
             self.console.expect(self.contract.events["boot"], BOOT_TIMEOUT_S, since=since)
         except ExpectTimeout as dead:
