@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -61,18 +62,25 @@ def bench(tmp_path):
         yield tmp_path / "lab-bench.yaml", {**board.env, "HIL_SIM_UP_PID": str(up.pid)}
 
 
-@pytest.mark.slow
-def test_a_vanished_port_and_a_hung_board_do_not_stop_the_suite(bench, tmp_path):
+def _run_on_the_bench(tests: str, bench: tuple[Path, dict[str, str]], tmp_path: Path
+                      ) -> tuple[str, Path]:
+    """``tests`` run by pytest in another process on the bench's rig: its verbose output, and
+    where its console logs and timelines went."""
     rig_file, env = bench
-    (tmp_path / "test_bench.py").write_text(TESTS, encoding="utf-8")
+    (tmp_path / "test_bench.py").write_text(tests, encoding="utf-8")
     records = tmp_path / "records"
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "pytest", str(tmp_path / "test_bench.py"), "--hil-rig",
          str(rig_file), "--hil-timeline-dir", str(records), "-p", "no:cacheprovider", "-v",
          "-rE", "--rootdir", str(ROOT), "-c", str(ROOT / "pytest.ini")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    out = done.stdout
+    return done.stdout, records
+
+
+@pytest.mark.slow
+def test_a_vanished_port_and_a_hung_board_do_not_stop_the_suite(bench, tmp_path):
+    started = time.monotonic()
+    out, records = _run_on_the_bench(TESTS, bench, tmp_path)
     assert re.search(r"test_1_the_port_vanishes_mid_update\[lab-bench\] ERROR", out), out
     assert re.search(r"RigFault: rig lab-bench: console: .*vanished", out), out
     assert re.search(r"test_2_the_port_is_found_again\[lab-bench\] PASSED", out), out
@@ -103,15 +111,7 @@ def test_a_board_busy_with_an_attempt_a_test_left_running_is_power_cycled_first(
     """The firmware refuses ``test factory`` while an attempt runs (its service gone, it is
     retrying): the next test's board fixture power-cycles it through the rig's supply instead
     of failing that test for what the previous one left behind."""
-    rig_file, env = bench
-    (tmp_path / "test_left.py").write_text(LEFT_RUNNING, encoding="utf-8")
-    records = tmp_path / "records"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(tmp_path / "test_left.py"), "--hil-rig",
-         str(rig_file), "--hil-timeline-dir", str(records), "-p", "no:cacheprovider", "-v",
-         "-rE", "--rootdir", str(ROOT), "-c", str(ROOT / "pytest.ini")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    out = done.stdout
+    out, records = _run_on_the_bench(LEFT_RUNNING, bench, tmp_path)
     assert re.search(r"test_1_leaves_an_attempt_running\[lab-bench\] PASSED", out), out
     assert re.search(r"test_2_the_next_board_is_restored_anyway\[lab-bench\] PASSED", out), out
     [log] = records.glob("*test_2_the_next_board*.console.log")
