@@ -270,6 +270,18 @@ def test_hil_rigs_lists_every_rig_when_some_files_are_built_to_break_it(tmp_path
         assert why in said[name]
 
 
+def _plant(path: Path, content: str) -> Path:
+    """``path`` made a FIFO (``"fifo"``), a link to a device (``"/dev/..."``) or a file holding
+    ``content``."""
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content.startswith("/dev/"):
+        path.symlink_to(content)
+    else:
+        path.write_text(content)
+    return path
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     (_nested(100_000), "x-result.json: not valid JSON: nested too deep"),
     ('{"status": "passed", "start": ' + "9" * 5000 + "}",
@@ -281,13 +293,7 @@ def test_hil_rigs_lists_every_rig_when_some_files_are_built_to_break_it(tmp_path
 def test_a_results_file_built_to_break_the_reader_is_one_line(tmp_path, content, expected):
     results = tmp_path / "results"
     results.mkdir()
-    path = results / "x-result.json"
-    if content == "fifo":
-        os.mkfifo(path)
-    elif content.startswith("/dev/"):
-        path.symlink_to(content)
-    else:
-        path.write_text(content)
+    _plant(results / "x-result.json", content)
     one_line(hil("report", results, "-o", tmp_path / "report"), str(results), expected)
     assert not (tmp_path / "report").exists()
 
@@ -299,13 +305,7 @@ def test_a_results_file_built_to_break_the_reader_is_one_line(tmp_path, content,
 ], ids=["nested", "fifo", "dev-zero"])
 def test_a_waiver_file_built_to_break_the_reader_is_one_line(tmp_path, content, expected):
     result(tmp_path / "results")
-    waivers = tmp_path / "w.yaml"
-    if content == "fifo":
-        os.mkfifo(waivers)
-    elif content.startswith("/dev/"):
-        waivers.symlink_to(content)
-    else:
-        waivers.write_text(content)
+    waivers = _plant(tmp_path / "w.yaml", content)
     one_line(hil("report", tmp_path / "results", "-o", tmp_path / "report", "--waive",
                  waivers), expected)
 
