@@ -33,6 +33,8 @@ ServiceVersions = Callable[[], list[tuple[float, str]]]
 BOOT_TIMEOUT_S = 30.0
 HUNG_AFTER_S = 3.0       # a board whose shell is this long silent has hung
 POWER_OFF_S = 0.5        # how long a power cycle keeps the board dark
+# A halted board's log has settled when it stays the same SETTLE_POLLS polls in a row.
+SETTLE_POLL_S, SETTLE_POLLS, SETTLE_MAX_S = 0.05, 3, 2.0
 
 
 class Board:
@@ -332,6 +334,19 @@ class Board:
             self.parts.release("flasher")
             self.console.mark()                  # the log goes on; the boot line came unheard
             return None
-        since = self.console.mark()
+        since = self._settled_mark()
         flasher.reset()
         return self.wait_boot(BOOT_TIMEOUT_S, since=since) if self.boot_line else None
+
+    def _settled_mark(self) -> int:
+        """A mark in the log of a halted board once what it printed before the halt has all
+        arrived: its last lines may still be on their way (a host build's output goes through
+        a pipe and a pty, each read by a thread of its own; slow on a loaded host), and its
+        last boot line, read after the mark, would be taken for the boot that follows."""
+        deadline = time.monotonic() + SETTLE_MAX_S
+        mark, steady = self.console.mark(), 0
+        while steady < SETTLE_POLLS and time.monotonic() < deadline:
+            time.sleep(SETTLE_POLL_S)
+            now = self.console.mark()
+            mark, steady = now, (steady + 1 if now == mark else 0)
+        return mark
