@@ -322,21 +322,33 @@ class Board:
             raise RigFault("flasher", "a board without a shell has no factory reset: give "
                            "the rig a flasher and the base image (--hil-firmware)",
                            self.rig.name)
+        bench = self.parts.bench
+        if bench is not None:
+            # Off the network until the test points it: the boot after the restore checks at
+            # the service, and on a loaded host that check came after the test's own reset
+            # had begun the attempt (two boots where the test made one).
+            bench.offline()
+            generation = bench.boot_generation()
         if self.rig.flasher.kind == "esp":
             self.parts.release("console")
             flasher = self.parts.flasher()
             assert flasher is not None
         flasher.program(firmware, progress=progress)
-        if self.parts.bench is not None:
-            self.parts.bench.erase_settings()    # while the flashed board is held stopped
+        if bench is not None:
+            bench.erase_settings()    # while the flashed board is held stopped
         if self.rig.flasher.kind == "esp":
             flasher.reset()
             self.parts.release("flasher")
             self.console.mark()                  # the log goes on; the boot line came unheard
-            return None
-        since = self._settled_mark()
-        flasher.reset()
-        return self.wait_boot(BOOT_TIMEOUT_S, since=since) if self.boot_line else None
+            version = None
+        else:
+            since = self._settled_mark()
+            flasher.reset()
+            version = self.wait_boot(BOOT_TIMEOUT_S, since=since) if self.boot_line else None
+        if bench is not None and not bench.wait_boot_done(generation, BOOT_TIMEOUT_S):
+            raise RigFault("flasher", f"the simulated board did not finish booting within "
+                           f"{BOOT_TIMEOUT_S:g} s of its restore", self.rig.name)
+        return version
 
     def _settled_mark(self) -> int:
         """A mark in the log of a halted board once what it printed before the halt has all

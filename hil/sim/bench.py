@@ -258,6 +258,19 @@ class SimBench:
         self._dns = dns
         self._gateway_port = urlsplit(base_url).port
 
+    def offline(self) -> None:
+        """The bench's network answers no name until ``route_ota_host`` again: a board being
+        restored boots without reaching any OTA service (its check at boot fails at once)."""
+        self._dns = None
+
+    def boot_generation(self) -> int:
+        return self.firmware.generation if self.firmware is not None else 0
+
+    def wait_boot_done(self, after: int, timeout: float) -> bool:
+        """A boot after ``after`` (``boot_generation``) has done its own work (see
+        ``Firmware.wait_boot_done``)."""
+        return self.firmware is not None and self.firmware.wait_boot_done(after, timeout)
+
     def resolve(self, host: str, port: int) -> str | None:
         """Platform.resolve: the base URL ``host:port`` reaches on this bench's network, or None
         when the name does not resolve (no DNS, or it answers no address: REFUSED, NXDOMAIN,

@@ -242,6 +242,7 @@ class Firmware:
         self._halt = threading.Event()       # set on stop(): wakes a stranded thread's waits
         self._threads: list[threading.Thread] = []
         self._busy: threading.Thread | None = None   # the OTA attempt (or post-boot report)
+        self._booted: dict[int, threading.Event] = {}  # per boot: set when its main thread ends
         self._line = bytearray()
         self._power_override: int | None = None
         self._signal_override: int | None = None
@@ -257,7 +258,39 @@ class Firmware:
             self._power_override = self._signal_override = self._space_override = None
             self._busy = None
             generation = self._generation
-        self._spawn(self._main, generation, "main")
+            self._booted = {g: e for g, e in self._booted.items() if g > generation - 4}
+            self._booted[generation] = threading.Event()
+        self._spawn(lambda g: self._run_main(g), generation, "main")
+
+    def _run_main(self, generation: int) -> None:
+        try:
+            self._main(generation)
+        finally:
+            done = self._booted.get(generation)
+            if done is not None:
+                done.set()
+
+    @property
+    def generation(self) -> int:
+        """One per boot (and per stop): what ``wait_boot_done`` counts from."""
+        return self._generation
+
+    def wait_boot_done(self, after: int, timeout: float) -> bool:
+        """Wait for a boot later than ``after`` (a ``generation``) to have done what a boot
+        does by itself (boot line, an install's report, a shipped firmware's check at boot);
+        False if none did within ``timeout``. A shipped firmware with a ``check_period`` never
+        ends its boot's work: its first check is what is waited for then."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                later = [g for g in self._booted if g > after]
+                done = self._booted[max(later)] if later else None
+            if done is not None and (self.check_period is not None or
+                                     done.wait(min(0.05, max(deadline - time.monotonic(), 0)))):
+                return True
+            if done is None:
+                time.sleep(0.02)
+        return False
 
     def stop(self) -> None:
         with self._lock:
