@@ -209,22 +209,30 @@ EXCHANGES = 3000    # far more log than the 4 KiB pipe and the writer's queue ho
 DROPPED = re.compile(r"^hil serve: (\d+) log lines dropped")
 
 
-def test_serve_answers_every_request_while_nobody_reads_its_output(tmp_path):
+def _serve_into_a_small_pipe(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``hil serve`` whose stdout is the smallest pipe Linux makes (a page), so little log
+    fills it; read up to its "serving on" line. The process, its access key and its URL."""
     key = new_access_key()
     process = subprocess.Popen(
         [*HIL, "serve", "--port", "0", "--product-id", PRODUCT, "--access-key", key,
          "--dev-id", DEV, "--target-version", "1.1.0", "--package", str(_package(tmp_path))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout is not None
-    out = process.stdout.fileno()
-    # The smallest pipe Linux makes (a page), so little log fills it.
-    fcntl.fcntl(out, fcntl.F_SETPIPE_SZ, 4096)
+    assert process.stderr is not None
+    fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     head = b""
     while b"serving on " not in head or not head.endswith(b"\n"):
-        chunk = os.read(out, 4096)
+        chunk = os.read(process.stdout.fileno(), 4096)
         assert chunk, f"hil serve ended before serving: {process.stderr.read()!r}"
         head += chunk
-    url = head.decode().split("serving on ")[1].split()[0]
+    return process, key, head.decode().split("serving on ")[1].split()[0]
+
+
+def test_serve_answers_every_request_while_nobody_reads_its_output(tmp_path):
+    process, key, url = _serve_into_a_small_pipe(tmp_path)
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out = process.stdout.fileno()
     lines: list[str] = []
     try:
         # From here on nobody reads stdout while a client makes its exchanges.
@@ -260,20 +268,9 @@ UNWRITTEN = re.compile(r"^hil serve: stdout was not read: (\d+) log lines left u
 def test_serve_stops_when_told_though_nobody_ever_reads_its_output(tmp_path):
     """SIGTERM with stdout still full: it exits, says on stderr what never got written, and
     leaves no line cut in the pipe."""
-    key = new_access_key()
-    process = subprocess.Popen(
-        [*HIL, "serve", "--port", "0", "--product-id", PRODUCT, "--access-key", key,
-         "--dev-id", DEV, "--target-version", "1.1.0", "--package", str(_package(tmp_path))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process, key, url = _serve_into_a_small_pipe(tmp_path)
     assert process.stdout is not None
     assert process.stderr is not None
-    fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-    head = b""
-    while b"serving on " not in head or not head.endswith(b"\n"):
-        chunk = os.read(process.stdout.fileno(), 4096)
-        assert chunk, f"hil serve ended before serving: {process.stderr.read()!r}"
-        head += chunk
-    url = head.decode().split("serving on ")[1].split()[0]
     try:
         assert _exchanges(url, key, EXCHANGES) == EXCHANGES
     finally:
