@@ -293,6 +293,8 @@ def test_it_reexecutes_itself_when_asked_to_reboot_in_place(onenet, board, packa
     new_task(onenet, package)
     agent.start()
     onenet.timeline.wait_for(lambda e: e.result == 201, dev_id=DEV, timeout=DEADLINE)
+    # the service can hear the 201 before the reader thread has the boot line out of the pipe
+    agent.wait_line("boot version=1.1.0")
     assert agent.running, "one process throughout"
     assert "boot version=1.1.0" in agent.boots()[1]
 
