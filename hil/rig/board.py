@@ -328,14 +328,19 @@ class Board:
             # the service, and on a loaded host that check came after the test's own reset
             # had begun the attempt (two boots where the test made one).
             bench.offline()
-            generation = bench.boot_generation()
         if self.rig.flasher.kind == "esp":
             self.parts.release("console")
             flasher = self.parts.flasher()
             assert flasher is not None
         flasher.program(firmware, progress=progress)
+        generation = 0
         if bench is not None:
             bench.erase_settings()    # while the flashed board is held stopped
+            # Counted from here, not from before the flash: esptool's connect may boot the
+            # application on the way (a reset whose boot-mode strap it missed on a loaded
+            # host, then retried), and that boot, done at once offline, would be taken for
+            # the restore's, whose own came later, online, checking at the test's service.
+            generation = bench.boot_generation()
         if self.rig.flasher.kind == "esp":
             flasher.reset()
             self.parts.release("flasher")
