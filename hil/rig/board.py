@@ -255,10 +255,16 @@ class Board:
             raise RigFault("console", f"{why}; it did not boot after a power cycle: {dead}",
                            self.rig.name) from None
 
-    def restore_base(self, firmware: Path | None, progress: Progress | None = None
-                     ) -> str | None:
+    def restore_base(self, firmware: Path | None, progress: Progress | None = None, *,
+                     full: bool = False) -> str | None:
         """Back to the base state: flash ``firmware`` where the rig has a flasher, else the
         firmware's factory reset. Returns the version the board boots.
+
+        The flasher writes only the sectors that do not hold the image already (pyocd's smart
+        flash; esptool after the chip's MD5 of its sectors): after a test that changed
+        nothing, nothing is written. The flash ends the same as after a full write, and the
+        rest of the restore (the settings erased, the reset, the boot) is the same either way.
+        ``full`` writes the whole image whatever the flash holds (``--hil-full-restore``).
 
         A board without a shell has no factory reset: it is flashed (a simulated one with its
         factory image when no ``firmware`` is given, and its
@@ -267,7 +273,7 @@ class Board:
         the whole chip). Returns its boot line's version, or None when only the service can
         tell (its log has none)."""
         if self.shell_less:
-            return self._restore_shell_less(firmware, progress)
+            return self._restore_shell_less(firmware, progress, full=full)
         if firmware is None or self.rig.flasher.kind == "none":
             try:
                 self.command("factory")
@@ -286,7 +292,7 @@ class Board:
             console = self.console    # open before the reset, or the boot line is missed
         flasher = self.parts.flasher()
         assert flasher is not None
-        flasher.program(firmware, progress=progress)
+        flasher.program(firmware, progress=progress, full=full)
         if self.rig.flasher.kind != "esp":
             since = console.mark()
             flasher.reset()
@@ -313,8 +319,8 @@ class Board:
         image: Path | None = getattr(self.parts.provider, "factory_image", None)
         return image
 
-    def _restore_shell_less(self, firmware: Path | None, progress: Progress | None
-                            ) -> str | None:
+    def _restore_shell_less(self, firmware: Path | None, progress: Progress | None, *,
+                            full: bool = False) -> str | None:
         if firmware is None:
             firmware = self._factory_image()
         flasher = self.parts.flasher() if firmware is not None else None
@@ -333,7 +339,10 @@ class Board:
             self.parts.release("console")
             flasher = self.parts.flasher()
             assert flasher is not None
-        flasher.program(firmware, progress=progress)
+        # Smart or full, the board is stopped now (halted for the flash algorithm, or in its
+        # serial bootloader) and its image in place: what follows does not depend on how much
+        # was written.
+        flasher.program(firmware, progress=progress, full=full)
         if bench is not None:
             bench.erase_settings()    # while the flashed board is held stopped
         if self.rig.flasher.kind == "esp":
