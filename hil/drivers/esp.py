@@ -227,6 +227,8 @@ class EspFlasher(DriverBase):
         if not runs:
             log.info("%s: %s already at %#x: nothing written", self.port, image,
                      self.app_offset)
+            if progress is not None:
+                progress(0, 0)           # done: nothing was to be sent
             return
         regions = [(self.app_offset + start, wanted[start:start + size]) for start, size in runs]
         with _esptool_output(_RunsProgress(progress, [size for _, size in runs])

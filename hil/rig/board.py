@@ -323,6 +323,10 @@ class Board:
                             full: bool = False) -> str | None:
         if firmware is None:
             firmware = self._factory_image()
+        if firmware is not None and self.rig.flasher.kind == "esp":
+            # The ESP32's flasher is its console's port: a console a previous restore (or the
+            # test) opened must let go of it first.
+            self.parts.release("console")
         flasher = self.parts.flasher() if firmware is not None else None
         if firmware is None or flasher is None:
             raise RigFault("flasher", "a board without a shell has no factory reset: give "
