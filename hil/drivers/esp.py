@@ -206,8 +206,9 @@ class EspFlasher(DriverBase):
         out when a comparison cannot be trusted).
 
         The board stays in the flasher stub: ``reset()`` runs the new image. ``progress`` gets
-        (bytes sent, bytes to send) as esptool's progress bar counts them (compressed data),
-        each run's share of the sectors to write one after the other.
+        (done, total): of a full write, the compressed bytes esptool sent and has to send; of
+        differing sectors, their bytes, each run's progress in its share of the whole; (0, 0)
+        when nothing was to be written.
         """
         if not image.is_file():
             raise FileNotFoundError(f"{image}: no such image")

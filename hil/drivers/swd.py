@@ -327,6 +327,10 @@ class SwdFlasher(DriverBase):
             kwargs["base_address"] = self.base_address
         reporter = _TwoPassProgress(progress) if progress is not None else None
         with self._faults(f"programming {image.name}"):
+            # Halted first, whatever pyocd goes on to find: the firmware must not run while
+            # its flash (and, after, its settings) change, nor after an image that was in
+            # place already, until reset().
+            session.target.halt()
             # Sector erase, never a chip erase: that would take the bootloader and the settings
             # with it (pyocd's "auto" picks one when it guesses it faster).
             FileProgrammer(session, progress=reporter, smart_flash=not full,

@@ -343,9 +343,9 @@ class Board:
             self.parts.release("console")
             flasher = self.parts.flasher()
             assert flasher is not None
-        # Smart or full, the board is stopped now (halted for the flash algorithm, or in its
-        # serial bootloader) and its image in place: what follows does not depend on how much
-        # was written.
+        # Smart or full, program() leaves the board stopped (its core halted, or in its serial
+        # bootloader) with its image in place, even when it wrote nothing: the settings are
+        # erased while nothing runs, however much was written.
         flasher.program(firmware, progress=progress, full=full)
         if bench is not None:
             bench.erase_settings()    # while the flashed board is held stopped
