@@ -23,8 +23,11 @@ from hil.rig.board import Board
 from hil.rig.model import load_rig
 from hil.rig.parts import RigParts
 from hil.service.server import new_access_key
+from hil.sim.esp32 import board_for
 from hil.sim.images import DEFAULT_PAYLOAD_SIZE, build_image
 from hil.sim.layout import layout_of
+from hil.sim.probe import board as probe_board
+from hil.sim.probe import read_spec
 from tests.private_rig import private_sim_rig
 from tests.sim_board import KEY_ENV, SimBoard, SimSetup, rig_document
 
@@ -45,7 +48,9 @@ class Written:
 
     def __init__(self, sim: SimBoard) -> None:
         self.esp = sim.rig.board == "esp32"
-        self.board: Any = sim.bench._board      # the simulated chip behind the flasher
+        state_dir = sim.bench.state_dir
+        # The simulated chip behind the flasher: one object per state directory and process.
+        self.board: Any = board_for(state_dir) if self.esp else probe_board(read_spec(state_dir))
         self.reset()
 
     def reset(self) -> None:
