@@ -116,7 +116,11 @@ Progress = Callable[[int, int], None]   # (done, total) as the tool reports it
 class FlasherProtocol(Driver, Protocol):
     """Puts an image on the board and restarts it (SWD probe or the ESP32 serial bootloader)."""
 
-    def program(self, image: Path, *, progress: Progress | None = None) -> None: ...
+    def program(self, image: Path, *, progress: Progress | None = None,
+                full: bool = False) -> None:
+        """Put ``image`` in flash, writing only what differs from what the flash holds;
+        ``full``: write all of it whatever the flash holds."""
+        ...
 
     def reset(self) -> None: ...
 

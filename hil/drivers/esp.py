@@ -3,8 +3,10 @@
 ``open()`` takes the serial port (a device path or any pyserial URL), resets the board into its
 ROM bootloader with esptool's DTR/RTS sequence, detects the chip and checks it is the family the
 rig expects, loads esptool's flasher stub (as the esptool command does by default), switches to the
-working baud rate and attaches the SPI flash. ``program()`` writes the application image at the
-app partition offset, compressed, and esptool verifies the written region by MD5. ``reset()``
+working baud rate and attaches the SPI flash. ``program()`` puts the application image at the
+app partition offset: the chip's own MD5 of its flash tells which 4 KiB sectors already hold it,
+only the others are written (compressed), and esptool verifies what it wrote by MD5; with
+``full=True`` the whole image is written, as ``esptool write-flash`` does. ``reset()``
 pulses EN through RTS: the board leaves the bootloader and runs its application, so the next
 bootloader operation (``program()``, ``read_mac()``) connects again by itself.
 
@@ -24,8 +26,9 @@ mode, or DTR/RTS are not wired to EN/IO0), another chip than the rig says, a fai
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,8 @@ from hil.errors import ConfigError, RigFault
 log = logging.getLogger(__name__)
 
 PART = "flasher"
+SECTOR: int = ESPLoader.FLASH_SECTOR_SIZE   # the SPI NOR's erase unit (4 KiB)
+COMPARE_BLOCK = 0x10000   # one MD5 per 64 KiB block, then per sector only where a block differs
 ROM_BAUD: int = ESPLoader.ESP_ROM_BAUD   # the ROM bootloader talks at 115200 until told otherwise
 # esptool words the failure of its connect loop (reset, then SYNC) this way; anything else went
 # wrong after the bootloader answered.
@@ -187,19 +192,53 @@ class EspFlasher(DriverBase):
             port.close()
 
     # ----------------------------------------------------------------------------- FlasherProtocol
-    def program(self, image: Path, *, progress: Progress | None = None) -> None:
-        """Write ``image`` (an application .bin) at ``app_offset``; esptool verifies it by MD5.
+    def program(self, image: Path, *, progress: Progress | None = None,
+                full: bool = False) -> None:
+        """Put ``image`` (an application .bin) at ``app_offset``, writing only the 4 KiB
+        sectors that do not hold it already; esptool verifies what it writes by MD5.
+
+        The chip hashes its flash itself (SPI_FLASH_MD5, which the ROM and the stub both
+        answer): the image's whole span first (nothing differs: nothing is written), then each
+        64 KiB block of it, then each sector of a block that differs; the differing sectors
+        are written, in runs, by esptool's ``write_flash``. The flash ends as a full write
+        leaves it: the last sector's bytes past the image are erased (0xFF) either way.
+        ``full`` writes the whole image whatever the flash holds (the reference, and the way
+        out when a comparison cannot be trusted).
 
         The board stays in the flasher stub: ``reset()`` runs the new image. ``progress`` gets
-        (bytes sent, bytes to send) as esptool's progress bar counts them (compressed data).
+        (done, total): of a full write, the compressed bytes esptool sent and has to send; of
+        differing sectors, their bytes, each run's progress in its share of the whole; (0, 0)
+        when nothing was to be written.
         """
         if not image.is_file():
             raise FileNotFoundError(f"{image}: no such image")
         esp = self._loader()
-        with _esptool_output(progress), \
-                self._faults(f"writing {image.name} at {self.app_offset:#x}"):
-            write_flash(esp, [(self.app_offset, str(image))])
-        log.info("%s: wrote %s at %#x", self.port, image, self.app_offset)
+        where = f"{image.name} at {self.app_offset:#x}"
+        if full or self.app_offset % SECTOR:
+            # An offset inside a sector: a write erases the sector's bytes before it too, which
+            # no comparison of the image's own span sees. Written whole, as esptool would.
+            with _esptool_output(progress), self._faults(f"writing {where}"):
+                write_flash(esp, [(self.app_offset, str(image))])
+            log.info("%s: wrote %s at %#x (all of it)", self.port, image, self.app_offset)
+            return
+        wanted = _sector_padded(image.read_bytes())
+        with _esptool_output(), self._faults(f"comparing the flash with {where}"):
+            runs = _differing_runs(lambda start, size: esp.flash_md5sum(
+                self.app_offset + start, size), wanted)
+        if not runs:
+            log.info("%s: %s already at %#x: nothing written", self.port, image,
+                     self.app_offset)
+            if progress is not None:
+                progress(0, 0)           # done: nothing was to be sent
+            return
+        regions = [(self.app_offset + start, wanted[start:start + size]) for start, size in runs]
+        with _esptool_output(_RunsProgress(progress, [size for _, size in runs])
+                             if progress is not None else None), \
+                self._faults(f"writing {where}"):
+            write_flash(esp, regions)
+        written = sum(size for _, size in runs)
+        log.info("%s: wrote %s at %#x: %d of %d sectors differed", self.port, image,
+                 self.app_offset, written // SECTOR, len(wanted) // SECTOR)
 
     def reset(self) -> None:
         """Hard reset through RTS (EN): the board boots its application."""
@@ -274,6 +313,72 @@ class EspFlasher(DriverBase):
             yield
         except (FatalError, OSError) as err:
             raise RigFault(PART, f"{self.port}: {what} failed: {_one_line(err)}") from err
+
+
+def _sector_padded(data: bytes) -> bytes:
+    """``data`` padded with 0xFF to the end of its last sector: what the sectors it touches
+    hold after esptool wrote it (the stub erases whole sectors)."""
+    return data + b"\xff" * (-len(data) % SECTOR)
+
+
+def _differing_runs(flash_md5: Callable[[int, int], str], wanted: bytes
+                    ) -> list[tuple[int, int]]:
+    """The (offset, size) runs of whole sectors where the flash does not hold ``wanted``
+    (sector-padded), as ``flash_md5(offset, size)`` (the chip's MD5, lowercase hex) tells:
+    the whole span first, then each ``COMPARE_BLOCK``, then each sector of a block that
+    differs. Adjacent differing sectors are merged into one run (one write, one verify)."""
+    def same(start: int, size: int) -> bool:
+        expected = hashlib.md5(wanted[start:start + size], usedforsecurity=False).hexdigest()
+        return flash_md5(start, size) == expected
+
+    if not wanted or same(0, len(wanted)):
+        return []
+    blocks = range(0, len(wanted), COMPARE_BLOCK)
+    sectors: list[int] = []
+    for block in blocks:
+        size = min(COMPARE_BLOCK, len(wanted) - block)
+        if len(blocks) > 1 and same(block, size):
+            continue
+        inside = range(block, block + size, SECTOR)
+        sectors += inside if len(inside) == 1 else \
+            [sector for sector in inside if not same(sector, SECTOR)]
+    if not sectors:
+        # The span differs and no piece of it does: the flash changed while it was compared.
+        # When in doubt, write it all.
+        return [(0, len(wanted))]
+    runs: list[tuple[int, int]] = []
+    for sector in sectors:
+        if runs and runs[-1][0] + runs[-1][1] == sector:
+            runs[-1] = (runs[-1][0], runs[-1][1] + SECTOR)
+        else:
+            runs.append((sector, SECTOR))
+    return runs
+
+
+class _RunsProgress:
+    """esptool's progress over several writes (one per run, each counted from 0 to its own
+    compressed size) as one monotonic (done, total) in bytes of the runs: each run's fraction
+    placed in its share of the whole."""
+
+    def __init__(self, progress: Progress, sizes: list[int]) -> None:
+        self._progress = progress
+        self._starts = [sum(sizes[:index]) for index in range(len(sizes))]
+        self._sizes = sizes
+        self._total = sum(sizes)
+        self._run = 0
+        self._last: tuple[int, int] | None = None
+        self._reported = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        last = self._last
+        if last is not None and last[0] >= last[1] and (done, total) != last:
+            self._run = min(self._run + 1, len(self._sizes) - 1)   # the previous run is done
+        self._last = (done, total)
+        fraction = min(done / total, 1.0) if total > 0 else 1.0
+        overall = self._starts[self._run] + round(fraction * self._sizes[self._run])
+        if overall > self._reported:
+            self._reported = overall
+            self._progress(overall, self._total)
 
 
 def _has_file_descriptor(port: Any) -> bool:

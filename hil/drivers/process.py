@@ -377,8 +377,9 @@ class ProcessPower(_BoardPart):
 class ProcessFlasher(_BoardPart):
     """The program's flash: ``primary.bin`` in its state directory; reset is SIGTERM, restart."""
 
-    def program(self, image: Path, *, progress: Progress | None = None) -> None:
-        size = image.stat().st_size
+    def program(self, image: Path, *, progress: Progress | None = None,
+                full: bool = False) -> None:
+        size = image.stat().st_size     # a file copy: always all of it, ``full`` or not
         self.board.program(image)
         if progress is not None:
             progress(size, size)

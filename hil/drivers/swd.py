@@ -301,8 +301,16 @@ class SwdFlasher(DriverBase):
             log.warning("%s: error while closing: %s", self.name, err)
 
     # ----------------------------------------------------------------------------- FlasherProtocol
-    def program(self, image: Path, *, progress: Progress | None = None) -> None:
+    def program(self, image: Path, *, progress: Progress | None = None,
+                full: bool = False) -> None:
         """Write a .hex, .bin or .elf image to flash; sectors already holding the data are skipped.
+
+        pyocd's smart flash: the target's CRC32 of each sector (its analyzer, run on the core),
+        then a read-back of the pages whose CRC matches (a match is not trusted alone), and only
+        the sectors that differ are erased and programmed. ``full`` erases and programs every
+        sector the image covers whatever they hold (the reference). Either way the rest of a
+        sector the image covers in part is read and written back (pyocd's keep_unwritten), so
+        both leave the flash the same.
 
         The core is left halted: ``reset()`` runs the new image. ``progress`` gets (done, total)
         in per-mille of the erase and program passes (see ``_TwoPassProgress``).
@@ -319,11 +327,18 @@ class SwdFlasher(DriverBase):
             kwargs["base_address"] = self.base_address
         reporter = _TwoPassProgress(progress) if progress is not None else None
         with self._faults(f"programming {image.name}"):
-            FileProgrammer(session, progress=reporter, smart_flash=True).program(
+            # Halted first, whatever pyocd goes on to find: the firmware must not run while
+            # its flash (and, after, its settings) change, nor after an image that was in
+            # place already, until reset().
+            session.target.halt()
+            # Sector erase, never a chip erase: that would take the bootloader and the settings
+            # with it (pyocd's "auto" picks one when it guesses it faster).
+            FileProgrammer(session, progress=reporter, smart_flash=not full,
+                           chip_erase="sector").program(
                 str(image), file_format=image_format, **kwargs)
         if reporter is not None:
             reporter.finish()
-        log.info("%s: programmed %s", self.name, image)
+        log.info("%s: programmed %s%s", self.name, image, " (every sector)" if full else "")
 
     def reset(self) -> None:
         """Reset the target (pyocd's default reset type for it) and let it run."""

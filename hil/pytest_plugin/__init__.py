@@ -25,6 +25,9 @@ Options (group ``hil``; each has a pytest.ini twin, the command line wins):
 ``--hil-check-rigs``       ``hil_check_rigs``      check each rig's parts (``hil rigs check``)
                                                    before its first test; a rig that fails
                                                    has all its tests end as rig faults
+``--hil-full-restore``     ``hil_full_restore``    the restore before each test writes the
+                                                   whole base image (default: only the
+                                                   sectors that do not hold it already)
 ``--hil-progress``                                 a line per finished test: verdict, rig,
                                                    name, time (``hil suite`` uses it)
 =========================  ======================  ==========================================
@@ -105,6 +108,7 @@ class HilOptions:
     profile: Profile | None
     root: Path
     check_rigs: bool = False
+    full_restore: bool = False
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT
     progress: bool = False
 
@@ -195,6 +199,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hil-check-rigs", dest="hil_check_rigs", action="store_true",
                     default=None, help=f"{check} (ini: hil_check_rigs)")
     parser.addini("hil_check_rigs", check, type="bool", default=False)
+    full = ("the restore before each test writes the whole base image, not only the sectors "
+            "that do not hold it already")
+    group.addoption("--hil-full-restore", dest="hil_full_restore", action="store_true",
+                    default=None, help=f"{full} (ini: hil_full_restore)")
+    parser.addini("hil_full_restore", full, type="bool", default=False)
 
 
 def _value(config: pytest.Config, name: str) -> Any:
@@ -299,6 +308,8 @@ def pytest_configure(config: pytest.Config) -> None:
         lease_dir=Path(lease_dir) if lease_dir else DEFAULT_LOCK_DIR,
         profile=profile, root=config.rootpath,
         check_rigs=bool(config.getoption("hil_check_rigs") or config.getini("hil_check_rigs")),
+        full_restore=bool(config.getoption("hil_full_restore")
+                          or config.getini("hil_full_restore")),
         lease_timeout=_lease_timeout(config), progress=bool(config.getoption("hil_progress")))
     if config.stash[OPTIONS].progress and not hasattr(config, "workerinput"):
         config.pluginmanager.register(Progress(config, rigs), "hil-progress")
@@ -641,11 +652,12 @@ def rf(rig: Rig, rig_parts: RigParts) -> RfProtocol:
 @pytest.fixture
 def board(rig_parts: RigParts, hil_options: HilOptions) -> Board:
     """The board, back in its base state: the base image flashed (rigs with a flasher, when
-    --hil-firmware is given), else the firmware's factory reset. A board that does not answer
-    (a test left it hung) is power-cycled through the rig's supply first."""
+    --hil-firmware is given; only the sectors that differ, all of it with --hil-full-restore),
+    else the firmware's factory reset. A board that does not answer (a test left it hung) is
+    power-cycled through the rig's supply first."""
     board = Board(rig_parts)
     board.revive()          # a board a test left hung is power-cycled, so this one can run
-    board.restore_base(hil_options.firmware_for(board.rig))
+    board.restore_base(hil_options.firmware_for(board.rig), full=hil_options.full_restore)
     return board
 
 

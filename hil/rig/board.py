@@ -255,10 +255,16 @@ class Board:
             raise RigFault("console", f"{why}; it did not boot after a power cycle: {dead}",
                            self.rig.name) from None
 
-    def restore_base(self, firmware: Path | None, progress: Progress | None = None
-                     ) -> str | None:
+    def restore_base(self, firmware: Path | None, progress: Progress | None = None, *,
+                     full: bool = False) -> str | None:
         """Back to the base state: flash ``firmware`` where the rig has a flasher, else the
         firmware's factory reset. Returns the version the board boots.
+
+        The flasher writes only the sectors that do not hold the image already (pyocd's smart
+        flash; esptool after the chip's MD5 of its sectors): after a test that changed
+        nothing, nothing is written. The flash ends the same as after a full write, and the
+        rest of the restore (the settings erased, the reset, the boot) is the same either way.
+        ``full`` writes the whole image whatever the flash holds (``--hil-full-restore``).
 
         A board without a shell has no factory reset: it is flashed (a simulated one with its
         factory image when no ``firmware`` is given, and its
@@ -267,7 +273,7 @@ class Board:
         the whole chip). Returns its boot line's version, or None when only the service can
         tell (its log has none)."""
         if self.shell_less:
-            return self._restore_shell_less(firmware, progress)
+            return self._restore_shell_less(firmware, progress, full=full)
         if firmware is None or self.rig.flasher.kind == "none":
             try:
                 self.command("factory")
@@ -286,7 +292,7 @@ class Board:
             console = self.console    # open before the reset, or the boot line is missed
         flasher = self.parts.flasher()
         assert flasher is not None
-        flasher.program(firmware, progress=progress)
+        flasher.program(firmware, progress=progress, full=full)
         if self.rig.flasher.kind != "esp":
             since = console.mark()
             flasher.reset()
@@ -313,26 +319,29 @@ class Board:
         image: Path | None = getattr(self.parts.provider, "factory_image", None)
         return image
 
-    def _restore_shell_less(self, firmware: Path | None, progress: Progress | None
-                            ) -> str | None:
+    def _restore_shell_less(self, firmware: Path | None, progress: Progress | None, *,
+                            full: bool = False) -> str | None:
         if firmware is None:
             firmware = self._factory_image()
-        flasher = self.parts.flasher() if firmware is not None else None
-        if firmware is None or flasher is None:
-            raise RigFault("flasher", "a board without a shell has no factory reset: give "
-                           "the rig a flasher and the base image (--hil-firmware)",
-                           self.rig.name)
         bench = self.parts.bench
         if bench is not None:
             # Off the network until the test points it: the boot after the restore checks at
             # the service, and on a loaded host that check came after the test's own reset
             # had begun the attempt (two boots where the test made one).
             bench.offline()
-        if self.rig.flasher.kind == "esp":
+        if firmware is not None and self.rig.flasher.kind == "esp":
+            # The ESP32's flasher is its console's port: a console a previous restore (or the
+            # test) opened must let go of it first.
             self.parts.release("console")
-            flasher = self.parts.flasher()
-            assert flasher is not None
-        flasher.program(firmware, progress=progress)
+        flasher = self.parts.flasher() if firmware is not None else None
+        if firmware is None or flasher is None:
+            raise RigFault("flasher", "a board without a shell has no factory reset: give "
+                           "the rig a flasher and the base image (--hil-firmware)",
+                           self.rig.name)
+        # Smart or full, program() leaves the board stopped (its core halted, or in its serial
+        # bootloader) with its image in place, even when it wrote nothing: the settings are
+        # erased while nothing runs, however much was written.
+        flasher.program(firmware, progress=progress, full=full)
         generation = 0
         if bench is not None:
             bench.erase_settings()    # while the flashed board is held stopped

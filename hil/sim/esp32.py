@@ -15,7 +15,8 @@ Layers, innermost first:
   ROM erases the whole region at FLASH_BEGIN, the stub erases sector by sector as data arrives;
   the ROM answers SPI_FLASH_MD5 in hex text, the stub in 16 raw bytes; the stub acknowledges a
   data block before writing it, so a write failure is reported on the next command; only the
-  stub has READ_FLASH, ERASE_FLASH and ERASE_REGION, only the ROM READ_FLASH_SLOW.
+  stub has READ_FLASH, ERASE_FLASH and ERASE_REGION, only the ROM READ_FLASH_SLOW. Both count
+  what they erase, program and hash for the host (``FlashOps``, ``Esp32Board.flash_ops``).
 - ``Esp32Board``: the chip on its board. DTR/RTS drive EN and IO0 through the usual two-transistor
   auto-program circuit (ESP32-DevKitC): EN is pulled low only while RTS is asserted and DTR is
   not, IO0 only while DTR is asserted and RTS is not, so opening a port (both asserted) resets
@@ -370,6 +371,28 @@ class _FlashRead:
     md5: hashlib._Hash = field(default_factory=lambda: hashlib.md5(usedforsecurity=False))
 
 
+@dataclass
+class FlashOps:
+    """What the loaders (ROM and stub) did to the flash for the host, for the tests and
+    benchmarks that prove what a flasher did (not) write: bytes erased (whole sectors) and
+    programmed, and the SPI_FLASH_MD5 regions hashed; and what the host sent the bootloader
+    (``received`` bytes, SLIP-framed as on the wire) with the time those bytes take on a real
+    UART at the rate they were sent (``wire_s``, 10 bits a byte), which the simulation does not
+    spend. The firmware model's own writes (an OTA install) do not count: they do not come
+    through the serial protocol."""
+
+    erased: int = 0
+    programmed: int = 0
+    md5_regions: int = 0
+    md5_bytes: int = 0
+    received: int = 0
+    wire_s: float = 0.0
+
+    def reset(self) -> None:
+        self.erased = self.programmed = self.md5_regions = self.md5_bytes = self.received = 0
+        self.wire_s = 0.0
+
+
 class Hardware:
     """What the loaders act on: the flash (open while a host port or the firmware model holds
     it), the registers, and the RAM code was uploaded to."""
@@ -378,6 +401,7 @@ class Hardware:
         self.registers = registers
         self.flash: SimFlash | None = None
         self.ram_segments: dict[int, bytearray] = {}
+        self.flash_ops = FlashOps()
 
     def need_flash(self) -> SimFlash:
         if self.flash is None:
@@ -566,6 +590,7 @@ class RomLoader:
             self._flash(write.erased_to, write.erase_end - write.erased_to,
                         Failure.FLASH_WRITE).erase(write.erased_to,
                                                    write.erase_end - write.erased_to)
+            self.hw.flash_ops.erased += write.erase_end - write.erased_to
         write.erased_to = write.erase_end
 
     def _flash_begin(self, data: bytes, chk: int) -> tuple[int, bytes, list[Effect]]:
@@ -603,6 +628,7 @@ class RomLoader:
         flash = self._flash(write.cursor, len(block), Failure.FLASH_WRITE)
         self.erase_ahead(write, write.cursor + len(block))
         flash.program(write.cursor, block)
+        self.hw.flash_ops.programmed += len(block)
         write.cursor += len(block)
         write.remaining = max(0, write.remaining - len(block))
 
@@ -625,6 +651,8 @@ class RomLoader:
         address, size = struct.unpack_from("<II", data)
         digest = hashlib.md5(self._flash(address, size, Failure.FLASH_READ).read(address, size),
                              usedforsecurity=False)
+        self.hw.flash_ops.md5_regions += 1
+        self.hw.flash_ops.md5_bytes += size
         return 0, self.md5_payload(digest.digest()), []
 
     def md5_payload(self, digest: bytes) -> bytes:
@@ -696,6 +724,7 @@ class StubLoader(RomLoader):
         if end > write.erased_to:
             self._flash(write.erased_to, end - write.erased_to,
                         Failure.FLASH_WRITE).erase(write.erased_to, end - write.erased_to)
+            self.hw.flash_ops.erased += end - write.erased_to
             write.erased_to = end
 
     def clip_block(self, write: _FlashWrite, block: bytes) -> bytes:
@@ -726,6 +755,7 @@ class StubLoader(RomLoader):
 
     def _erase_flash(self, data: bytes, chk: int) -> tuple[int, bytes, list[Effect]]:
         self._flash(0, self.flash_size, Failure.FLASH_WRITE).erase(0, self.flash_size)
+        self.hw.flash_ops.erased += self.flash_size
         return 0, b"", []
 
     def _erase_region(self, data: bytes, chk: int) -> tuple[int, bytes, list[Effect]]:
@@ -736,6 +766,7 @@ class StubLoader(RomLoader):
             raise CommandFailed(Failure.BAD_DATA_LEN)
         if size:
             self._flash(address, size, Failure.FLASH_WRITE).erase(address, size)
+            self.hw.flash_ops.erased += size
         return 0, b"", []
 
     def _read_flash(self, data: bytes, chk: int) -> tuple[int, bytes, list[Effect]]:
@@ -860,6 +891,11 @@ class Esp32Board:
         self._powered = True
         self._flash_holders = 0
 
+    @property
+    def flash_ops(self) -> FlashOps:
+        """What the loaders did to the flash since the last ``flash_ops.reset()``."""
+        return self._hw.flash_ops
+
     # ----------------------------------------------------------------------------- host port
     def attach(self, sink: Sink) -> None:
         """Wire the host port (one at a time); the flash file is open while it is attached."""
@@ -943,6 +979,8 @@ class Esp32Board:
                 return
             if self._loader is None:
                 return             # in reset or halted: the UART is dead
+            self._hw.flash_ops.received += len(data)
+            self._hw.flash_ops.wire_s += len(data) * 10 / baud
             if self._mode is Mode.DOWNLOAD and self._autobaud:
                 self._set_uart_baud(baud)   # the ROM measures the host's rate on its frames
             if baud != self._uart_baud:

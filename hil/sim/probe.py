@@ -130,6 +130,7 @@ class SimBoard:
         self.chip: Chip = self.model.build(spec.state_dir, spec.uid)
         self._lock_file = filelock.FileLock(str(spec.state_dir / "probe.lock"), timeout=0)
         self._owner: object | None = None
+        self.traffic = MemoryTraffic()   # through any probe's memory commands, since reset()
 
     @property
     def core(self) -> CortexM:
@@ -212,19 +213,35 @@ def _fault(err: BusFault) -> exceptions.TransferFaultError:
     return exceptions.TransferFaultError(str(err), fault_address=err.address, length=err.length)
 
 
+@dataclass
+class MemoryTraffic:
+    """The bytes the host moved through the probe's memory commands: what crosses the SWD wire
+    in bulk (a flash algorithm and its page buffers going in, smart flash's read-back coming
+    out), which the simulation moves at no cost. Single register accesses are not counted."""
+
+    read: int = 0
+    written: int = 0
+
+    def reset(self) -> None:
+        self.read = self.written = 0
+
+
 class SimMemoryInterface(MemoryInterface):  # type: ignore[misc]   # pyocd ships no type hints
     """Block memory transfers through the emulated AHB-AP (the probe's "memory commands")."""
 
-    def __init__(self, chip: Chip, mem_ap: MemAp) -> None:
+    def __init__(self, chip: Chip, mem_ap: MemAp, traffic: MemoryTraffic | None = None) -> None:
         self._chip = chip
         self._ap = mem_ap
+        self._traffic = traffic if traffic is not None else MemoryTraffic()
 
     def _read(self, address: int, length: int) -> bytes:
         with self._chip.lock:
             try:
-                return self._ap.read_block(address & 0xFFFFFFFF, length)
+                data = self._ap.read_block(address & 0xFFFFFFFF, length)
             except BusFault as err:
                 raise _fault(err) from err
+            self._traffic.read += length
+            return data
 
     def _write(self, address: int, data: bytes) -> None:
         with self._chip.lock:
@@ -232,6 +249,7 @@ class SimMemoryInterface(MemoryInterface):  # type: ignore[misc]   # pyocd ships
                 self._ap.write_block(address & 0xFFFFFFFF, data)
             except BusFault as err:
                 raise _fault(err) from err
+            self._traffic.written += len(data)
 
     def write_memory(self, addr: int, data: int, transfer_size: int = 32, **attrs: Any) -> None:
         size = transfer_size // 8
@@ -421,7 +439,7 @@ class SimProbe(DebugProbe):  # type: ignore[misc]   # pyocd ships no type hints
         interface = self._memory_interfaces.get(ap_address.apsel)
         if interface is None:
             interface = self._memory_interfaces[ap_address.apsel] = SimMemoryInterface(
-                chip, chip.mem_ap)
+                chip, chip.mem_ap, self._board.traffic if self._board is not None else None)
         return interface
 
 
