@@ -294,9 +294,10 @@ def test_a_missing_port_is_named(tmp_path: Path) -> None:
 
 def test_a_silent_bootloader_is_a_rig_fault_with_the_download_mode_hint(silent_pty: str) -> None:
     flasher = EspFlasher(port=silent_pty, connect_attempts=2)
+    flasher.open()                    # the port alone: the bootloader is reached when needed
     started = time.monotonic()
     with pytest.raises(RigFault) as caught:
-        flasher.open()
+        flasher.read_mac()
     elapsed = time.monotonic() - started
     message = caught.value.message
     assert message.startswith(
@@ -306,16 +307,16 @@ def test_a_silent_bootloader_is_a_rig_fault_with_the_download_mode_hint(silent_p
     assert "\n" not in message
     assert "Traceback" not in message
     assert elapsed < 10, f"two connect attempts took {elapsed:.1f} s"
-    # The port was given back: an exclusive open (flock) of the same device succeeds.
+    # Closed, the port is given back: an exclusive open (flock) of the same device succeeds.
+    flasher.close()
     with serial.Serial(silent_pty, exclusive=True):
         pass
-    flasher.close()
 
 
 def test_esptools_logger_is_put_back_after_a_failed_connect(silent_pty: str) -> None:
     before = EspLog.instance
-    with pytest.raises(RigFault):
-        EspFlasher(port=silent_pty, connect_attempts=1).open()
+    with pytest.raises(RigFault), EspFlasher(port=silent_pty, connect_attempts=1) as flasher:
+        flasher.read_mac()
     assert EspLog.instance is before
 
 

@@ -339,8 +339,9 @@ def test_reset_boots_the_application_once_and_a_second_program_reconnects(
     board.on_boot = lambda: events.append("boot")
     board.on_reset = lambda: events.append("reset")
     with EspFlasher(port=url_of(state_dir), connect_attempts=CONNECT_ATTEMPTS) as flasher:
-        assert events == ["reset"]                  # the app stopped for the download reset
+        assert events == []                         # an open port resets nothing
         flasher.program(image)
+        assert events[:1] == ["reset"]              # the app stopped for the download reset
         flasher.reset()
         deadline = time.monotonic() + 2
         while not events[1:] and time.monotonic() < deadline:
@@ -352,6 +353,25 @@ def test_reset_boots_the_application_once_and_a_second_program_reconnects(
         assert events == ["reset", "boot", "reset"]
     assert flash_bytes(state_dir, APP_OFFSET, IMAGE_SIZE) == image.read_bytes()
     assert board.boot_count == 1
+
+
+def test_a_reset_alone_is_one_pulse_of_en_into_the_application(state_dir: Path) -> None:
+    """A reset (how a shipped board's attempt is started) never passes through download mode:
+    a reset into the bootloader first would boot the application on its own whenever the
+    strap is missed, and that boot's check would begin an attempt the test did not make."""
+    board = board_for(state_dir)
+    booted_before = board.boot_count
+    events: list[str] = []
+    board.on_boot = lambda: events.append("boot")
+    board.on_reset = lambda: events.append("reset")
+    with EspFlasher(port=url_of(state_dir), connect_attempts=CONNECT_ATTEMPTS) as flasher:
+        flasher.reset()
+        deadline = time.monotonic() + 5
+        while not events[1:] and time.monotonic() < deadline:
+            time.sleep(0.005)                       # the chip leaves reset on its own
+    assert events == ["reset", "boot"]
+    assert board.mode is Mode.APP
+    assert board.boot_count == booted_before + 1
 
 
 def test_a_corrupted_block_checksum_fails_the_write_instead_of_hanging(

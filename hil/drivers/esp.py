@@ -180,11 +180,8 @@ class EspFlasher(DriverBase):
         except (OSError, ValueError) as err:   # SerialException is an OSError
             raise RigFault(PART, f"{self.port}: cannot open: {err}") from err
         self._serial = port
-        try:
-            self._connect()
-        except BaseException:
-            self.close()
-            raise
+        # The bootloader is reached when something needs it (program, read_mac): a reset alone
+        # is one EN pulse, not a reset into download mode, a stub and then a second reset.
 
     def close(self) -> None:
         port, self._serial, self._esp = self._serial, None, None
@@ -247,6 +244,10 @@ class EspFlasher(DriverBase):
             if self._esp is not None:
                 reset_chip(self._esp, "hard-reset")
             else:
+                # A port just opened asserts DTR and RTS together, which the auto-program
+                # circuit reads as "run": DTR released first (IO0 high whatever follows), so
+                # that RTS alone holds EN low.
+                port.dtr = False
                 HardReset(port)()
         self._esp = None   # the board left the bootloader; the next bootloader call reconnects
 
@@ -262,17 +263,8 @@ class EspFlasher(DriverBase):
     def _connect(self) -> None:
         """Reset into the bootloader, detect and check the chip, load the stub, attach flash."""
         with _esptool_output():
-            connect_mode = "default-reset"
-            if not _has_file_descriptor(self._serial):
-                # esptool's default reset starts with an ioctl on the port's descriptor; a URL
-                # port (rfc2217, a simulated board) has none, which costs two failed connect
-                # attempts before esptool falls back to DTR/RTS. Go straight to DTR/RTS.
-                with self._faults("resetting into the bootloader"):
-                    ClassicReset(self._serial)()
-                connect_mode = "no-reset"
             try:
-                esp = detect_chip(self._serial, baud=ROM_BAUD, connect_mode=connect_mode,
-                                  connect_attempts=self.connect_attempts)
+                esp = self._detect()
             except FatalError as err:
                 if str(err).startswith(_NO_ANSWER_PREFIX):
                     raise RigFault(PART, f"{self.port}: no answer from the {self.chip_name} ROM "
@@ -295,6 +287,29 @@ class EspFlasher(DriverBase):
                 attach_flash(esp)
         self._esp = esp
         log.info("%s: %s in its bootloader, stub loaded", self.port, self.chip_name)
+
+    def _detect(self) -> Any:
+        """esptool's loader on the chip, reset into its ROM bootloader."""
+        if _has_file_descriptor(self._serial):
+            return detect_chip(self._serial, baud=ROM_BAUD, connect_mode="default-reset",
+                               connect_attempts=self.connect_attempts)
+        # esptool's default reset starts with an ioctl on the port's descriptor; a URL port
+        # (rfc2217, a simulated board) has none, which costs two failed connect attempts
+        # before esptool falls back to DTR/RTS. Go straight to DTR/RTS, a reset per attempt
+        # as esptool's own rounds do: the classic sequence pulls IO0 low a moment after EN
+        # rises (two line changes), and on a loaded host that moment can come after the chip
+        # sampled IO0: it boots its application, and only another reset brings it round.
+        for attempt in range(1, self.connect_attempts + 1):
+            with self._faults("resetting into the bootloader"):
+                ClassicReset(self._serial)()
+            try:
+                return detect_chip(self._serial, baud=ROM_BAUD, connect_mode="no-reset",
+                                   connect_attempts=1)
+            except FatalError as err:
+                if attempt == self.connect_attempts or \
+                        not str(err).startswith(_NO_ANSWER_PREFIX):
+                    raise
+        raise AssertionError("unreachable: the last attempt raises")
 
     def _require_open(self) -> Any:
         if self._serial is None:
