@@ -1,12 +1,16 @@
 """What the scenarios for result codes 103, 203 and 206 stand on, below the suite: a simulated
 flash whose bad sector refuses every write and says so, and image headers that say how much
-slot an image fills (and can be made to say more). The scenarios themselves are in testcases/
-(``oversize``, ``oversized-image``, ``bad-sector``); the defects each one alone catches are in
+slot an image fills (and can be made to say more); and the bad-sector fault proving it landed
+and not outliving its test. The scenarios themselves are in testcases/ (``oversize``,
+``oversized-image``, ``bad-sector``); the defects each one alone catches are in
 tests/test_sim_defects.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from private_rig import ROOT, private_sim_rig
 
 from hil.faults.catalog import CATALOG, Where
 from hil.sim.flash import ERASED, FlashWriteError, SimFlash
@@ -90,3 +94,48 @@ def test_the_catalog_names_a_fault_for_each_code():
     assert CATALOG["oversized-image"].where is Where.SERVICE   # 203
     assert CATALOG["oversized-image"].needs == ("mock",)
     assert CATALOG["bad-sector"].where is Where.RIG            # 206
+
+
+# ------------------------------------------------------------------------------ the fault
+BAD_SECTOR_SCENARIOS = '''
+def test_1_a_bad_sector_under_the_install_request(ota):
+    ota.inject("bad-sector")
+    ota.update()
+    ota.expect("flash-write-failed")
+
+
+def test_2_the_next_test_updates_as_usual(ota):
+    ota.update()
+    ota.expect("success")
+
+
+def test_3_a_bad_sector_the_board_never_writes(ota):
+    ota.inject("corrupt")                # md5 mismatch: no install request is ever written
+    ota.inject("bad-sector")
+    ota.update()
+    ota.expect("md5-mismatch")
+'''
+
+
+def test_a_bad_sector_proves_it_landed_and_does_not_outlive_its_test(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = private_sim_rig(pytester.path)
+    for name, value in rig.env.items():
+        monkeypatch.setenv(name, value)
+    pytester.makepyfile(test_bad_sector=BAD_SECTOR_SCENARIOS)
+    records = pytester.path / "records"
+    result = pytester.runpytest_subprocess(
+        "test_bad_sector.py", "--hil-rig", str(rig.path), "--hil-timeline-dir", str(records),
+        "--hil-lease-dir", str(pytester.path / "leases"), "--rootdir", str(ROOT),
+        "-c", str(ROOT / "pytest.ini"), "-p", "no:cacheprovider", "-p", "no:randomly",
+        timeout=300)
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines([
+        "E * hil.errors.FaultNotLanded: fault bad-sector never hit: the board never wrote to "
+        "sector 0x6f000, which the fault made bad"])
+    [timeline] = records.glob("*test_1_a_bad_sector_under_the_install_request*.timeline.jsonl")
+    lines = [json.loads(line) for line in timeline.read_text().splitlines()]
+    [hit] = [line for line in lines if line.get("kind") == "fault-hit"]
+    assert (hit["fault"], hit["phase"]) == ("bad-sector", "flash")
+    assert "sector 0x6f000 of the internal flash" in hit["detail"]
+    assert [line["result"] for line in lines if line["phase"] == "report"] == [101, 206]

@@ -414,11 +414,14 @@ def _bad_sector(injection: Injection, params: Params) -> None:
     injection.record_hit("flash", detail=f"sector {at:#x} of the {layout.secondary.chip} flash "
                          "(the install request's) made bad before the update")
 
+    refused: list[int] = []         # read once: the sector is good again after the first check
+
     def check(fault: InjectedFault) -> str | None:
         del fault
-        refused = flash.refused(at)
-        flash.mark_good(at)
-        if refused == 0:
+        if not refused:
+            refused.append(flash.refused(at))
+            flash.mark_good(at)
+        if refused[0] == 0:
             return f"the board never wrote to sector {at:#x}, which the fault made bad"
         return None
     injection.landing(check)
