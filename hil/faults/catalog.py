@@ -403,8 +403,9 @@ def _bad_sector(injection: Injection, params: Params) -> None:
                               "board's flash (a sim rig) or the firmware hook `test flash-fail` "
                               "(a test build failing its next flash write; not in the console "
                               "contract)")
-        raise Unsupported(f"fault bad-sector: rig {rig.name} has real flash; a bad sector is "
-                          "injected into a simulated board's flash (a sim rig)")
+        raise Unsupported(f"fault bad-sector: rig {rig.name} is not simulated (no sim: "
+                          "section); a bad sector can only be injected into a simulated "
+                          "board's flash")
     from hil.sim.firmware import install_request_at
     from hil.sim.layout import layout_of
 
