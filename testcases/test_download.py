@@ -15,12 +15,13 @@ from hil.onenet.messages import Endpoint
 FAILING = [
     ("stall", {}), ("reset", {}), ("limit", {}), ("truncate", {}), ("content-range", {}),
     ("whole-file", {}), ("error-byte", {"code": 4}), ("error-byte", {"code": 6}),
-    ("http-5xx", {}), ("drop", {}),
+    ("http-5xx", {}), ("drop", {}), ("oversize", {}),
 ]
 # Faults that only slow an answer down: the board takes it as it comes.
 SLOWING = [("latency", {}), ("bandwidth", {}), ("slicer", {})]
-# The outcome when a failing fault hits every try of a range: a stall is a timeout (104).
-GIVES_UP = {"stall": "retries-timeout"}
+# The outcome when a failing fault hits every try of a range: a stall is a timeout (104), an
+# answer longer than the range asked (than the board's receive buffer) a memory overflow (103).
+GIVES_UP = {"stall": "retries-timeout", "oversize": "retries-overflow"}
 
 
 def _id(fault: tuple[str, dict[str, int]]) -> str:

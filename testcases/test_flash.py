@@ -1,5 +1,6 @@
-"""Verify and flash: the package's md5, the battery before flashing, a power cut while the board
-flashes, and the version the new image really boots as."""
+"""Verify and flash: the package's md5, an image larger than its slot, the battery before
+flashing, a flash write that fails, a power cut while the board flashes, and the version the new
+image really boots as."""
 
 from __future__ import annotations
 
@@ -16,6 +17,28 @@ def test_a_corrupted_package_is_reported_101_then_205(ota):
     assert ota.booted_versions() == [], \
         "flash phase: the board rebooted into a package whose md5 did not match"
     assert len(attempt.requests(Endpoint.DOWNLOAD)) == -(-ota.package.size // 4096)
+
+
+@pytest.mark.phase("verify")
+def test_an_image_larger_than_its_slot_is_reported_101_then_203(ota):
+    # The package arrives whole and its md5 is right, but its image's header says it fills
+    # twice the slot it would run from: a board must refuse it before asking for the install
+    # ("upgrade failed: memory overflow"), not reboot into a bootloader that refuses it (204).
+    ota.inject("oversized-image")
+    ota.update()
+    ota.expect("image-too-large")
+    assert ota.booted_versions() == [], \
+        "flash phase: the board rebooted to install an image larger than its slot"
+
+
+def test_a_flash_write_failing_is_reported_101_then_206(ota):
+    # The sector the board writes its install request to is bad: the write fails, the board
+    # says so ("upgrade failed: unknown") and goes on running its old image.
+    ota.inject("bad-sector")
+    ota.update()
+    ota.expect("flash-write-failed")
+    assert ota.booted_versions() == [], \
+        "flash phase: the board rebooted though its install request was not written"
 
 
 def test_low_power_before_the_flash_is_reported_101_then_202(ota):

@@ -495,6 +495,22 @@ def test_whole_file_answers_a_ranged_download_with_the_file(mock, gateway, packa
     assert mock.timeline.exchanges()[-1].range is None
 
 
+@pytest.mark.parametrize("asked", ["bytes=4096-8191", "4096-8191"])
+def test_oversize_answers_a_ranged_download_with_more_than_was_asked(mock, gateway, package,
+                                                                     asked):
+    # The service is asked for more (a server widening ranges): a true 206, longer than asked.
+    token = start_task(mock, package)
+    gateway.arm(Fault(FaultKind.OVERSIZE, bytes=CHUNK))
+    reply = requests.get(f"{gateway.url}/ota/south/download/{token}", timeout=TIMEOUT,
+                         headers={"Authorization": mock.authorization(), "Range": asked})
+    assert (reply.status_code, reply.content) == (206, package[CHUNK:3 * CHUNK])
+    assert reply.headers["Content-Range"] == f"bytes 4096-12287/{SIZE}"
+    assert reply.headers["Content-Length"] == str(2 * CHUNK)
+    recorded = last(gateway)
+    assert (recorded.range, recorded.length, recorded.fault) == (asked, 2 * CHUNK,
+                                                                 "oversize +4096B")
+
+
 @pytest.mark.parametrize("code", [1, 3, 6])
 def test_error_byte_answers_like_onenet_without_forwarding(mock, gateway, package, code):
     token = start_task(mock, package)

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from hil.errors import AuthorizationError
 from hil.gateway import AUTH_VARIANTS, Armed, Fault, FaultKind
-from hil.gateway.faults import Plan, Seen, alter_authorization, corrupt, shift_content_range
+from hil.gateway.faults import (
+    Plan,
+    Seen,
+    alter_authorization,
+    corrupt,
+    shift_content_range,
+    widen_range,
+)
 from hil.onenet.auth import Authorization
 from hil.onenet.messages import Endpoint
 
@@ -35,6 +42,7 @@ KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHM="
     ({"kind": FaultKind.HTTP_5XX, "code": 404}, "Fault.code: must be >= 500 and <= 599"),
     ({"kind": FaultKind.TRUNCATE, "bytes": 1.5}, "Fault.bytes: must be an integer"),
     ({"kind": FaultKind.CORRUPT, "bytes": 0}, "Fault.bytes: a corrupt fault flips at least 1"),
+    ({"kind": FaultKind.OVERSIZE, "bytes": 0}, "Fault.bytes: must be >= 1"),
     ({"kind": FaultKind.SLICER, "size": 0}, "Fault.size: must be >= 1"),
     ({"kind": FaultKind.AUTH, "variant": "stale"}, "Fault.variant: must be one of"),
     ({"kind": FaultKind.HOOK, "action": 3}, "Fault.action: must be callable"),
@@ -70,6 +78,7 @@ def test_defaults_are_filled_and_strings_accepted():
     (Fault(FaultKind.CONTENT_RANGE, bytes=-2), "content-range -2"),
     (Fault(FaultKind.AUTH, variant="bad-sign"), "auth bad-sign"),
     (Fault(FaultKind.BANDWIDTH, rate=1000), "bandwidth 1000B/s"),
+    (Fault(FaultKind.OVERSIZE), "oversize +4096B"),
 ])
 def test_labels(fault, label):
     assert fault.label == label
@@ -238,3 +247,21 @@ def test_corrupt_flips_exactly_that_many_bytes():
     assert flipped.count(0xFF) == 5
     assert corrupt(body, 5, random.Random(1)) == flipped
     assert corrupt(b"ab", 5, random.Random(1)) == bytes([ord("a") ^ 0xFF, ord("b") ^ 0xFF])
+
+
+@pytest.mark.parametrize(("value", "widened"), [
+    (b"bytes=8192-12287", b"bytes=8192-16383"),
+    (b"8192-12287", b"8192-16383"),              # the vendor C SDK's form
+    (b"Bytes = 0 - 99", b"Bytes = 0 - 4195"),
+    (b"bytes=8192-", b"bytes=8192-"),            # to the end already
+    (b"bytes=-100", b"bytes=-100"),
+    (b"bytes=0-1,5-9", b"bytes=0-1,5-9"),        # not what a device sends: left alone
+])
+def test_widen_range_asks_past_the_end_of_a_closed_range(value, widened):
+    assert widen_range(value, 4096) == widened
+
+
+def test_the_largest_oversize_wins():
+    plan = Plan.of([Armed(Fault(FaultKind.OVERSIZE, bytes=10)),
+                    Armed(Fault(FaultKind.OVERSIZE, bytes=4096))])
+    assert plan.widen == 4096

@@ -23,6 +23,8 @@ from hil.drivers.base import PowerProtocol
 from hil.drivers.contract import Event
 from hil.onenet.messages import Endpoint
 from hil.sim.defects import Defect
+from hil.sim.firmware import install_request_at
+from hil.sim.images import SLOT_SIZE, build_image, claim_span
 
 PACKAGE_SIZE = 66088                   # a default nrf52832 1.1.0 image: 17 chunks of 4096
 CHUNK = 4096
@@ -262,6 +264,42 @@ def download_always_fails(setup: SimSetup, sim: SimBoard) -> Outcome:
     return observe(setup, sim, events, ended=ended, version=ended)
 
 
+def oversized_answer(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """From the 3rd download on, every answer is a 206 twice as long as the range asked (more
+    than the board's 4 KiB buffer); the task allows one retry."""
+    def doubled(n: int, _: str, answer: Forwarded) -> Answer | None:
+        if n < 3:
+            return None
+        start = int(answer.headers["Content-Range"].split()[1].split("-")[0])
+        return Answer(206, answer.body * 2, headers={
+            "Content-Range": f"bytes {start}-{start + 2 * CHUNK - 1}/{PACKAGE_SIZE}"})
+
+    on_download(setup, doubled)
+    setup.task(sim, "1.1.0", retry=1, interval=0)
+    return observe(setup, sim, setup.update(sim))
+
+
+def oversized_image(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The package's md5 matches, but its image's header says it fills twice the slot."""
+    on_download(setup, None)
+    image = build_image(sim.rig.board, "1.1.0")
+    setup.task(sim, "1.1.0", image=claim_span(sim.rig.board, image, 2 * SLOT_SIZE["nrf52832"]))
+    return observe(setup, sim, setup.update(sim))
+
+
+def bad_install_sector(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The sector the install request is written to (the secondary slot's last) is bad."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0")
+    flash = sim.bench.flash(sim.bench.layout.secondary.chip)
+    at = install_request_at(sim.bench.layout, flash)
+    flash.mark_bad(at)
+    try:
+        return observe(setup, sim, setup.update(sim))
+    finally:
+        flash.mark_good(at)
+
+
 # ------------------------------------------------------------------------------ expectations
 @dataclass(frozen=True)
 class Expect:
@@ -423,6 +461,35 @@ def no_boot_report(good: Outcome, bad: Outcome) -> None:
     assert index_of(bad.console, "ota phase=report result=201") == -1
 
 
+def reports_overflow(good: Outcome, bad: Outcome) -> None:
+    # Both refuse the long answers alike (the range asked twice, then no more); only the good
+    # board says why.
+    for outcome in (good, bad):
+        assert outcome.downloads.count(outcome.downloads[2]) == 2, outcome.downloads
+        assert len(outcome.downloads) == 4, outcome.downloads
+    assert f"ota phase=download offset={2 * CHUNK} error=overflow length={2 * CHUNK}" \
+        in good.events
+    assert not any("error=overflow" in event for event in bad.events), bad.events
+
+
+def checks_the_header(good: Outcome, bad: Outcome) -> None:
+    # The good board refuses the image before it reboots; the defective one reboots into a
+    # bootloader that refuses it.
+    assert any(event.startswith("ota phase=verify image=too-large") for event in good.events)
+    assert index_of(good.console, "I: ota: rebooting to install") == -1
+    assert index_of(bad.console, "I: ota: rebooting to install") >= 0
+    assert index_of(bad.console, "E: bootloader: secondary slot image rejected") >= 0
+
+
+def checks_the_write(good: Outcome, bad: Outcome) -> None:
+    # Both fail to write the install request; the good board stops and says so, the defective
+    # one reboots, and its bootloader finds no request and boots the old image.
+    assert index_of(good.console, "E: ota: the install request was not written") >= 0
+    assert index_of(good.console, "I: ota: rebooting to install") == -1
+    assert index_of(bad.console, "I: ota: rebooting to install") >= 0
+    assert index_of(bad.console, "E: bootloader: no install request") >= 0
+
+
 UPGRADED = Expect([101, 201], version="1.1.0", state="succeeded")
 
 DEFECT_SCENARIOS: dict[Defect, Case] = {
@@ -484,6 +551,15 @@ DEFECT_SCENARIOS: dict[Defect, Case] = {
         # The board runs 1.1.0; the service waits for ever in "upgrading".
         plain_update, good=UPGRADED,
         defective=Expect([101], version="1.1.0", state="upgrading"), evidence=no_boot_report),
+    Defect.UNKNOWN_ON_OVERFLOW: Case(
+        oversized_answer, good=Expect([103], state="failed"),
+        defective=Expect([107], state="failed"), evidence=reports_overflow),
+    Defect.INSTALLS_OVERSIZED: Case(
+        oversized_image, good=Expect([101, 203], state="failed"),
+        defective=Expect([101, 204], state="failed"), evidence=checks_the_header),
+    Defect.IGNORES_FLASH_ERRORS: Case(
+        bad_install_sector, good=Expect([101, 206], state="failed"),
+        defective=Expect([101, 204], state="failed"), evidence=checks_the_write),
 }
 
 

@@ -15,8 +15,10 @@
  *   4. token check: 12/20/22 end the attempt without a report, any other error 107
  *   5. ranged download in 4 KiB chunks into secondary.bin, every answer checked, the offset
  *      persisted after every chunk; error bodies 1/2/3/5 are final (107); 4/6, timeouts and bad
- *      answers are retried up to the task's `retry`, `interval` s apart, then 104 (timeout) or 107
- *   6. 101, then the md5 (205 on a mismatch)
+ *      answers are retried up to the task's `retry`, `interval` s apart, then 104 (timeout), 103
+ *      (a 206 longer than the range asked: more than its 4 KiB buffer) or 107
+ *   6. 101, then the md5 (205 on a mismatch), then the image's header (203 when it says the
+ *      image is larger than the slot)
  *   7. install: "install pending" recorded, secondary.bin renamed over primary.bin, exit 0 (the
  *      board reboots: hil restarts it) or execv itself (HIL_AGENT_REBOOT=exec)
  *   8. at the next start, 201 if the image booted is the target, else 204; then `ota end`, and
@@ -58,8 +60,8 @@
 
 /* Result codes (ONENET.md) and the errnos the agent acts on. */
 enum {
-    R_DOWNLOADED = 101, R_NO_SPACE = 102, R_TIMEOUT = 104, R_UNKNOWN = 107,
-    R_UPGRADED = 201, R_VERSION_MISMATCH = 204, R_MD5_MISMATCH = 205,
+    R_DOWNLOADED = 101, R_NO_SPACE = 102, R_OVERFLOW = 103, R_TIMEOUT = 104, R_UNKNOWN = 107,
+    R_UPGRADED = 201, R_UPGRADE_OVERFLOW = 203, R_VERSION_MISMATCH = 204, R_MD5_MISMATCH = 205,
 };
 enum { E_OK = 0, E_TOKEN_EXPIRED = 12, E_TASK_FINISHED = 20, E_INVALID_OPERATION = 21,
        E_TASK_CANCELLED = 22, E_NONE = -1 /* no answer, or not JSON */ };
@@ -273,6 +275,23 @@ static int image_version(const char *path, char *version, size_t size, char *why
     snprintf(why, why_size, "MCUboot image has no SHA256 TLV");
     return -1;
 }
+
+#ifndef DEFECT_INSTALLS_OVERSIZED
+/* How many bytes an MCUboot image's header says it fills (ih_hdr_size + ih_img_size, what
+ * MCUboot's boot_check_header_valid compares with the slot); -1 when it is no MCUboot header. */
+static long image_span(const char *path)
+{
+    unsigned char header[16];
+    FILE *file = fopen(path, "rb");
+    if (!file)
+        return -1;
+    size_t len = fread(header, 1, sizeof header, file);
+    fclose(file);
+    if (len < sizeof header || le32(header) != 0x96f3b83dU)
+        return -1;
+    return (long)le16(header + 8) + (long)le32(header + 12);
+}
+#endif
 
 /* ================================================================================ state */
 /* The attempt in progress (the settings partition), a few `key=value` lines in ota.state,
@@ -668,7 +687,8 @@ static int token_check(const struct task *task)
 }
 
 /* One chunk into secondary.bin at `start`. Returns the bytes written (> 0), or 0 with `cause`
- * set: 't' timeout, 'c' connection, 'a' a wrong answer, or the error body's code 1..6. */
+ * set: 't' timeout, 'c' connection, 'a' a wrong answer, 'o' an answer longer than the range
+ * asked (an overflow of the chunk's buffer), or the error body's code 1..6. */
 static long fetch_chunk(const struct task *task, int fd, long start, long end, int *cause)
 {
     char path[512], range[64];
@@ -699,6 +719,15 @@ static long fetch_chunk(const struct task *task, int fd, long start, long end, i
     if (answer.status >= 200 && answer.status < 300 && answer.body_len > 0) {
         got = (long)answer.body_len;
         goto write_chunk;
+    }
+#endif
+#ifndef DEFECT_107_ON_OVERFLOW
+    if (answer.status == 206 && answer.content_length > end - start + 1) {
+        say("ota phase=download offset=%ld error=overflow length=%ld", start,
+            answer.content_length);
+        *cause = 'o';
+        http_free(&answer);
+        return 0;
     }
 #endif
     char expected[128];
@@ -749,7 +778,7 @@ static int download(const struct task *task, struct ota_state *s)
 #ifndef DEFECT_RETRIES_FOREVER
             if (failures > task->retry) {
                 close(fd);
-                return cause == 't' ? R_TIMEOUT : R_UNKNOWN;
+                return cause == 't' ? R_TIMEOUT : cause == 'o' ? R_OVERFLOW : R_UNKNOWN;
             }
 #endif
             sleep_ms(task->interval * 1000 > RETRY_FLOOR_MS ? task->interval * 1000
@@ -903,6 +932,13 @@ static int run_task(const struct task *task, const char *running_md5)
 #ifndef DEFECT_SKIPS_MD5
     if (!good)
         return R_MD5_MISMATCH;
+#endif
+#ifndef DEFECT_INSTALLS_OVERSIZED
+    long span = image_span(path);
+    if (span >= SLOT_SIZE) {
+        say("ota phase=verify image=too-large bytes=%ld slot=%ld", span, SLOT_SIZE);
+        return R_UPGRADE_OVERFLOW;
+    }
 #endif
     snprintf(s.stage, sizeof s.stage, "install");
     snprintf(s.image, sizeof s.image, "%s", md5);
@@ -1063,6 +1099,12 @@ static const char *const DEFECTS =
 #endif
 #ifdef DEFECT_NO_BOOT_REPORT
     " no-boot-report"
+#endif
+#ifdef DEFECT_107_ON_OVERFLOW
+    " 107-on-overflow"
+#endif
+#ifdef DEFECT_INSTALLS_OVERSIZED
+    " installs-oversized"
 #endif
     ;
 

@@ -18,7 +18,9 @@ Three places inject faults (``Where``):
   only the mock takes them, because on the real platform the operator owns the tasks;
 - the **rig**: the bench supply or the ``test power`` hook, the attenuator or ``test signal``,
   ``test space``, the supply's output (a power cut) and ``sys reboot``; the moment is a
-  gateway trigger (the n-th chunk) or a console event (``ota phase=flash``).
+  gateway trigger (the n-th chunk) or a console event (``ota phase=flash``). A simulated
+  board's bench also fails flash writes (``bad-sector``: the sector its install request is
+  written to goes bad), which no real rig can do at will.
 
 ``needs`` lists the rig capabilities (``hil.pytest_plugin.CAPABILITIES``) and ``mock`` (the mock
 service) a fault requires; a scenario skips, naming the fault and what is missing, elsewhere.
@@ -46,6 +48,9 @@ from hil.drivers.contract import Event
 from hil.errors import Unsupported
 from hil.gateway import Armed, Fault, FaultKind
 from hil.onenet.messages import Endpoint
+from hil.onenet.tasks import Package
+from hil.rig.board import Board
+from hil.rig.model import Rig
 from hil.service.timeline import Exchange, FaultHit
 
 CHUNK = 4096                    # the chunk size of the reference agents (ONENET.md: 4 KiB)
@@ -111,6 +116,16 @@ class Injection(Protocol):
 
     @property
     def dev_id(self) -> str: ...
+
+    @property
+    def rig(self) -> Rig: ...
+
+    @property
+    def board(self) -> Board: ...
+
+    @property
+    def package(self) -> Package:
+        """The package under test (the build the task delivers)."""
 
     @property
     def device_timeout(self) -> float:
@@ -273,6 +288,21 @@ def _wrong_version(injection: Injection, params: Params) -> None:
     _task(package=injection.base_package)(injection, {})
 
 
+def _oversized_image(injection: Injection, params: Params) -> None:
+    """The task delivers the package under test with its image's header saying it fills twice
+    the board's slot: the transfer and the md5 are good, the image cannot be installed."""
+    from hil.sim.images import SLOT_SIZE, claim_span
+
+    board = injection.rig.board
+    package = injection.package
+    try:
+        data = claim_span(board, package.data, 2 * SLOT_SIZE[board])
+    except (KeyError, ValueError) as error:
+        raise Unsupported(f"fault oversized-image: the package under test is no {board} image "
+                          f"whose header hil can rewrite ({error})") from None
+    _task(package=Package(data, f"oversized-{package.filename}"))(injection, {})
+
+
 # ---------------------------------------------------------------------------------- rig
 def _low_power(injection: Injection, params: Params) -> None:
     """The battery below the task's threshold: before the update (the board's detect carries
@@ -361,6 +391,44 @@ def _cut_mid_write(injection: Injection) -> Landing:
     return check
 
 
+def _bad_sector(injection: Injection, params: Params) -> None:
+    """The sector a simulated board writes its install request to (its secondary slot's last:
+    MCUboot's image trailer) goes bad: every erase and program of it fails. Lands when the
+    board tried to write it. It does not outlive the test: a simulated bench, its flash with it,
+    lives for one test, and the landing check makes the sector good again all the same."""
+    rig, bench = injection.rig, injection.board.parts.bench
+    if bench is None:
+        if injection.board.shell_less:
+            raise Unsupported(f"rig {rig.name} has no shell: fault bad-sector needs a simulated "
+                              "board's flash (a sim rig) or the firmware hook `test flash-fail` "
+                              "(a test build failing its next flash write; not in the console "
+                              "contract)")
+        raise Unsupported(f"fault bad-sector: rig {rig.name} is not simulated (no sim: "
+                          "section); a bad sector can only be injected into a simulated "
+                          "board's flash")
+    from hil.sim.firmware import install_request_at
+    from hil.sim.layout import layout_of
+
+    layout = layout_of(rig.board)
+    flash = bench.flash(layout.secondary.chip)
+    at = install_request_at(layout, flash)
+    flash.mark_bad(at)
+    injection.record_hit("flash", detail=f"sector {at:#x} of the {layout.secondary.chip} flash "
+                         "(the install request's) made bad before the update")
+
+    refused: list[int] = []         # read once: the sector is good again after the first check
+
+    def check(fault: InjectedFault) -> str | None:
+        del fault
+        if not refused:
+            refused.append(flash.refused(at))
+            flash.mark_good(at)
+        if refused[0] == 0:
+            return f"the board never wrote to sector {at:#x}, which the fault made bad"
+        return None
+    injection.landing(check)
+
+
 def _reboot(injection: Injection, params: Params) -> None:
     injection.arm(Fault(FaultKind.HOOK, phase=Endpoint.DOWNLOAD, dev_id=injection.dev_id,
                         offset=params.get("at", DEFAULT_AT),
@@ -391,6 +459,9 @@ CATALOG: dict[str, FaultSpec] = {spec.name: spec for spec in (
               _gateway(FaultKind.CONTENT_RANGE, bytes=1), params=("bytes",)),
     FaultSpec("whole-file", _G, "200 with the whole file instead of 206 with the range",
               _gateway(FaultKind.WHOLE_FILE)),
+    FaultSpec("oversize", _G, "a 206 longer than the range asked (bytes more than the board's "
+              "chunk, its receive buffer)", _gateway(FaultKind.OVERSIZE, bytes=CHUNK),
+              params=("bytes",)),
     FaultSpec("error-byte", _G, "OneNET's one-byte error body (code 1..6), no Content-Length; "
               "form=raw (the platform's byte) or ascii (the digit other servers send)",
               _gateway(FaultKind.ERROR_BYTE, code=4), params=("code", "form")),
@@ -414,6 +485,8 @@ CATALOG: dict[str, FaultSpec] = {spec.name: spec for spec in (
               _task(delta_from="0.9.0"), needs=("mock",), params=("delta_from",)),
     FaultSpec("wrong-version", _S, "the package boots as another version than the target",
               _wrong_version, needs=("mock",)),
+    FaultSpec("oversized-image", _S, "the package's image says it is larger than the slot",
+              _oversized_image, needs=("mock",)),
     FaultSpec("token-expired", _S, "the task's token expires (at token check, or mid-download)",
               _operator("expire-token", Endpoint.TOKEN_CHECK), needs=("mock",),
               params=("during", "at"), during=("token", "download")),
@@ -439,6 +512,8 @@ CATALOG: dict[str, FaultSpec] = {spec.name: spec for spec in (
               during=("download", "flash")),
     FaultSpec("reboot", _R, "sys reboot (or a reset through the flasher) mid-download", _reboot,
               params=("at",)),
+    FaultSpec("bad-sector", _R, "the flash sector of the install request goes bad (a simulated "
+              "board)", _bad_sector),
 )}
 
 

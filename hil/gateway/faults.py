@@ -14,7 +14,9 @@ same step):
 1. request side: each ``hook`` runs, then each ``auth`` alters the Authorization header in turn;
 2. answering: the first of ``drop``/``error-byte``/``http-5xx`` answers in the service's place
    (the request is not forwarded; the later ones of these change nothing); else ``whole-file``
-   forwards the download without its Range;
+   forwards the download without its Range, or ``oversize`` with its Range asking ``bytes``
+   more (the largest wins): the service's answer is then a true 206 longer than the range the
+   device asked, as from a server or CDN that widens ranges to its own block size;
 3. the answer: ``content-range``, ``corrupt`` and ``truncate`` change it, in arming order;
 4. delivery: ``latency`` delays add up; a ``stall`` sends nothing (the longest stall holds, then
    closes); ``limit``/``reset`` cut the bytes sent (the smallest cut wins; a tie goes to reset);
@@ -47,6 +49,7 @@ class FaultKind(StrEnum):
     TRUNCATE = "truncate"
     CONTENT_RANGE = "content-range"
     WHOLE_FILE = "whole-file"
+    OVERSIZE = "oversize"
     ERROR_BYTE = "error-byte"
     CORRUPT = "corrupt"
     HTTP_5XX = "http-5xx"
@@ -70,6 +73,7 @@ _PARAMETERS: dict[FaultKind, dict[str, object]] = {
     FaultKind.TRUNCATE: {"bytes": _REQUIRED},
     FaultKind.CONTENT_RANGE: {"bytes": 1},
     FaultKind.WHOLE_FILE: {},
+    FaultKind.OVERSIZE: {"bytes": 4096},
     FaultKind.ERROR_BYTE: {"code": _REQUIRED, "form": "raw"},
     FaultKind.CORRUPT: {"bytes": 1},
     FaultKind.HTTP_5XX: {"code": 503},
@@ -197,6 +201,8 @@ class Fault:
         if name == "code":
             low, high = _CODE_RANGE.get(self.kind, (0, 0))
             return _number(low, high, integer=True)(value)
+        if name == "bytes" and self.kind is FaultKind.OVERSIZE:
+            return _number(1, integer=True)(value)
         if name == "bytes" and self.kind is FaultKind.CONTENT_RANGE:   # a shift either way
             good = isinstance(value, int) and not isinstance(value, bool) and value != 0
             return None if good else "must be a non-zero integer"
@@ -221,6 +227,8 @@ class Fault:
             return f"{kind}@{self.bytes}"
         if kind is FaultKind.CONTENT_RANGE:
             return f"content-range {self.bytes:+d}"
+        if kind is FaultKind.OVERSIZE:
+            return f"oversize +{self.bytes}B"
         if kind is FaultKind.CORRUPT:
             return f"corrupt {self.bytes}B"
         if kind is FaultKind.ERROR_BYTE and self.form == ErrorBodyForm.ASCII:
@@ -333,6 +341,20 @@ def _sign_character(sign: str) -> int | None:
     return None
 
 
+_RANGE = re.compile(rb"^([ \t]*(?:bytes[ \t]*=[ \t]*)?[0-9]+[ \t]*-[ \t]*)([0-9]+)([ \t]*)$",
+                    re.IGNORECASE)
+
+
+def widen_range(value: bytes, extra: int) -> bytes:
+    """A ``Range`` value (``bytes=a-b`` or ``a-b``) asking ``extra`` bytes past its end; any
+    other form (``a-``, ``-n``, several ranges) as it is: it asks to the end already, or is not
+    what a device sends."""
+    match = _RANGE.match(value)
+    if match is None:
+        return value
+    return match.group(1) + str(int(match.group(2)) + extra).encode() + match.group(3)
+
+
 # ---------------------------------------------------------------------------- the answer
 _CONTENT_RANGE = re.compile(rb"(?im)^(content-range:[ \t]*bytes[ \t]+)([0-9]+)-([0-9]+)")
 
@@ -377,6 +399,7 @@ class Plan:
     auth_variants: list[str] = field(default_factory=list)
     answer: Fault | None = None            # drop / error-byte / http-5xx: not forwarded
     whole_file: bool = False
+    widen: int = 0                         # oversize: the bytes a download's Range asks more
     transforms: list[Armed] = field(default_factory=list)
     delay: float = 0.0                     # seconds before the first byte
     stall: float | None = None             # seconds holding every byte, then a close
@@ -404,6 +427,9 @@ class Plan:
                 plan.answer = plan.answer or fault
             elif kind is FaultKind.WHOLE_FILE:
                 plan.whole_file = True
+            elif kind is FaultKind.OVERSIZE:
+                assert fault.bytes is not None
+                plan.widen = max(plan.widen, fault.bytes)
             elif kind in _TRANSFORMS:
                 plan.transforms.append(armed)
             elif kind is FaultKind.LATENCY:

@@ -57,6 +57,7 @@ from hil.gateway.faults import (
     alter_authorization,
     corrupt,
     shift_content_range,
+    widen_range,
 )
 from hil.gateway.upstream import (
     MAX_ANSWER_BODY,
@@ -602,6 +603,8 @@ def _encode_request(item: _Item, url: UpstreamURL, plan: Plan, *, keep_host: boo
             continue
         elif lower == b"range" and plan.whole_file:
             continue
+        elif lower == b"range" and plan.widen:
+            value = widen_range(value, plan.widen)
         elif lower == b"authorization" and altered:
             if authorization is None:
                 continue

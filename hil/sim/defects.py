@@ -35,6 +35,16 @@ class Defect(enum.StrEnum):
     # The bootloader keeps no record of a copy in progress: a power cut mid-copy leaves half an
     # image in the primary slot, which it then boots (it fails the image check: a dead board).
     NON_ATOMIC_INSTALL = "non-atomic-install"
+    # A range answer longer than the range asked (more than the receive buffer holds) taken for
+    # any bad answer: 107 where the user's table says 103 ("download failed: memory overflow").
+    UNKNOWN_ON_OVERFLOW = "107-on-overflow"
+    # No check of the image's header against its slot before the install is requested: an
+    # image that says it is larger than the slot is left to the bootloader, which refuses it;
+    # the old image boots and the board says 204 where 203 is due.
+    INSTALLS_OVERSIZED = "installs-oversized"
+    # The write that requests the install is not checked: a failed flash write goes unnoticed,
+    # the board reboots into its old image and says 204 where 206 is due.
+    IGNORES_FLASH_ERRORS = "ignores-flash-errors"
 
     @classmethod
     def parse(cls, names: Iterable[str]) -> frozenset[Defect]:

@@ -20,23 +20,31 @@ One OTA attempt (``ota check``), as ONENET.md has real devices do it:
    ``3`` or ``5`` is final (107); a timeout, a connection error, a wrong answer or error body
    ``4``/``6`` is retried up to the task's ``retry`` times, ``interval`` seconds apart; when no
    try is left the device reports what the last failure was, as the user's API document names
-   the codes: 104 (request timeout) for a timeout or a stall, 107 (unknown) otherwise. Before
+   the codes: 104 (request timeout) for a timeout or a stall, 103 (memory overflow) for a range
+   answer longer than the range asked (its ``Content-Length`` says more than the receive buffer,
+   one chunk, holds: the board reads none of it), 107 (unknown) otherwise. Before
    each chunk the battery is read again: below the task's threshold the download stops with 105
    ("download failed: low battery", the user's API document); a board does not go on writing
    its flash on a battery the task says is too low (ONENET.md is silent on when a device checks;
    this model checks before every chunk, so a battery falling mid-download is a 105, and one
    falling after the last chunk a 202);
 6. 101 once the whole package is in flash (the transfer completed), then its md5: a mismatch is
-   205;
-7. flash: the battery is checked again (202 below the task's threshold), the image is marked
-   for installation, the board reboots; the bootloader copies a valid image from the secondary
-   slot over the primary (MCUboot's overwrite-only upgrade) and starts the primary. The copy
-   takes the time the part takes to erase and program (``Layout.install_timing``, scaled by
+   205; then the image's header: an image that says it is larger than the slot it is to run
+   from is 203 ("upgrade failed: memory overflow"; MCUboot's ``boot_check_header_valid`` and
+   ESP-IDF's image loader refuse it, so the board does not ask for an install that cannot be);
+7. flash: the battery is checked again (202 below the task's threshold), the image is marked for
+   installation (MCUboot's image trailer magic written at the end of the secondary slot, read back:
+   a write that fails, a bad sector, is 206 "upgrade failed: unknown", and the board goes on
+   running its old image), the board reboots; the bootloader copies a valid image from the
+   secondary slot over the primary (MCUboot's overwrite-only upgrade) and starts the primary. The
+   copy takes the time the part takes to erase and program (``Layout.install_timing``, scaled by
    ``INSTALL_TIME_SCALE``): the bootloader prints ``ota phase=flash bytes=N`` as it starts it
    (before its first erase) and its progress as ``I:`` lines. It records the copy in progress
    before its first erase and clears it after the last write (MCUboot keeps it in the image
    trailer): a power cut mid-copy leaves half an image in the primary slot, and the next boot
-   copies the intact secondary slot again from the start;
+   copies the intact secondary slot again from the start. It installs only an image whose trailer
+   asks for it, and erases the trailer once the copy is over. The trailer's sector is not package
+   storage: the free space is the secondary slot less that sector;
 8. after the boot, 201 if the image the board booted carries the target version, 204 otherwise
    (not installed, or installed but of another version).
 
@@ -93,8 +101,8 @@ from hil.onenet.codes import (
 )
 from hil.onenet.messages import DetectAnswer
 from hil.sim.defects import Defect
-from hil.sim.flash import FlashTiming, SimFlash
-from hil.sim.images import image_version
+from hil.sim.flash import FlashTiming, FlashWriteError, SimFlash
+from hil.sim.images import image_span, image_version
 from hil.sim.layout import Layout, Slot, layout_of
 
 NVS_FILE = "nvs.json"
@@ -109,6 +117,18 @@ _RETRY_FLOOR_S = 0.05            # a "retries forever" board still does not spin
 # to cut the power once the board has announced it (tens of ms on a loaded machine).
 INSTALL_TIME_SCALE = 0.5
 _PROGRESS_STEPS = 4              # the installer's I: progress lines per copy
+
+# MCUboot's image trailer magic (bootutil's boot_img_magic), the last 16 bytes of a slot whose
+# image is to be installed: what ``boot_request_upgrade`` writes and the bootloader looks for.
+BOOT_MAGIC = bytes.fromhex("77c295f360d2ef7f3215d8368be5b6f9")
+
+
+def install_request_at(layout: Layout, flash: SimFlash) -> int:
+    """The sector the install request (the trailer magic) is written to: the secondary slot's
+    last (a bench's bad-sector fault marks it, ``hil.faults.catalog``)."""
+    slot = layout.secondary
+    return slot.address + slot.size - flash.sector_size
+
 
 # Token check answers after which a device ends the attempt without a report (ONENET.md).
 END_WITHOUT_REPORT = frozenset({Errno.TOKEN_EXPIRED, Errno.TASK_FINISHED, Errno.TASK_CANCELLED})
@@ -441,6 +461,10 @@ class Firmware:
         interrupted = bool(ota.get("copying"))
         if not interrupted and ota.get("running") != slot_digest(primary, layout.primary):
             return                      # installed already, or reflashed since: nothing to do
+        if not self._install_requested():
+            self._say(generation, "E: bootloader: no install request in the secondary slot's "
+                      "trailer; booting the primary slot")
+            return
         size = int(ota["size"])
         image = secondary.read(layout.secondary.address, size)
         try:
@@ -458,6 +482,11 @@ class Firmware:
         self._copy(generation, primary, layout.primary.address, image, layout.install_timing)
         self._alive(generation)
         self.nvs.update(ota={key: value for key, value in ota.items() if key != "copying"})
+        # Done: the trailer asks for nothing more (a bad sector leaves it; the settings' stage
+        # still says the install is over).
+        with contextlib.suppress(FlashWriteError):
+            secondary.erase(install_request_at(layout, secondary), secondary.sector_size)
+            secondary.flush()
 
     def _copy(self, generation: int, flash: SimFlash, address: int, image: bytes,
               timing: FlashTiming) -> None:
@@ -692,10 +721,12 @@ class Firmware:
             ota["reported_101"] = True
             self.nvs.update(ota=ota)
         self._verify(generation, task)
+        self._check_span(generation, task)
         # Step 7: install.
         if not meets_threshold(self._power(), task.power) \
                 and Defect.FLASHES_ON_LOW_POWER not in self.defects:
             raise _Failed(ResultCode.UPGRADE_LOW_BATTERY)
+        self._request_install(generation)
         ota["stage"] = "install"
         if Defect.REPORTS_201_BEFORE_REBOOT in self.defects:
             self._report(generation, http, server, task.token, ResultCode.UPGRADED)
@@ -745,6 +776,7 @@ class Firmware:
                 failures += 1
                 if failures > task.retry and Defect.RETRIES_FOREVER not in self.defects:
                     raise _Failed(ResultCode.DOWNLOAD_TIMEOUT if cause == "timeout"
+                                  else ResultCode.DOWNLOAD_MEMORY_OVERFLOW if cause == "overflow"
                                   else ResultCode.DOWNLOAD_UNKNOWN)
                 self._sleep(generation, max(task.interval, _RETRY_FLOOR_S))
                 continue
@@ -784,6 +816,13 @@ class Firmware:
             return None, code            # OneNET's one-byte error answer, raw or ASCII digit
         if Defect.TRUSTS_ANY_2XX in self.defects and 200 <= answer.status_code < 300:
             return body or None, "answer"
+        length = answer.headers.get("Content-Length", "").strip()
+        if answer.status_code == 206 and length.isdigit() and int(length) > end - start + 1 \
+                and Defect.UNKNOWN_ON_OVERFLOW not in self.defects:
+            # More than the range asked, so more than the receive buffer holds: not read.
+            self._say(generation, f"ota phase=download offset={start} error=overflow "
+                      f"length={length}")
+            return None, "overflow"
         if answer.status_code != 206 or "Content-Length" not in answer.headers \
                 or answer.headers.get("Content-Range") != f"bytes {start}-{end}/{task.size}" \
                 or len(body) != end - start + 1:
@@ -797,6 +836,44 @@ class Firmware:
         self._say(generation, f"ota phase=verify md5={'ok' if good else 'bad'}")
         if not good and Defect.SKIPS_MD5 not in self.defects:
             raise _Failed(ResultCode.UPGRADE_MD5_MISMATCH)
+
+    def _check_span(self, generation: int, task: DetectAnswer) -> None:
+        """Step 6's last check: the image fits the slot it is to run from, as its header says
+        (203). A header that cannot be read is left to the bootloader, which refuses it (204)."""
+        slot = self.layout.secondary
+        data = self.platform.flash(slot.chip).read(slot.address, task.size)
+        try:
+            span = image_span(self.board, data)
+        except ValueError:
+            return
+        room = self.layout.primary.size
+        if span >= room and Defect.INSTALLS_OVERSIZED not in self.defects:
+            self._say(generation, f"ota phase=verify image=too-large bytes={span} slot={room}")
+            raise _Failed(ResultCode.UPGRADE_MEMORY_OVERFLOW)
+
+    def _request_install(self, generation: int) -> None:
+        """Step 7: the trailer magic written at the secondary slot's end and read back (206
+        when the write fails or did not take)."""
+        flash = self.platform.flash(self.layout.secondary.chip)
+        at = install_request_at(self.layout, flash)
+        magic_at = at + flash.sector_size - len(BOOT_MAGIC)
+        self._alive(generation)
+        try:
+            flash.erase(at, flash.sector_size)
+            flash.program(magic_at, BOOT_MAGIC)
+            flash.flush()
+            written = flash.read(magic_at, len(BOOT_MAGIC)) == BOOT_MAGIC
+            why = "it reads back otherwise"
+        except FlashWriteError as error:
+            written, why = False, str(error)
+        if not written and Defect.IGNORES_FLASH_ERRORS not in self.defects:
+            self._say(generation, f"E: ota: the install request was not written: {why}")
+            raise _Failed(ResultCode.UPGRADE_UNKNOWN)
+
+    def _install_requested(self) -> bool:
+        flash = self.platform.flash(self.layout.secondary.chip)
+        end = self.layout.secondary.address + self.layout.secondary.size
+        return flash.read(end - len(BOOT_MAGIC), len(BOOT_MAGIC)) == BOOT_MAGIC
 
     # =========================================================================== HTTP
     @contextlib.contextmanager
@@ -853,7 +930,8 @@ class Firmware:
 
     def _free_space(self) -> int:
         override = self._space_override
-        size = self.layout.secondary.size
+        flash = self.platform.flash(self.layout.secondary.chip)
+        size = self.layout.secondary.size - flash.sector_size      # less the trailer's sector
         return size if override is None else min(size, override)
 
 

@@ -4,6 +4,11 @@ NOR semantics, because firmware and flash tools rely on them: erasing sets whole
 programming can only clear bits (new = old AND data), so writing without erasing first corrupts
 the data the way real hardware does. Every simulated flash path (the pyocd probe plugin, the
 ESP32 ROM bootloader, the firmware model's OTA slots) goes through this one class.
+
+A sector can be marked bad (``mark_bad``, a bench fault): every erase or program that touches it
+then fails with ``FlashWriteError`` and changes nothing, as a worn-out NOR sector whose erase or
+program never completes, reported by the part (the erase/program fail bits of a SPI NOR's status,
+a driver's write-verify on internal flash). It stays bad until ``mark_good``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ERASED = 0xFF
+
+
+class FlashWriteError(OSError):
+    """An erase or program that failed (a bad sector): nothing of it was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +61,36 @@ class SimFlash:
             path.write_bytes(bytes([ERASED]) * size)
         self._file = path.open("r+b")
         self._map = mmap.mmap(self._file.fileno(), size)
+        self._bad: dict[int, int] = {}     # offset of each sector marked bad: writes refused
+
+    def mark_bad(self, address: int) -> None:
+        """The sector holding ``address`` fails every erase and program from now on."""
+        offset = self._offset(address, 1)
+        with self._lock:
+            self._bad.setdefault(offset - offset % self.sector_size, 0)
+
+    def refused(self, address: int) -> int:
+        """How many erases and programs the bad sector holding ``address`` refused."""
+        offset = self._offset(address, 1)
+        with self._lock:
+            return self._bad.get(offset - offset % self.sector_size, 0)
+
+    def mark_good(self, address: int | None = None) -> None:
+        """The sector holding ``address`` (None: every sector) works again."""
+        with self._lock:
+            if address is None:
+                self._bad.clear()
+            else:
+                offset = self._offset(address, 1)
+                self._bad.pop(offset - offset % self.sector_size, None)
+
+    def _check_good(self, offset: int, length: int) -> None:
+        """Raise FlashWriteError if ``offset..offset+length`` touches a bad sector (lock held)."""
+        for bad in self._bad:
+            if bad < offset + length and offset < bad + self.sector_size:
+                self._bad[bad] += 1
+                raise FlashWriteError(f"flash write at 0x{self.base + offset:08x}+{length} "
+                                      f"failed: sector 0x{self.base + bad:08x} is bad")
 
     def contains(self, address: int, length: int = 1) -> bool:
         return self.base <= address and address + length <= self.base + self.size
@@ -73,12 +112,14 @@ class SimFlash:
         first = offset - offset % self.sector_size
         last = -(-(offset + length) // self.sector_size) * self.sector_size
         with self._lock:
+            self._check_good(first, last - first)
             self._map[first:last] = bytes([ERASED]) * (last - first)
 
     def program(self, address: int, data: bytes) -> None:
         """Program ``data``: bits only go from 1 to 0, as on NOR flash."""
         offset = self._offset(address, len(data))
         with self._lock:
+            self._check_good(offset, len(data))
             old = int.from_bytes(self._map[offset:offset + len(data)], "big")
             # One big-integer AND instead of a Python loop per byte.
             self._map[offset:offset + len(data)] = (old & int.from_bytes(data, "big")).to_bytes(
@@ -90,6 +131,7 @@ class SimFlash:
         first = offset - offset % self.sector_size
         last = -(-(offset + len(data)) // self.sector_size) * self.sector_size
         with self._lock:
+            self._check_good(first, last - first)
             merged = bytearray(self._map[first:last])
             merged[offset - first:offset - first + len(data)] = data
             self._map[first:last] = bytes(merged)

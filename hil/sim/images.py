@@ -15,6 +15,11 @@ bytes, so a test image is rebuilt, not stored, and a misplaced byte always chang
 
     image = build_image("nrf52832", "1.1.0")
     assert image_version("nrf52832", image) == "1.1.0"
+
+``image_span`` is how many bytes an image's header says it fills, as a bootloader reads it before
+it trusts the image (MCUboot's header size plus image size; ESP-IDF's segments walked from
+their headers); ``claim_span`` rewrites a header to say another length (a package whose image
+says it is larger than its slot), leaving the rest of the bytes as they are.
 """
 
 from __future__ import annotations
@@ -256,3 +261,72 @@ def _mcuboot_version_of(data: bytes) -> str:
             return f"{major}.{minor}.{revision}" + (f"+{build}" if build else "")
         offset += 4 + length
     raise ValueError("MCUboot image has no SHA256 TLV")
+
+
+# ---------------------------------------------------------------------------------- span
+_ESP32_HEADER = 24          # esp_image_header_t: the common 8 bytes and the extended 16
+_ESP32_SEGMENT = struct.Struct("<II")      # esp_image_segment_header_t: load address, length
+
+
+def _esp32_segments(data: bytes) -> list[int]:
+    """Where each segment header of an ESP32 image sits, as its headers chain them (a segment's
+    length says where the next header is)."""
+    if len(data) < _ESP32_HEADER or data[0] != 0xE9:
+        raise ValueError("not an ESP32 application image: no 0xe9 header")
+    offsets, offset = [], _ESP32_HEADER
+    for _ in range(data[1]):
+        if offset + _ESP32_SEGMENT.size > len(data):
+            raise ValueError(f"ESP32 image truncated: a segment header at {offset:#x} lies past "
+                             f"its {len(data)} bytes")
+        offsets.append(offset)
+        offset += _ESP32_SEGMENT.size + _ESP32_SEGMENT.unpack_from(data, offset)[1]
+    return offsets
+
+
+def image_span(board: str, data: bytes) -> int:
+    """How many bytes the image's header says it fills: MCUboot's ``ih_hdr_size +
+    ih_img_size`` (what ``boot_check_header_valid`` compares with the slot), or the end of an
+    ESP32 image's last segment as its segment headers chain them, with the checksum byte's
+    padding and the SHA-256 (what ESP-IDF's image loader compares with the partition).
+    ValueError when the header cannot be read."""
+    _check_board(board)
+    if board == "esp32":
+        offsets = _esp32_segments(data)
+        end = _ESP32_HEADER
+        if offsets:
+            last = offsets[-1]
+            end = last + _ESP32_SEGMENT.size + _ESP32_SEGMENT.unpack_from(data, last)[1]
+        return (end + 16) // 16 * 16 + 32     # checksum in the last byte of a 16-byte block
+    if len(data) < _MCUBOOT_HEADER.size:
+        raise ValueError(f"not an MCUboot image: {len(data)} bytes, shorter than the header")
+    magic, _, header_size, _, image_size, *_ = _MCUBOOT_HEADER.unpack_from(data)
+    from imgtool.image import IMAGE_MAGIC
+
+    if magic != IMAGE_MAGIC:
+        raise ValueError(f"not an MCUboot image: magic {magic:#010x}, expected {IMAGE_MAGIC:#010x}")
+    return int(header_size) + int(image_size)
+
+
+def claim_span(board: str, image: bytes, span: int) -> bytes:
+    """``image`` with its header saying it fills ``span`` bytes (``image_span``), every other
+    byte unchanged: MCUboot's ``ih_img_size``, or the length of an ESP32 image's last segment.
+    Such an image no longer passes ``image_version`` when ``span`` differs from its own."""
+    data = bytearray(image)
+    if board == "esp32":
+        offsets = _esp32_segments(image)
+        if not offsets:
+            raise ValueError("ESP32 image has no segment to lengthen")
+        last = offsets[-1]
+        address, length = _ESP32_SEGMENT.unpack_from(image, last)
+        grow = span - image_span(board, image)
+        if length + grow < 0:
+            raise ValueError(f"an ESP32 image cannot claim {span} bytes: shorter than its "
+                             "headers")
+        _ESP32_SEGMENT.pack_into(data, last, address, length + grow)
+        return bytes(data)
+    header_size = image_span(board, image) - _MCUBOOT_HEADER.unpack_from(image)[4]
+    if span < header_size:
+        raise ValueError(f"an MCUboot image cannot claim {span} bytes: its header alone is "
+                         f"{header_size}")
+    struct.pack_into("<I", data, 12, span - header_size)        # ih_img_size
+    return bytes(data)
