@@ -400,9 +400,8 @@ def _bad_sector(injection: Injection, params: Params) -> None:
     if bench is None:
         if injection.board.shell_less:
             raise Unsupported(f"rig {rig.name} has no shell: fault bad-sector needs a simulated "
-                              "board's flash (a sim rig) or the firmware hook `test flash-fail` "
-                              "(a test build failing its next flash write; not in the console "
-                              "contract)")
+                              "board's flash (a sim rig): the console contract has no hook "
+                              "that fails a flash write")
         raise Unsupported(f"fault bad-sector: rig {rig.name} is not simulated (no sim: "
                           "section); a bad sector can only be injected into a simulated "
                           "board's flash")
