@@ -35,6 +35,10 @@ class Defect(enum.StrEnum):
     # The bootloader keeps no record of a copy in progress: a power cut mid-copy leaves half an
     # image in the primary slot, which it then boots (it fails the image check: a dead board).
     NON_ATOMIC_INSTALL = "non-atomic-install"
+    # A NULL pointer write while storing the third chunk: a HardFault on the Cortex-M boards
+    # (whose default handler spins, the board dead until reset), a StoreProhibited panic on the
+    # ESP32 (printed on its console, then a reboot). hil must report a firmware crash.
+    CRASHES_MID_DOWNLOAD = "crashes-mid-download"
 
     @classmethod
     def parse(cls, names: Iterable[str]) -> frozenset[Defect]:
