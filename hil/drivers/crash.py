@@ -394,6 +394,7 @@ class CrashWatch(Protocol):
 
 def check(watch: CrashWatch) -> None:
     """Raise ``FirmwareCrash`` when ``watch`` has seen a crash."""
+    __tracebackhide__ = True      # the test's traceback ends at its wait, not in here
     crash = watch.poll()
     if crash is not None:
         raise FirmwareCrash(crash)
@@ -408,18 +409,24 @@ class ConsolePanicWatch:
         self._console = console
         self._symbols = symbols
         self._parser = PanicParser(symbols)
+        self._source: ConsoleProtocol | None = None
         self._mark = 0
         self.crash: Crash | None = None
 
     def start(self) -> None:
         self._parser = PanicParser(self._symbols)
-        self._mark = self._console().mark()
+        self._source = self._console()
+        self._mark = self._source.mark()
         self.crash = None
 
     def poll(self) -> Crash | None:
         if self.crash is not None:
             return self.crash
-        lines = self._console().lines()[self._mark:]
+        console = self._console()
+        if console is not self._source:
+            # Reopened (an ESP32's port is let go for its reset lines): a new log, from 0.
+            self._source, self._mark = console, 0
+        lines = console.lines()[self._mark:]
         self._mark += len(lines)
         for line in lines:
             if line.sent:

@@ -35,6 +35,7 @@ looking, and goes exactly that deep:
 from __future__ import annotations
 
 import binascii
+import contextlib
 import enum
 import struct
 import threading
@@ -559,10 +560,8 @@ class CortexM:
         debugger's vector catch halts it at the handler's first instruction instead."""
         sp = (self.regs.get(REG_MSP, 0) - 0x100 - 32) & ~7
         words = [cause.frame.get(name, 0) & WORD for name in STACKED_FRAME]
-        try:
+        with contextlib.suppress(BusFault):   # no RAM at SP: the frame is lost (an overflow)
             self.bus.write(sp, struct.pack("<8I", *words))
-        except BusFault:
-            pass                 # no RAM at SP: the frame is lost, as on a stack overflow
         self._fault_status[CFSR] |= cause.cfsr
         self._fault_status[HFSR] |= cause.hfsr
         if cause.mmfar is not None:
