@@ -150,8 +150,10 @@ class Crash:
         callers = [frame.where for frame in self.backtrace[1:2] if frame.where]
         if callers:
             text += f", called from {callers[0]}"
-        if self.words:
-            text += ": " + ", ".join(word.partition(":")[0] for word in self.words)
+        names = [word.partition(":")[0] for word in self.words]
+        names = [name for name in names if name != self.cause]   # said once is enough
+        if names:
+            text += ": " + ", ".join(names)
         if self.fault_address is not None:
             text += f"; fault address {self.fault_address:#010x}"
         return text
@@ -402,12 +404,16 @@ def check(watch: CrashWatch) -> None:
 
 class ConsolePanicWatch:
     """An ESP32's panic output on its console (``PanicParser`` over the lines since
-    ``start``)."""
+    ``start``), read every ``every`` seconds at most."""
 
     def __init__(self, console: Callable[[], ConsoleProtocol],
-                 symbols: ElfSymbols | None = None) -> None:
+                 symbols: ElfSymbols | None = None, *, every: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._console = console
         self._symbols = symbols
+        self._every = every          # the log is copied to be read: not at every poll
+        self._clock = clock
+        self._last: float | None = None
         self._parser = PanicParser(symbols)
         self._source: ConsoleProtocol | None = None
         self._mark = 0
@@ -417,11 +423,16 @@ class ConsolePanicWatch:
         self._parser = PanicParser(self._symbols)
         self._source = self._console()
         self._mark = self._source.mark()
+        self._last = None
         self.crash = None
 
     def poll(self) -> Crash | None:
         if self.crash is not None:
             return self.crash
+        now = self._clock()
+        if self._last is not None and now - self._last < self._every:
+            return None
+        self._last = now
         console = self._console()
         if console is not self._source:
             # Reopened (an ESP32's port is let go for its reset lines): a new log, from 0.

@@ -14,9 +14,10 @@ looking, and goes exactly that deep:
   as an ST-Link does; both paths share one bus access.
 - **System memory**: the chip's regions (flash through ``SimFlash``, RAM, peripherals) and the
   private peripheral bus: the ROM table and the CoreSight ID registers of SCS, DWT, FPB and ITM,
-  CPUID and the feature registers, DHCSR, DCRSR/DCRDR, DEMCR, DFSR, AIRCR, VTOR, FPB and DWT
-  control. Anything else on the PPB is plain read/write storage. An address no region maps is a
-  bus fault.
+  CPUID and the feature registers, DHCSR, DCRSR/DCRDR, DEMCR, DFSR, AIRCR, VTOR, ICSR's
+  VECTACTIVE, the fault status and address registers (CFSR and HFSR write-one-to-clear, MMFAR,
+  BFAR; cleared by a system reset), FPB and DWT control. Anything else on the PPB is plain
+  read/write storage. An address no region maps is a bus fault.
 - **The core** cannot execute ARM code. It runs what a debugger makes it run: when resumed at an
   entry point of a flash algorithm it knows (recognised by the machine code in RAM at the entry's
   load address, not by the address alone), it performs the routine natively on the flash and
@@ -25,7 +26,11 @@ looking, and goes exactly that deep:
   firmware: the core "runs" it (``on_run``) until halted, without looking at it; the firmware
   itself is modelled elsewhere. Anything else (unknown code in RAM, an erased reset vector)
   faults: halted by the HardFault vector catch if DEMCR asks for it, else into the firmware's
-  HardFault handler if flash has one, else lockup.
+  HardFault handler if flash has one, else lockup. A fault of the firmware model itself
+  (``take_fault``: a crashing firmware) is recorded as the hardware records one: CFSR, HFSR,
+  MMFAR and BFAR set, the exception frame stacked on the main stack, LR = EXC_RETURN, IPSR and
+  ICSR.VECTACTIVE = 3; the core then spins in the handler (running, as a default ``b .``
+  handler does) until a debugger halts it or a reset clears it all.
   Single-stepping is not emulated: a step request leaves PC where it is and halts.
 - **Reset**: SYSRESETREQ, VECTRESET, nRESET and chip-specific requests run the chip's reset hooks
   (peripherals), reload SP and PC from the vector table, set S_RESET_ST, and halt with VCATCH if

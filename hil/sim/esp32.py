@@ -28,10 +28,12 @@ Layers, innermost first:
 Hooks for the firmware model (not implemented here): ``on_boot()`` is called each time the chip
 boots its application from flash, ``on_reset()`` each time the running application stops (EN
 pulled low, a software reset), ``on_console_input(data)`` with what the host writes while the
-application runs; the firmware answers with ``console_write(data)`` and reboots with
-``software_reset()``. Hooks run on the thread that caused them (the host's port thread, or a
-timer thread when the boot follows an EN release by itself), outside the board's lock, so they
-may call back into the board; they should return quickly.
+application runs; the firmware answers with ``console_write(data)``, reboots with
+``software_reset()``, and crashes with ``panic(output)`` (ESP-IDF's panic handler output,
+``panic_output``, then a restart, as its default "print registers and reboot" does). Hooks
+run on the thread that caused them (the host's port thread, or a timer thread when the boot
+follows an EN release by itself), outside the board's lock, so they may call back into the
+board; they should return quickly.
 
 What is modelled loosely: the code uploaded to RAM and started by MEM_END is taken to be the
 flasher stub (any entry point inside uploaded RAM starts it; another one halts the chip); wire
