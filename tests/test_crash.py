@@ -366,3 +366,57 @@ def test_the_swd_watch_looks_at_most_every_interval() -> None:
     now[0] += 0.4
     assert watch.poll() is None
     assert len(reads) == 2 * looked
+
+
+def test_a_probe_that_does_not_answer_is_no_crash_and_is_asked_again() -> None:
+    # A test's power cut leaves a real target deaf to its probe for a moment.
+    from hil.errors import RigFault
+
+    answers = [RigFault("flasher", "reading 4 bytes at 0xe000ed04 failed: no ACK")]
+
+    class Probe:
+        def read_memory(self, address: int, size: int) -> bytes:
+            if answers:
+                raise answers.pop()
+            return bytes(size)
+
+        def halt(self) -> None:
+            raise AssertionError("a running core must not be halted")
+
+        def read_core_registers(self, names: list[str]) -> dict[str, int]:
+            raise AssertionError("not halted, not read")
+
+    now = [0.0]
+    watch = SwdFaultWatch(Probe, every=0.5, clock=lambda: now[0])
+    watch.start()
+    assert watch.poll() is None
+    now[0] += 1
+    assert watch.poll() is None
+    assert not answers
+
+
+def test_the_panic_watch_never_opens_the_console_and_follows_a_reopened_one() -> None:
+    from hil.drivers.base import LogLine
+    from hil.drivers.crash import ConsolePanicWatch
+
+    class Log:
+        def __init__(self, text: str) -> None:
+            self.log = [LogLine(0.0, line) for line in text.splitlines()]
+
+        def mark(self) -> int:
+            return len(self.log)
+
+        def lines(self) -> list[LogLine]:
+            return list(self.log)
+
+    before = Log("boot version=1.0.0\nota phase=download offset=0 status=206\n" * 20)
+    opened: list[Log | None] = [before]
+    now = [0.0]
+    watch = ConsolePanicWatch(lambda: opened[0], every=0.0, clock=lambda: now[0])
+    watch.start()
+    opened[0] = None                       # the flasher has the port: nothing to read
+    assert watch.poll() is None
+    opened[0] = Log(ESP_IDF_V4_PANIC)      # reopened: a new log, shorter than the old one
+    crash = watch.poll()
+    assert crash is not None
+    assert crash.cause == "LoadProhibited"

@@ -496,7 +496,8 @@ class OtaScenario:
             if self.rig.flasher.kind == "swd":
                 self._watch = SwdFaultWatch(self._debug_probe, symbols)
             elif self.rig.board == "esp32" and self.rig.console.command is None:
-                self._watch = ConsolePanicWatch(lambda: self.board.console, symbols)
+                self._watch = ConsolePanicWatch(lambda: self.board.parts.opened("console"),
+                                                symbols)
             else:
                 self._watch = NoWatch()
         return self._watch

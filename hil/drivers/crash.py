@@ -28,6 +28,7 @@ Addresses are named from the build's ELF (``hil.drivers.elf.ElfSymbols``) where 
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import time
@@ -38,6 +39,8 @@ from typing import Protocol
 from hil.drivers.base import ConsoleProtocol
 from hil.drivers.elf import ElfSymbols
 from hil.errors import FirmwareCrash, RigFault
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -404,9 +407,11 @@ def check(watch: CrashWatch) -> None:
 
 class ConsolePanicWatch:
     """An ESP32's panic output on its console (``PanicParser`` over the lines since
-    ``start``), read every ``every`` seconds at most."""
+    ``start``), read every ``every`` seconds at most. ``console`` gives the console if it is
+    open, else None: the watch never opens it (an ESP32's port may be the flasher's for a
+    moment, taken by a fault's reset on another thread)."""
 
-    def __init__(self, console: Callable[[], ConsoleProtocol],
+    def __init__(self, console: Callable[[], ConsoleProtocol | None],
                  symbols: ElfSymbols | None = None, *, every: float = 0.2,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._console = console
@@ -422,7 +427,7 @@ class ConsolePanicWatch:
     def start(self) -> None:
         self._parser = PanicParser(self._symbols)
         self._source = self._console()
-        self._mark = self._source.mark()
+        self._mark = self._source.mark() if self._source is not None else 0
         self._last = None
         self.crash = None
 
@@ -434,6 +439,8 @@ class ConsolePanicWatch:
             return None
         self._last = now
         console = self._console()
+        if console is None:
+            return None
         if console is not self._source:
             # Reopened (an ESP32's port is let go for its reset lines): a new log, from 0.
             self._source, self._mark = console, 0
@@ -451,7 +458,11 @@ class ConsolePanicWatch:
 
 class SwdFaultWatch:
     """A Cortex-M board through its SWD probe: every ``every`` seconds at most, whether the core
-    is in a fault handler or locked up (``read_cortex_m``; a running core is not stopped)."""
+    is in a fault handler or locked up (``read_cortex_m``; a running core is not stopped).
+
+    A look that fails (a ``RigFault`` from the probe) is no crash and no verdict: the test's
+    own faults power the board off or hold it in reset, when a real target does not answer
+    its probe; the next look tries again."""
 
     def __init__(self, debug: Callable[[], CortexMDebug], symbols: ElfSymbols | None = None,
                  *, every: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
@@ -473,7 +484,10 @@ class SwdFaultWatch:
         if self._last is not None and now - self._last < self._every:
             return None
         self._last = now
-        self.crash = read_cortex_m(self._debug(), self._symbols)
+        try:
+            self.crash = read_cortex_m(self._debug(), self._symbols)
+        except RigFault as unanswered:
+            log.debug("crash watch: the probe did not answer: %s", unanswered)
         return self.crash
 
 

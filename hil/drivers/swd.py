@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.resources as importlib_resources
 import io
 import logging
+import threading
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterator
@@ -213,6 +214,9 @@ class SwdFlasher(DriverBase):
         self.frequency = frequency
         self.base_address = base_address
         self._session: Any = None
+        # pyocd's session is not thread-safe: a reset from a fault's hook thread and a crash
+        # watch's reads on the test's thread take turns.
+        self._lock = threading.RLock()
 
     @property
     def name(self) -> str:
@@ -345,7 +349,8 @@ class SwdFlasher(DriverBase):
 
     @contextmanager
     def _faults(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except _PROBE_ERRORS as err:
-            raise RigFault(PART, f"{self.name}: {what} failed: {err}") from err
+        with self._lock:
+            try:
+                yield
+            except _PROBE_ERRORS as err:
+                raise RigFault(PART, f"{self.name}: {what} failed: {err}") from err
