@@ -17,6 +17,8 @@ OTA service or the network between.
     │   ├── CommandRefused     the firmware answered a console command with ``ERR <reason>``
     │   ├── ExpectTimeout      the firmware did not print what the test waited for
     │   ├── BootLoop           a host build kept exiting by itself (names the exit statuses)
+    │   ├── FirmwareCrash      the board crashed mid-update (a HardFault, a panic): carries the
+    │   │                      decoded evidence (hil.drivers.crash.Crash); Allure "firmware crash"
     │   └── ConformanceFailure an OTA phase ended with other report codes than the profile's
     ├── ServiceFault           the OTA service or the infrastructure around it failed
     │   └── ServiceCrashed     the mock raised on its server thread (re-raised on the test thread)
@@ -26,6 +28,11 @@ OTA service or the network between.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hil.drivers.crash import Crash
 
 
 class HilError(Exception):
@@ -106,6 +113,16 @@ class ExpectTimeout(FirmwareFault):
 class BootLoop(FirmwareFault):
     """A host build run as a board (``hil.drivers.process``) exited by itself again and again
     right after starting: the board does not boot. The message names the exit statuses."""
+
+
+class FirmwareCrash(FirmwareFault):
+    """The board crashed: a Cortex-M fault read through the debug probe, an ESP32 panic read on
+    its console. ``crash`` is the decoded evidence (``hil.drivers.crash.Crash``: cause, PC and
+    function, fault status in words); the message is its summary line, then its report."""
+
+    def __init__(self, crash: Crash) -> None:
+        super().__init__(f"firmware crash: {crash.summary()}\n{crash.report()}")
+        self.crash = crash
 
 
 class ConformanceFailure(FirmwareFault):

@@ -21,6 +21,8 @@ from sim_board import Answer, Forwarded, SimBoard, SimSetup, wait_for
 
 from hil.drivers.base import PowerProtocol
 from hil.drivers.contract import Event
+from hil.drivers.crash import Crash, SwdFaultWatch, check
+from hil.errors import FirmwareCrash
 from hil.onenet.messages import Endpoint
 from hil.sim.defects import Defect
 from hil.sim.firmware import install_request_at
@@ -49,6 +51,7 @@ class Outcome:
     console: list[str]          # everything the board printed
     ended: bool                 # the attempt printed `ota end`
     version: str | None         # what the board runs afterwards (None: left powered off)
+    crash: Crash | None = None  # the board crashed (read through its probe)
 
 
 def observe(setup: SimSetup, sim: SimBoard, events: list[str], *, ended: bool = True,
@@ -187,6 +190,23 @@ def power_cut_mid_download(setup: SimSetup, sim: SimBoard) -> Outcome:
     release.set()
     assert sim.board.wait_boot() == "1.0.0"
     return observe(setup, sim, setup.update(sim))
+
+
+def watched_update(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """A plain update, its wait watching the board for a crash through the SWD probe, as the
+    suite's does."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0")
+    watch = SwdFaultWatch(sim.parts.flasher)
+    watch.start()
+    sim.board.start_update()
+    try:
+        events = sim.board.wait_update_end(30, watch=lambda: check(watch))
+    except FirmwareCrash as crashed:
+        outcome = observe(setup, sim, [], ended=False, version=False)
+        outcome.crash = crashed.crash
+        return outcome
+    return observe(setup, sim, as_text(events))
 
 
 def _battery_drops_at_chunk(setup: SimSetup, sim: SimBoard, chunk: int) -> Outcome:
@@ -490,6 +510,18 @@ def checks_the_write(good: Outcome, bad: Outcome) -> None:
     assert index_of(bad.console, "E: bootloader: no install request") >= 0
 
 
+def crashes(good: Outcome, bad: Outcome) -> None:
+    # The defective board took two chunks, crashed storing the third and stays in its fault
+    # handler: hil reads the HardFault through the probe, the precise bus fault at address 0.
+    assert good.crash is None
+    assert len(bad.downloads) == 3, bad.downloads
+    assert bad.crash is not None
+    assert bad.crash.cause == "HardFault"
+    assert bad.crash.fault_address == 0
+    assert [word.partition(":")[0] for word in bad.crash.words] == \
+        ["FORCED", "PRECISERR", "BFARVALID"]
+
+
 UPGRADED = Expect([101, 201], version="1.1.0", state="succeeded")
 
 DEFECT_SCENARIOS: dict[Defect, Case] = {
@@ -547,6 +579,10 @@ DEFECT_SCENARIOS: dict[Defect, Case] = {
     Defect.RAW_ERROR_BYTES_ONLY: Case(
         ascii_error_digit, good=Expect([107], state="failed"),
         defective=Expect([107], state="failed"), evidence=reads_the_ascii_digit),
+    Defect.CRASHES_MID_DOWNLOAD: Case(
+        # The task waits in "downloading" for ever; the board, halted in its fault, says nothing.
+        watched_update, good=UPGRADED,
+        defective=Expect([], version=None, state="downloading", ended=False), evidence=crashes),
     Defect.NO_BOOT_REPORT: Case(
         # The board runs 1.1.0; the service waits for ever in "upgrading".
         plain_update, good=UPGRADED,

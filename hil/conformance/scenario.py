@@ -28,6 +28,10 @@ it: on a shell-less board the order checks are that the board reported the targe
 after its 201, and that the 201 did not come on a TCP connection its download or 101 used (a
 reboot closes them; the gateway numbers connections).
 
+A board that crashes during an attempt ends the wait at once: an ESP32's panic is read on its
+console, a Cortex-M's fault through its SWD probe (``hil.drivers.crash``), and ``update`` raises
+``FirmwareCrash`` with the decoded crash (kept as ``crash``, its attempt recorded first).
+
 A broken expectation raises ``ConformanceFailure`` naming the phase, the expected and the
 received codes; a scenario the rig or service cannot run raises ``Unsupported`` (a skip). Once
 the test is over, ``check_faults_landed`` raises ``FaultNotLanded`` for a fault that never hit
@@ -42,6 +46,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
@@ -49,12 +54,22 @@ import requests
 
 from hil.conformance.expectations import Profile
 from hil.drivers.contract import Event, parse_event
+from hil.drivers.crash import (
+    ConsolePanicWatch,
+    Crash,
+    CrashWatch,
+    NoWatch,
+    SwdFaultWatch,
+    check,
+)
+from hil.drivers.elf import ElfSymbols
 from hil.drivers.hooks import ConsoleHookPower, ConsoleHookRf
 from hil.drivers.power import power_cycle
 from hil.errors import (
     ConformanceFailure,
     ExpectTimeout,
     FaultNotLanded,
+    FirmwareCrash,
     ProtocolError,
     Unsupported,
 )
@@ -100,6 +115,7 @@ class Attempt:
     ended: bool                   # printed ``ota end`` (not cut short, not timed out)
     timed_out: bool = False
     trace: list[Event] = field(default_factory=list)     # the events with the boot lines
+    crash: Crash | None = None    # the board crashed: the attempt ended there
 
     def requests(self, phase: Endpoint) -> list[Exchange]:
         return [exchange for exchange in self.exchanges if exchange.phase is phase]
@@ -243,7 +259,8 @@ class OtaScenario:
 
     def __init__(self, *, rig: Rig, board: Board, gateway: Gateway, mock: MockOneNet | None,
                  profile: Profile, package: Package, target: str,
-                 base_package: Package | None = None, dns: DnsServer | None = None) -> None:
+                 base_package: Package | None = None, dns: DnsServer | None = None,
+                 elf: Path | None = None) -> None:
         self.rig = rig
         self.board = board
         self.gateway = gateway
@@ -253,6 +270,9 @@ class OtaScenario:
         self.package = package
         self.target = target
         self.base_package = base_package      # the base build, for a package of another version
+        self.elf = elf                        # the build's ELF: names a crash's addresses
+        self.crash: Crash | None = None       # the board crashed (update raised FirmwareCrash)
+        self._watch: CrashWatch | None = None
         self.task: Task | None = None
         self.faults: list[InjectedFault] = []
         self.attempts: list[Attempt] = []
@@ -453,10 +473,42 @@ class OtaScenario:
         than ``deadline()`` gives an attempt with ``timed_out``; ``expect`` says so."""
         self.ensure_task()
         self._point()
-        if self.board.shell_less:
-            return self._finished(self._update_shell_less(until_boot, timeout or self.deadline()))
+        before, traced = len(self.exchanges()), len(self.trace)
+        watch = self.crash_watch()
+        watch.start()
+        try:
+            if self.board.shell_less:
+                return self._finished(self._update_shell_less(until_boot,
+                                                              timeout or self.deadline()))
+            return self._update_shell(until_boot, timeout)
+        except FirmwareCrash as crashed:
+            self.crash = crashed.crash
+            self._finished(Attempt([e for e in self.trace[traced:] if e.tag != "boot"],
+                                   self.exchanges()[before:], False, False, self.trace[traced:],
+                                   crash=crashed.crash))
+            raise
+
+    def crash_watch(self) -> CrashWatch:
+        """What an attempt's wait polls for a crash: the SWD probe of a Cortex-M board, the
+        console of an ESP32; nothing for a host build (its exits are boot loops)."""
+        if self._watch is None:
+            symbols = ElfSymbols(self.elf) if self.elf is not None else None
+            if self.rig.flasher.kind == "swd":
+                self._watch = SwdFaultWatch(self._debug_probe, symbols)
+            elif self.rig.board == "esp32" and self.rig.console.command is None:
+                self._watch = ConsolePanicWatch(lambda: self.board.parts.opened("console"),
+                                                symbols)
+            else:
+                self._watch = NoWatch()
+        return self._watch
+
+    def _debug_probe(self) -> Any:
+        return self.board.parts.flasher()
+
+    def _update_shell(self, until_boot: bool, timeout: float | None) -> Attempt:
         before = len(self.gateway.timeline.exchanges(self.dev_id))
         traced = len(self.trace)
+        watch = self.crash_watch()
         self.board.start_update()
         ended, timed_out = True, False
         booted: list[Event] = []
@@ -469,7 +521,8 @@ class OtaScenario:
 
         try:
             events = self.board.wait_update_end(timeout or self.deadline(), on_event=seen,
-                                                until_boot=until_boot)
+                                                until_boot=until_boot,
+                                                watch=lambda: check(watch))
         except ExpectTimeout:
             events, ended, timed_out = [e for e in self.trace if e.tag != "boot"], False, True
         if until_boot and booted and not (events and events[-1].tag == "ota end"):
@@ -523,8 +576,10 @@ class OtaScenario:
         quiet_for = self.silence()
         traced = len(self.trace)
         fired_live: list[tuple[Event, list[InjectedFault]]] = []
+        watch = self.crash_watch()
         while True:
             time.sleep(_POLL_S)
+            check(watch)
             if log is not None:
                 # Its log's own phase lines, acted on as they come (a power cut timed by the
                 # flash write's announcement); placed among the exchanges by when they came.

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.resources as importlib_resources
 import io
 import logging
+import threading
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterator
@@ -36,9 +37,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 from pyocd.core import exceptions as pyocd_errors
 from pyocd.core.helpers import ConnectHelper
 from pyocd.core.session import Session
@@ -52,6 +50,7 @@ from pyocd.target.pack.pack_target import (
 )
 
 from hil.drivers.base import DriverBase, Progress
+from hil.drivers.elf import elf_symbol
 from hil.errors import RigFault
 
 log = logging.getLogger(__name__)
@@ -162,40 +161,6 @@ def _installed_pack_part_numbers() -> set[str]:
     return {normalise_target_type_name(device.part_number) for device in devices}
 
 
-# --------------------------------------------------------------------------------- ELF symbols
-def elf_symbol(elf: Path, name: str) -> tuple[int, int]:
-    """(address, size) of the symbol ``name`` in the ELF's symbol table.
-
-    A Thumb function's address has bit 0 set in the table (the interworking bit); it is cleared,
-    so the address is where its code is. Raises KeyError naming the symbol if the ELF does not
-    define it, ValueError if the file is not an ELF or has no symbol table (a stripped image).
-    """
-    with elf.open("rb") as stream:
-        try:
-            elffile = ELFFile(stream)
-            symtab = elffile.get_section_by_name(".symtab")
-            if not isinstance(symtab, SymbolTableSection):
-                raise ValueError(f"{elf}: no symbol table (stripped? use the unstripped ELF)")
-            defined = [symbol for symbol in symtab.get_symbol_by_name(name) or ()
-                       if symbol["st_shndx"] != "SHN_UNDEF"]
-            is_arm = elffile["e_machine"] == "EM_ARM"
-        except ELFError as err:
-            raise ValueError(f"{elf}: not a readable ELF file: {err}") from err
-    if not defined:
-        raise KeyError(f"symbol {name} is not defined in {elf}")
-    # A file-local (static) name may exist once per source file; the global one wins.
-    globals_ = [symbol for symbol in defined if symbol["st_info"]["bind"] == "STB_GLOBAL"]
-    chosen = globals_ or defined
-    if len(chosen) > 1:
-        raise ValueError(f"{elf}: symbol {name} is defined {len(chosen)} times (file-local "
-                         "statics of the same name); read it by address instead")
-    symbol = chosen[0]
-    address = int(symbol["st_value"])
-    if is_arm and symbol["st_info"]["type"] == "STT_FUNC":
-        address &= ~1
-    return address, int(symbol["st_size"])
-
-
 # --------------------------------------------------------------------------------- progress
 class _TwoPassProgress:
     """pyocd's progress (a fraction) as one monotonic (done, total) for the caller.
@@ -249,6 +214,9 @@ class SwdFlasher(DriverBase):
         self.frequency = frequency
         self.base_address = base_address
         self._session: Any = None
+        # pyocd's session is not thread-safe: a reset from a fault's hook thread and a crash
+        # watch's reads on the test's thread take turns.
+        self._lock = threading.RLock()
 
     @property
     def name(self) -> str:
@@ -368,6 +336,14 @@ class SwdFlasher(DriverBase):
             session.target.write_memory_block8(address, list(data))
             session.target.flush()   # writes may be queued by the probe; make them happen now
 
+    def read_core_registers(self, names: list[str]) -> dict[str, int]:
+        """The core registers ``names`` (pyocd's names: ``pc``, ``lr``, ``xpsr``, ``msp``...);
+        the core must be halted (``halt()``)."""
+        session = self._require_open()
+        with self._faults(f"reading core registers {', '.join(names)}"):
+            values = session.target.read_core_registers_raw(names)
+        return {name: int(value) & 0xFFFFFFFF for name, value in zip(names, values, strict=True)}
+
     def read_symbol(self, elf: Path, name: str, size: int | None = None) -> bytes:
         """The bytes of the variable ``name`` (address and size from ``elf``'s symbol table).
 
@@ -388,7 +364,8 @@ class SwdFlasher(DriverBase):
 
     @contextmanager
     def _faults(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except _PROBE_ERRORS as err:
-            raise RigFault(PART, f"{self.name}: {what} failed: {err}") from err
+        with self._lock:
+            try:
+                yield
+            except _PROBE_ERRORS as err:
+                raise RigFault(PART, f"{self.name}: {what} failed: {err}") from err

@@ -65,7 +65,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -82,7 +82,7 @@ from hil.onenet.tasks import Package, Task
 from hil.pytest_plugin import coverage, reporting
 from hil.rig.board import Board
 from hil.rig.check import PartCheck, check_rig
-from hil.rig.inputs import DEFAULT_TARGET, BoardBuild, check_builds, resolve_builds
+from hil.rig.inputs import DEFAULT_TARGET, BoardBuild, check_builds, per_board, resolve_builds
 from hil.rig.lease import DEFAULT_LEASE_TIMEOUT, DEFAULT_LOCK_DIR, RigLease
 from hil.rig.model import Rig, find_rig, load_rig, rig_of_test
 from hil.rig.parts import RigParts
@@ -111,6 +111,18 @@ class HilOptions:
     full_restore: bool = False
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT
     progress: bool = False
+    elfs: Mapping[str, Path] = field(default_factory=dict)   # board -> --hil-elf
+
+    def elf_for(self, rig: Rig) -> Path | None:
+        """The ELF a crash's addresses are named from: --hil-elf for the rig's board; for a
+        simulated rig without one, its firmware model's (``hil.sim.symbols``)."""
+        given = self.elfs.get(rig.board)
+        if given is not None or rig.sim is None or rig.sim_state_dir is None:
+            return given
+        from hil.sim.symbols import write_elf
+
+        rig.sim_state_dir.mkdir(parents=True, exist_ok=True)
+        return write_elf(rig.board, rig.sim_state_dir / "firmware.elf")
 
     def update_package(self, rig: Rig) -> tuple[Package, str] | None:
         """The build under test and its version: --hil-package and --hil-target-version, else
@@ -181,6 +193,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     _option(parser, group, "--hil-target-version", "hil_target_version",
             "the version the OTA package reports (default: the package's own); BOARD=V per "
             "board, repeatable", repeat=True)
+    _option(parser, group, "--hil-elf", "hil_elf",
+            "the unstripped ELF of the build under test: a crash's PC, LR and backtrace are "
+            "named by its functions; BOARD=PATH per board, repeatable", repeat=True)
     _option(parser, group, "--hil-ota-service", "hil_ota_service",
             "mock (default) or the base URL of a OneNET OTA service")
     _option(parser, group, "--hil-timeline-dir", "hil_timeline_dir",
@@ -249,6 +264,31 @@ def _builds(config: pytest.Config, rigs: tuple[Rig, ...]) -> dict[str, BoardBuil
         raise pytest.UsageError(str(error)) from None
 
 
+def _elfs(config: pytest.Config, rigs: tuple[Rig, ...]) -> dict[str, Path]:
+    """--hil-elf per board, each checked to be an ELF with a symbol table."""
+    from hil.drivers.elf import ElfSymbols
+
+    given, base_dir = _given(config, "hil_elf")
+    try:
+        values = per_board("--hil-elf", given)
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
+    found: dict[str, Path] = {}
+    for board in {rig.board for rig in rigs}:
+        value = values.get(board, values.get(None))
+        if value is None:
+            continue
+        path = base_dir / value
+        if not path.is_file():
+            raise pytest.UsageError(f"--hil-elf: no such file {path}")
+        try:
+            ElfSymbols(path)
+        except (ValueError, OSError) as error:
+            raise pytest.UsageError(f"--hil-elf: {error}") from None
+        found[board] = path
+    return found
+
+
 def _existing(config: pytest.Config, name: str, flag: str) -> Path | None:
     value = _value(config, name)
     if not value:
@@ -310,7 +350,8 @@ def pytest_configure(config: pytest.Config) -> None:
         check_rigs=bool(config.getoption("hil_check_rigs") or config.getini("hil_check_rigs")),
         full_restore=bool(config.getoption("hil_full_restore")
                           or config.getini("hil_full_restore")),
-        lease_timeout=_lease_timeout(config), progress=bool(config.getoption("hil_progress")))
+        lease_timeout=_lease_timeout(config), progress=bool(config.getoption("hil_progress")),
+        elfs=_elfs(config, rigs))
     if config.stash[OPTIONS].progress and not hasattr(config, "workerinput"):
         config.pluginmanager.register(Progress(config, rigs), "hil-progress")
 
@@ -861,7 +902,7 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
     scenario = OtaScenario(rig=rig, board=board, gateway=gateway, mock=mock,
                            profile=hil_options.profile, package=package, target=target,
                            base_package=hil_options.base_package(rig),
-                           dns=request.getfixturevalue("ota_dns"))
+                           dns=request.getfixturevalue("ota_dns"), elf=hil_options.elf_for(rig))
     if reporting.alluredir(request.config):
         reporting.label(request.node, rig, firmware=board.version(), target=target)
         clock = request.node.stash[reporting.CLOCK] = reporting.AttemptClock()

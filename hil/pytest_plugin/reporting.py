@@ -7,11 +7,12 @@
 - **steps**, one per OTA phase of each attempt (version, detect, token check, download with its
   ranges summarised, report, verify, flash, reboot), each with its requests and answers attached
   and the fault that hit it in its title;
-- **attachments**: the console log (timestamped), the timeline as JSON and as text, a picture of
-  the update (bytes downloaded over time, faults and report codes marked; matplotlib), and the
-  rig description with every secret removed;
-- the session's ``environment.properties`` and ``categories.json`` (firmware defect, rig fault,
-  service or infrastructure fault), written by the controller.
+- **attachments**: the decoded crash when the board crashed (``firmware crash``: cause, PC and
+  function, fault status in words, backtrace, registers), the console log (timestamped), the
+  timeline as JSON and as text, a picture of the update (bytes downloaded over time, faults
+  and report codes marked; matplotlib), and the rig description with every secret removed;
+- the session's ``environment.properties`` and ``categories.json`` (firmware crash, firmware
+  defect, rig fault, service or infrastructure fault), written by the controller.
 
 Allure calls are no-ops without ``--alluredir``; the picture is only drawn with it.
 """
@@ -50,6 +51,11 @@ PHASES = ("detect", "token", "download", "verify", "flash", "report")
 SEVERITY = {"detect": "normal", "token": "normal", "download": "critical",
             "verify": "critical", "flash": "critical", "report": "blocker"}
 CATEGORIES = [
+    # Before "Firmware defect": Allure files a test under the first category that matches.
+    {"name": "Firmware crash", "matchedStatuses": ["failed"],
+     "traceRegex": r"(?s).*hil\.errors\.FirmwareCrash.*",
+     "description": "the board crashed mid-update (a Cortex-M fault read through the probe, "
+                    "an ESP32 panic on its console): the 'firmware crash' attachment decodes it"},
     {"name": "Firmware defect", "matchedStatuses": ["failed"],
      "description": "the board reported a wrong or missing code, or requested what it must not"},
     {"name": "Rig fault", "matchedStatuses": ["broken"],
@@ -154,8 +160,8 @@ def attempt_steps(scenario: OtaScenario, console: list[LogLine], ends: list[floa
             [begun, *(e.at for e in attempt.exchanges)])
         steps = _timed(attempt, _event_times(scenario, attempt, console, begun), begun, over)
         title = f"attempt {number + 1}: ota check" + (
-            "" if attempt.ended else " (cut short)" if not attempt.timed_out
-            else " (did not end in time)")
+            "" if attempt.ended else f" (crashed: {attempt.crash.cause})" if attempt.crash
+            else " (cut short)" if not attempt.timed_out else " (did not end in time)")
         status = message = None
         with _step(reporter, title, begun, over) as attempt_result:
             for index, step in enumerate(steps):
@@ -348,6 +354,8 @@ def attach_evidence(scenario: OtaScenario, console_log: str | None) -> None:
         allure.dynamic.tag(fault.label)
     if console_log is not None:
         allure.attach(console_log, "console log", AttachmentType.TEXT)
+    if scenario.crash is not None:
+        allure.attach(scenario.crash.report(), "firmware crash", AttachmentType.TEXT)
     exchanges = scenario.exchanges()
     allure.attach(json.dumps([json.loads(e.to_json()) for e in exchanges], indent=1),
                   "timeline", AttachmentType.JSON)

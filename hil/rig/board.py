@@ -32,6 +32,7 @@ ServiceVersions = Callable[[], list[tuple[float, str]]]
 
 BOOT_TIMEOUT_S = 30.0
 HUNG_AFTER_S = 3.0       # a board whose shell is this long silent has hung
+WATCH_S = 0.5            # how often a wait for the board's events lets its watch look
 POWER_OFF_S = 0.5        # how long a power cycle keeps the board dark
 # A halted board's log has settled when it stays the same SETTLE_POLLS polls in a row.
 SETTLE_POLL_S, SETTLE_POLLS, SETTLE_MAX_S = 0.05, 3, 2.0
@@ -171,7 +172,8 @@ class Board:
 
     def wait_update_end(self, timeout: float = 300.0, *,
                         on_event: Callable[[Event], None] | None = None,
-                        until_boot: bool = False) -> list[Event]:
+                        until_boot: bool = False,
+                        watch: Callable[[], None] | None = None) -> list[Event]:
         """The attempt's events (``ota phase=...`` lines) until ``ota end``, which must come
         within ``timeout`` seconds in all (not per event: a board that trickles events forever
         must still fail).
@@ -179,7 +181,9 @@ class Board:
         ``on_event`` sees every event as it comes, boot lines (tag ``boot``) included: a test
         acts on the board's own narration (cut the power at ``ota phase=flash``). With
         ``until_boot`` the wait also ends at the first boot line (an attempt cut short by a
-        power cut or a reboot never prints ``ota end``)."""
+        power cut or a reboot never prints ``ota end``). ``watch`` is called at least every
+        ``WATCH_S`` while waiting, and may end the wait by raising (a crash seen through the
+        debug probe, where the console stays silent)."""
         contract = self.contract.events
         pattern = f"(?:{contract['phase'].pattern})|(?:{contract['end'].pattern})|" \
                   f"(?:{contract['boot'].pattern})"
@@ -187,7 +191,16 @@ class Board:
         events: list[Event] = []
         while True:
             remaining = max(deadline - time.monotonic(), 0.0)
-            line = self.console.expect(pattern, remaining).string
+            if watch is not None:
+                watch()
+                try:
+                    line = self.console.expect(pattern, min(remaining, WATCH_S)).string
+                except ExpectTimeout:
+                    if time.monotonic() < deadline:
+                        continue
+                    raise
+            else:
+                line = self.console.expect(pattern, remaining).string
             if contract["end"].search(line):
                 return events
             booted = contract["boot"].search(line)

@@ -56,6 +56,7 @@ from hil.sim.images import build_image, image_version
 from hil.sim.instruments import EmulatedAttenuator, EmulatedInstrument, EmulatedSupply, LineSplitter
 from hil.sim.layout import SPI_FLASH_FILE, SPI_FLASH_SIZE, layout_of
 from hil.sim.pty import PtyPort
+from hil.sim.symbols import NullWrite, cortex_m_fault, esp32_panic
 
 BROWN_OUT_VOLTS = 1.8           # below this the board's regulator drops out
 DEFAULT_SIGNAL = 31             # what the radio reports on a rig with no attenuator
@@ -487,6 +488,20 @@ class SimBench:
 
     def flash(self, chip: str) -> SimFlash:
         return self._flashes[chip]
+
+    def crash(self, fault: NullWrite) -> None:
+        """Platform.crash: an ESP32 panics (prints, reboots); a Cortex-M core takes a HardFault
+        and spins in its handler (``hil.sim.symbols`` says what each shows)."""
+        board = self._board
+        if board is None:
+            return
+        if self.rig.board == "esp32":
+            board.panic(esp32_panic(fault))
+            return
+        cause, handler = cortex_m_fault(self.rig.board, fault)
+        with board.chip.lock:
+            if board.chip.powered:
+                board.chip.core.take_fault(cause, handler)
 
     def battery_percent(self) -> int:
         volts = self._supply_volts()

@@ -14,9 +14,10 @@ looking, and goes exactly that deep:
   as an ST-Link does; both paths share one bus access.
 - **System memory**: the chip's regions (flash through ``SimFlash``, RAM, peripherals) and the
   private peripheral bus: the ROM table and the CoreSight ID registers of SCS, DWT, FPB and ITM,
-  CPUID and the feature registers, DHCSR, DCRSR/DCRDR, DEMCR, DFSR, AIRCR, VTOR, FPB and DWT
-  control. Anything else on the PPB is plain read/write storage. An address no region maps is a
-  bus fault.
+  CPUID and the feature registers, DHCSR, DCRSR/DCRDR, DEMCR, DFSR, AIRCR, VTOR, ICSR's
+  VECTACTIVE, the fault status and address registers (CFSR and HFSR write-one-to-clear, MMFAR,
+  BFAR; cleared by a system reset), FPB and DWT control. Anything else on the PPB is plain
+  read/write storage. An address no region maps is a bus fault.
 - **The core** cannot execute ARM code. It runs what a debugger makes it run: when resumed at an
   entry point of a flash algorithm it knows (recognised by the machine code in RAM at the entry's
   load address, not by the address alone), it performs the routine natively on the flash and
@@ -25,7 +26,11 @@ looking, and goes exactly that deep:
   firmware: the core "runs" it (``on_run``) until halted, without looking at it; the firmware
   itself is modelled elsewhere. Anything else (unknown code in RAM, an erased reset vector)
   faults: halted by the HardFault vector catch if DEMCR asks for it, else into the firmware's
-  HardFault handler if flash has one, else lockup.
+  HardFault handler if flash has one, else lockup. A fault of the firmware model itself
+  (``take_fault``: a crashing firmware) is recorded as the hardware records one: CFSR, HFSR,
+  MMFAR and BFAR set, the exception frame stacked on the main stack, LR = EXC_RETURN, IPSR and
+  ICSR.VECTACTIVE = 3; the core then spins in the handler (running, as a default ``b .``
+  handler does) until a debugger halts it or a reset clears it all.
   Single-stepping is not emulated: a step request leaves PC where it is and halts.
 - **Reset**: SYSRESETREQ, VECTRESET, nRESET and chip-specific requests run the chip's reset hooks
   (peripherals), reload SP and PC from the vector table, set S_RESET_ST, and halt with VCATCH if
@@ -35,6 +40,7 @@ looking, and goes exactly that deep:
 from __future__ import annotations
 
 import binascii
+import contextlib
 import enum
 import struct
 import threading
@@ -333,6 +339,7 @@ PPB_BASE, PPB_SIZE = 0xE0000000, 0x100000
 ICTR, CPUID, ICSR, VTOR, AIRCR = 0xE000E004, 0xE000ED00, 0xE000ED04, 0xE000ED08, 0xE000ED0C
 DFSR, ISAR3, MPU_TYPE, MVFR0, MVFR1 = 0xE000ED30, 0xE000ED6C, 0xE000ED90, 0xE000EF40, 0xE000EF44
 DHCSR, DCRSR, DCRDR, DEMCR = 0xE000EDF0, 0xE000EDF4, 0xE000EDF8, 0xE000EDFC
+CFSR, HFSR, MMFAR, BFAR = 0xE000ED28, 0xE000ED2C, 0xE000ED34, 0xE000ED38
 
 DBGKEY = 0xA05F
 C_DEBUGEN, C_HALT, C_STEP, C_MASKINTS, C_SNAPSTALL = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 5
@@ -348,6 +355,21 @@ DCRSR_REGWNR, DCRSR_REGSEL = 1 << 16, 0x7F
 REG_SP, REG_LR, REG_PC, REG_XPSR, REG_MSP, REG_PSP, REG_CONTROL = 13, 14, 15, 16, 17, 18, 20
 XPSR_THUMB = 1 << 24
 HARDFAULT = 3
+EXC_RETURN_THREAD_MSP = 0xFFFFFFF9   # the handler's LR: back to Thread mode on the main stack
+STACKED_FRAME = ("r0", "r1", "r2", "r3", "r12", "lr", "pc", "xpsr")
+
+
+@dataclass(frozen=True)
+class FaultCause:
+    """A fault the firmware ran into, as the hardware records it: the registers of the
+    exception frame the core stacks (``frame``: r0-r3, r12, lr, pc, xpsr), the fault status
+    bits (CFSR, HFSR) and the fault address registers (None: not valid)."""
+
+    frame: Mapping[str, int]
+    cfsr: int
+    hfsr: int
+    mmfar: int | None = None
+    bfar: int | None = None
 
 # CoreSight identification, as pyocd's component table keys it: (class, part number).
 CLASS_ROM_TABLE, CLASS_GENERIC = 0x1, 0xE
@@ -408,6 +430,8 @@ class CortexM:
         self._prigroup = 0
         self._fpb_enabled = False
         self._store: dict[int, int] = {}
+        self._active_exception = 0    # ICSR.VECTACTIVE: the exception being handled (0: none)
+        self._fault_status = {CFSR: 0, HFSR: 0, MMFAR: 0, BFAR: 0}
         self._ids: dict[int, dict[int, int]] = {
             ROM_TABLE_BASE: coresight_id_registers(CLASS_ROM_TABLE, profile.rom_table_part),
             SCS_BASE: coresight_id_registers(CLASS_GENERIC, profile.scs_part),
@@ -448,6 +472,7 @@ class CortexM:
         """SYSRESETREQ or nRESET: peripherals and core; the debug logic keeps its settings."""
         for hook in self.reset_hooks:
             hook()
+        self._fault_status = dict.fromkeys(self._fault_status, 0)   # SCB registers reset
         self.core_reset()
 
     def hold_in_reset(self) -> None:
@@ -457,6 +482,7 @@ class CortexM:
         """VECTRESET-level: the core restarts from the vector table at VTOR's reset value."""
         self._vtor = 0
         self._prigroup = 0
+        self._active_exception = 0
         try:
             sp = self.bus.read32(self._vtor)
             reset_vector = self.bus.read32(self._vtor + 4)
@@ -529,6 +555,33 @@ class CortexM:
                 self.on_run()
         else:
             self._enter(CoreState.LOCKUP)
+
+    def take_fault(self, cause: FaultCause, handler: int) -> None:
+        """The firmware faulted (the firmware model says how, ``cause``): the core records the
+        fault status, stacks the exception frame on the main stack and enters the HardFault
+        handler at ``handler``, where it spins as a default handler does (``b .``): running,
+        in Handler mode, answering the debugger, doing nothing else. The firmware model has
+        stopped itself; ``on_run`` is not called (nothing boots). With DEMCR.VC_HARDERR the
+        debugger's vector catch halts it at the handler's first instruction instead."""
+        sp = (self.regs.get(REG_MSP, 0) - 0x100 - 32) & ~7
+        words = [cause.frame.get(name, 0) & WORD for name in STACKED_FRAME]
+        with contextlib.suppress(BusFault):   # no RAM at SP: the frame is lost (an overflow)
+            self.bus.write(sp, struct.pack("<8I", *words))
+        self._fault_status[CFSR] |= cause.cfsr
+        self._fault_status[HFSR] |= cause.hfsr
+        if cause.mmfar is not None:
+            self._fault_status[MMFAR] = cause.mmfar & WORD
+        if cause.bfar is not None:
+            self._fault_status[BFAR] = cause.bfar & WORD
+        self.regs.update({n: words[n] for n in range(4)})
+        self.regs.update({12: words[4], REG_MSP: sp, REG_LR: EXC_RETURN_THREAD_MSP,
+                          REG_PC: handler & ~1, REG_XPSR: XPSR_THUMB | HARDFAULT,
+                          REG_CONTROL: self.regs.get(REG_CONTROL, 0) & ~(1 << 25)})
+        self._active_exception = HARDFAULT
+        if self.debug_enabled and self._demcr & DEMCR_VC_HARDERR:
+            self._halt(DFSR_VCATCH)
+        else:
+            self._enter(CoreState.RUNNING)
 
     def _is_breakpoint(self, pc: int) -> bool:
         try:
@@ -621,6 +674,10 @@ class CortexM:
             return (AIRCR_VECTKEYSTAT << 16) | (self._prigroup << 8)
         if address == VTOR:
             return self._vtor
+        if address == ICSR:
+            return self._active_exception & 0x1FF
+        if address in self._fault_status:
+            return self._fault_status[address]
         fixed = {CPUID: self.profile.cpuid, ISAR3: self.profile.isar3,
                  MPU_TYPE: self.profile.mpu_type, MVFR0: self.profile.mvfr0,
                  MVFR1: self.profile.mvfr1, ICTR: self.profile.ictr}
@@ -662,6 +719,12 @@ class CortexM:
             self._write_aircr(value)
         elif address == VTOR:
             self._vtor = value & 0xFFFFFF80
+        elif address in (CFSR, HFSR):
+            self._fault_status[address] &= ~value   # write one to clear
+        elif address in (MMFAR, BFAR):
+            self._fault_status[address] = value
+        elif address == ICSR:
+            pass   # VECTACTIVE is read-only; the pend bits are not modelled
         elif address == FPB_BASE:
             if value & 0x2:   # KEY: the write counts only with it
                 self._fpb_enabled = bool(value & 1)

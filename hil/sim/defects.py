@@ -45,6 +45,10 @@ class Defect(enum.StrEnum):
     # The write that requests the install is not checked: a failed flash write goes unnoticed,
     # the board reboots into its old image and says 204 where 206 is due.
     IGNORES_FLASH_ERRORS = "ignores-flash-errors"
+    # A NULL pointer write while storing the third chunk: a HardFault on the Cortex-M boards
+    # (whose default handler spins, the board dead until reset), a StoreProhibited panic on the
+    # ESP32 (printed on its console, then a reboot). hil must report a firmware crash.
+    CRASHES_MID_DOWNLOAD = "crashes-mid-download"
 
     @classmethod
     def parse(cls, names: Iterable[str]) -> frozenset[Defect]:

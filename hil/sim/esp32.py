@@ -29,10 +29,12 @@ Layers, innermost first:
 Hooks for the firmware model (not implemented here): ``on_boot()`` is called each time the chip
 boots its application from flash, ``on_reset()`` each time the running application stops (EN
 pulled low, a software reset), ``on_console_input(data)`` with what the host writes while the
-application runs; the firmware answers with ``console_write(data)`` and reboots with
-``software_reset()``. Hooks run on the thread that caused them (the host's port thread, or a
-timer thread when the boot follows an EN release by itself), outside the board's lock, so they
-may call back into the board; they should return quickly.
+application runs; the firmware answers with ``console_write(data)``, reboots with
+``software_reset()``, and crashes with ``panic(output)`` (ESP-IDF's panic handler output,
+``panic_output``, then a restart, as its default "print registers and reboot" does). Hooks
+run on the thread that caused them (the host's port thread, or a timer thread when the boot
+follows an EN release by itself), outside the board's lock, so they may call back into the
+board; they should return quickly.
 
 What is modelled loosely: the code uploaded to RAM and started by MEM_END is taken to be the
 flasher stub (any entry point inside uploaded RAM starts it; another one halts the chip); wire
@@ -1009,6 +1011,17 @@ class Esp32Board:
                 return
             self._restart(ResetReason.SW_CPU)
 
+    def panic(self, output: str) -> None:
+        """The application crashed: the panic handler prints ``output`` (``panic_output``) on
+        the console and restarts the chip (``rst:0xc (SW_CPU_RESET)``), which boots the
+        application again, as ESP-IDF's default panic behaviour does."""
+        with self._step():
+            self._settle(self._clock())
+            if self._mode is not Mode.APP:
+                return
+            self._emit(output.encode("ascii", errors="replace"))
+            self._restart(ResetReason.SW_CPU)
+
     # ----------------------------------------------------------------------------- queries
     @property
     def mode(self) -> Mode:
@@ -1157,6 +1170,31 @@ class Esp32Board:
         self._hw.registers.apb_hz = 80_000_000     # the stub clocks the APB from the PLL
         self._decoder.reset()
         self._emit(slip_encode(b"OHAI"))
+
+
+# ------------------------------------------------------------------------------- panic
+# The Xtensa registers ESP-IDF's panic handler dumps, in its order, four to a line.
+PANIC_REGISTERS = ("PC", "PS", "A0", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8", "A9",
+                   "A10", "A11", "A12", "A13", "A14", "A15", "SAR", "EXCCAUSE", "EXCVADDR",
+                   "LBEG", "LEND", "LCOUNT")
+# EXCCAUSE values of the panics ESP-IDF names after the Xtensa exception cause.
+EXCCAUSE = {"IllegalInstruction": 0, "InstrFetchProhibited": 20, "LoadProhibited": 28,
+            "StoreProhibited": 29, "LoadStoreAlignment": 9, "IntegerDivideByZero": 6}
+
+
+def panic_output(cause: str, registers: dict[str, int], backtrace: list[tuple[int, int]], *,
+                 core: int = 0, elf_sha256: str = "") -> str:
+    """What ESP-IDF's panic handler prints for an unhandled CPU exception (the default
+    "print registers and reboot"), as its Fatal Errors guide shows it: the Guru Meditation
+    line, the register dump, the backtrace (PC:SP pairs), the ELF's SHA-256 and the reboot."""
+    lines = [f"Guru Meditation Error: Core  {core} panic'ed ({cause}). Exception was unhandled.",
+             "", f"Core  {core} register dump:"]
+    cells = [f"{name:<8}: {registers.get(name, 0) & 0xFFFFFFFF:#010x}  "
+             for name in PANIC_REGISTERS]
+    lines += ["".join(cells[i:i + 4]) for i in range(0, len(cells), 4)]
+    lines += ["", "", "Backtrace: " + " ".join(f"{pc:#010x}:{sp:#010x}" for pc, sp in backtrace),
+              "", "", "", f"ELF file SHA256: {elf_sha256 or '0' * 16}", "", "Rebooting..."]
+    return "\r\n".join(lines) + "\r\n"
 
 
 def _garble(data: bytes, sent_at: int, heard_at: int) -> bytes:

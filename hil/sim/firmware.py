@@ -104,6 +104,7 @@ from hil.sim.defects import Defect
 from hil.sim.flash import FlashTiming, FlashWriteError, SimFlash
 from hil.sim.images import image_span, image_version
 from hil.sim.layout import Layout, Slot, layout_of
+from hil.sim.symbols import NullWrite
 
 NVS_FILE = "nvs.json"
 FACTORY_FILE = "factory.bin"
@@ -162,6 +163,10 @@ class Platform(Protocol):
         """The base URL the network takes ``host:port`` to (its DNS answer), or None when the
         name does not resolve. ``port`` 0: the free port a simulated build was given, which the
         network knows. Shipped firmware only."""
+
+    def crash(self, fault: NullWrite) -> None:
+        """The firmware faulted (``Defect.CRASHES_MID_DOWNLOAD``): the chip shows it as it
+        would (a HardFault, a panic). The firmware has stopped itself."""
 
 
 @dataclass(frozen=True)
@@ -381,6 +386,14 @@ class Firmware:
         with self._lock:
             self._alive(generation)
             self.platform.console_write(line.encode("ascii", errors="replace") + b"\r\n")
+
+    def _crash(self, generation: int, fault: NullWrite) -> None:
+        """The firmware stops where it stands and the chip takes ``fault``."""
+        with self._lock:
+            self._alive(generation)
+        self.stop()
+        self.platform.crash(fault)
+        raise _Stopped
 
     def _sleep(self, generation: int, seconds: float) -> None:
         halt = self._halt
@@ -782,6 +795,9 @@ class Firmware:
                 continue
             failures = 0            # `retry` counts the retries of one range
             self._alive(generation)
+            if Defect.CRASHES_MID_DOWNLOAD in self.defects and start == 2 * self.chunk_size:
+                self._crash(generation, NullWrite("ota_store_chunk", 0x2E, "ota_download",
+                                                  0x5A, data=0x20001000, length=len(chunk)))
             flash.program(slot.address + start, chunk[:task.size - start])
             ota["offset"] = start + len(chunk)
             self.nvs.update(ota=ota)
