@@ -631,7 +631,7 @@ class Rig(BaseModel):
     board: str
     chip: str | None = None
     identity: Identity
-    console: Console
+    console: Console = Console()     # a labgrid place's needs no address
     flasher: FlasherSpec = NoFlasher(kind="none")
     power: PowerSpec = NoPower(kind="none")
     rf: RfSpec = NoRf(kind="none")

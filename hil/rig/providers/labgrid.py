@@ -47,6 +47,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,10 +419,22 @@ class LabgridProvider:
     def console(self, log_path: Path | None) -> ConsoleProtocol | None:
         from hil.drivers.console import SerialConsole
 
+        class NetworkConsole(SerialConsole):
+            def open(self) -> None:
+                # pyserial's rfc2217 client refuses a write timeout (NotImplementedError); its
+                # writes go to a TCP socket, which ser2net drains.
+                self.write_timeout = None    # type: ignore[assignment]
+                # pyserial 3.5's rfc2217 client starts its reader with Thread.setDaemon() and
+                # setName(), deprecated since Python 3.10: warnings hil's tests make errors.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", r"(setDaemon|setName)\(\) is deprecated",
+                                            DeprecationWarning)
+                    super().open()
+
         port = self._serial_port(self._place())
         spec = self.rig.console
-        return SerialConsole(url=console_url(port), baudrate=spec.baudrate,
-                             ok_pattern=spec.ok, err_pattern=spec.err, log_path=log_path)
+        return NetworkConsole(url=console_url(port), baudrate=spec.baudrate,
+                              ok_pattern=spec.ok, err_pattern=spec.err, log_path=log_path)
 
     def flasher(self) -> FlasherProtocol | None:
         return None         # as the rig file says (an SWD probe; pyocd's remote:host:port)

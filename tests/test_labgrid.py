@@ -1,0 +1,346 @@
+"""A rig that is a labgrid place, reached only through a real labgrid coordinator and exporter.
+
+The module starts, on loopback, a simulated nRF52832 bench (``hil sim up``), a real
+``labgrid-coordinator`` and a real ``labgrid-exporter`` (labgrid from PyPI, in dev.py's
+.venv-labgrid) that exports the board's console pty through ser2net (a ``RawSerialPort``) and a
+``NetworkPowerPort`` (labgrid's ``simplerest`` model) whose HTTP relay here switches the simulated
+bench supply. The place ``bench-lg`` (tags ``board=nrf52832``) holds both. hil reaches the board
+only through the place: reserved, acquired, its console over rfc2217, its power through
+``labgrid-client power``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hil.errors import ConfigError, RigFault
+from hil.rig.model import load_rig
+from hil.rig.parts import RigParts
+from hil.rig.providers.labgrid import LabgridClient, Snapshot, client_path
+from private_rig import ROOT, private_sim_rig, sim_up
+
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="labgrid's exporter and ser2net are Linux'"),
+              pytest.mark.xdist_group("labgrid")]
+
+PLACE = "bench-lg"
+EXPORTER = "hil-test"
+DEADLINE_S = 60.0          # generous: a loaded 2-CPU host starts three Python programs
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for(what: str, condition, timeout: float = DEADLINE_S):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(0.2)
+
+
+class SupplyRelay:
+    """labgrid's ``simplerest`` power model, answered by switching the simulated bench supply
+    (hil's SCPI driver on its pty): GET /power/1 on, /power/0 off, /power its state."""
+
+    def __init__(self, supply: str) -> None:
+        from hil.drivers.power import ScpiPower
+
+        self.supply = ScpiPower(supply)
+        self.supply.open()
+        self.on = True
+        self.switched: list[bool] = []
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                value = self.path.rstrip("/").rsplit("/", 1)[-1]
+                if value in ("0", "1"):
+                    relay.on = value == "1"
+                    relay.supply.output(relay.on)
+                    relay.switched.append(relay.on)
+                body = b"1" if relay.on else b"0"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.supply.close()
+
+
+@dataclass
+class Lab:
+    coordinator: str
+    client: LabgridClient
+    rig_path: Path
+    rigs_dir: Path
+    env: dict[str, str]
+    relay: SupplyRelay
+    tmp: Path
+
+
+def started(argv: list[str], *, cwd: Path, env: dict[str, str], log: Path
+                ) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stopped(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    tmp = tmp_path_factory.mktemp("labgrid")
+    client = client_path()      # a RigFault here: dev.py setup did not install labgrid
+    bin_dir = client.parent
+    ser2net = [path for path in ("/usr/sbin/ser2net", "/usr/bin/ser2net") if Path(path).exists()]
+    assert ser2net, "ser2net is not installed (apt-get install ser2net; .ci/run does)"
+    sim = private_sim_rig(tmp, name=f"lg-sim-{os.getpid()}")
+    address = f"127.0.0.1:{free_port()}"
+    env = {**sim.env, "LG_COORDINATOR": address}
+    for name in ("LG_PLACE", "LG_TOKEN", "LG_ENV"):
+        env.pop(name, None)
+    with sim_up(sim) as up:
+        relay = SupplyRelay(up.addresses["power"])
+        console = os.path.realpath(up.addresses["console"])    # the exporter wants /dev/pts/N
+        (tmp / "exporter.yaml").write_text(textwrap.dedent(f"""\
+            bench:
+              RawSerialPort:
+                port: {console}
+                speed: 115200
+              NetworkPowerPort:
+                model: simplerest
+                host: 'http://127.0.0.1:{relay.port}/power/{{value}}'
+                index: 0
+            """))
+        coordinator = started([str(bin_dir / "labgrid-coordinator"), "-l", address], cwd=tmp,
+                              env=env, log=tmp / "coordinator.log")
+        exporter = None
+        try:
+            lg = LabgridClient(address, client=client)
+            wait_for("the coordinator answers", lambda: _answers(lg))
+            exporter = started([str(bin_dir / "labgrid-exporter"), "--hostname", "127.0.0.1",
+                                "-n", EXPORTER, str(tmp / "exporter.yaml")], cwd=tmp, env=env,
+                               log=tmp / "exporter.log")
+            wait_for("the exporter's resources", lambda: len(lg.snapshot().resources) == 2)
+            lg.run("-p", PLACE, "create")
+            lg.run("-p", PLACE, "add-match", f"{EXPORTER}/bench/*")
+            lg.run("-p", PLACE, "set-tags", "board=nrf52832")
+            rigs_dir = tmp / "rigs"
+            rigs_dir.mkdir()
+            rig_path = rigs_dir / "lab-lg.yaml"
+            rig_path.write_text(yaml.safe_dump({
+                "name": "lab-lg", "board": "nrf52832",
+                "identity": sim.document["identity"],
+                "labgrid": {"place": PLACE, "coordinator": address, "wait": 120},
+                "power": {"kind": "labgrid", "off_s": 0.5},
+                "rf": {"kind": "console"},
+            }))
+            yield Lab(address, lg, rig_path, rigs_dir, env, relay, tmp)
+        finally:
+            if exporter is not None:
+                stopped(exporter)
+            stopped(coordinator)
+            relay.close()
+
+
+def _answers(client: LabgridClient) -> bool:
+    try:
+        client.snapshot(timeout=10)
+    except RigFault:
+        return False
+    return True
+
+
+def place_state(lab: Lab) -> str:
+    snapshot: Snapshot = lab.client.snapshot()
+    return snapshot.state(snapshot.places[PLACE])
+
+
+def holder(lab: Lab, name: str, go: Path) -> subprocess.Popen[str]:
+    """Another run on the place: acquires it (through RigParts, as a suite would), prints
+    ``<name> acquired``, holds it until ``go`` exists, then closes the rig (``<name> released``)."""
+    script = textwrap.dedent("""\
+        import sys, time
+        from pathlib import Path
+        from hil.rig.model import load_rig
+        from hil.rig.parts import RigParts
+        rig_path, name, go = sys.argv[1:]
+        with RigParts(load_rig(Path(rig_path))) as parts:
+            parts.console()
+            print(name, "acquired", flush=True)
+            while not Path(go).exists():
+                time.sleep(0.05)
+        print(name, "released", flush=True)
+        """)
+    return subprocess.Popen([sys.executable, "-c", script, str(lab.rig_path), name, str(go)],
+                            env=lab.env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ended(process: subprocess.Popen[str]) -> None:
+    try:
+        process.wait(DEADLINE_S)
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def read_line(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line:
+        process.wait(DEADLINE_S)
+        assert process.stderr is not None
+        raise AssertionError(f"the run ended ({process.returncode}): {process.stderr.read()}")
+    return line
+
+
+# ------------------------------------------------------------------------------ the tests
+def test_the_board_is_reached_through_the_place_console_and_power(lab: Lab) -> None:
+    rig = load_rig(lab.rig_path)
+    with RigParts(rig) as parts:
+        assert place_state(lab).startswith("acquired by ")
+        console = parts.console()
+        assert console.name.startswith("rfc2217://127.0.0.1:")
+        # The simulated firmware's shell answers through ser2net and the coordinator's place.
+        assert any(line.startswith("version=") for line in console.command("sys version"))
+        power = parts.power()
+        assert power is not None
+        assert "is on" in power.identify()
+        # A power cycle through labgrid's power driver cuts the simulated supply: a new boot.
+        mark = console.mark()
+        power.cycle()
+        console.expect(r"^boot ", timeout=DEADLINE_S, since=mark)
+        assert lab.relay.switched[-2:] == [False, True]
+    assert place_state(lab) == "free"
+
+
+def test_two_runs_on_one_place_are_served_one_after_the_other(lab: Lab, tmp_path: Path) -> None:
+    go_a, go_b = tmp_path / "go-a", tmp_path / "go-b"
+    first = holder(lab, "A", go_a)
+    second = None
+    try:
+        assert read_line(first) == "A acquired"
+        second = holder(lab, "B", go_b)
+        # B is in the coordinator's queue (a waiting reservation) while A holds the place.
+        wait_for("B's reservation waiting", lambda: any(
+            res.state == "waiting" for res in lab.client.snapshot().reservations.values()))
+        assert place_state(lab) == f"acquired by {socket.gethostname()}/" \
+            f"{os.environ.get('LG_USERNAME') or _login()}-hil{first.pid}"
+        # hil rigs tells who holds it.
+        listed = subprocess.run([sys.executable, "-m", "hil.cli", "rigs", "--rigs-dir",
+                                 str(lab.rigs_dir)], env=lab.env, capture_output=True,
+                                text=True, timeout=DEADLINE_S, check=False)
+        assert listed.returncode == 0, listed.stderr
+        assert f"place {PLACE:<16} acquired by " in listed.stdout
+        assert f"-hil{first.pid}  ({lab.coordinator})" in listed.stdout
+        go_a.touch()
+        assert read_line(first) == "A released"
+        assert read_line(second) == "B acquired"     # only after A let go
+        go_b.touch()
+        assert read_line(second) == "B released"
+    finally:
+        go_a.touch()
+        go_b.touch()
+        for run in (first, second):
+            if run is not None:
+                ended(run)
+    assert first.returncode == 0 and second is not None and second.returncode == 0
+    assert place_state(lab) == "free"
+
+
+def test_a_killed_run_gives_its_place_back(lab: Lab, tmp_path: Path) -> None:
+    killed = holder(lab, "A", tmp_path / "never")
+    try:
+        assert read_line(killed) == "A acquired"
+        assert place_state(lab).startswith("acquired by ")
+        killed.kill()            # no teardown: the guard it left releases the place
+    finally:
+        ended(killed)
+    wait_for("the place free again", lambda: place_state(lab) == "free")
+    with RigParts(load_rig(lab.rig_path)) as parts:
+        assert any(line.startswith("version=") for line in parts.console().command("sys version"))
+    assert not lab.client.snapshot().reservations
+
+
+def test_no_such_place_is_one_line_after_the_wait(lab: Lab, tmp_path: Path) -> None:
+    path = tmp_path / "lab-none.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "lab-none", "board": "nrf52832",
+        "identity": {"product_id": "245528", "dev_id": "x"},
+        "labgrid": {"tags": {"board": "esp32"}, "coordinator": lab.coordinator, "wait": 2},
+    }))
+    with pytest.raises(RigFault) as caught, RigParts(load_rig(path)):
+        pass
+    assert str(caught.value) == (f"rig lab-none: labgrid: no place for board=esp32 within 2 s "
+                                 f"at {lab.coordinator} (labgrid.wait); `hil rigs` shows who "
+                                 "holds it")
+    assert not lab.client.snapshot().reservations     # cancelled, not left in the queue
+
+
+def _login() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"labgrid": {"place": "b", "tags": {"board": "x"}}},
+     "labgrid: give exactly one of place (a name) or tags (key: value)"),
+    ({"labgrid": {"tags": {"Board": "x"}}}, "labgrid.tags.Board"),
+    ({"labgrid": {"place": "b"}, "console": {"port": "/dev/ttyACM0"}},
+     "console.port: a labgrid place's console is its NetworkSerialPort"),
+    ({"power": {"kind": "labgrid"}, "console": {"port": "/dev/ttyACM0"}},
+     "power.kind: labgrid is a labgrid place's power port"),
+])
+def test_a_wrong_labgrid_section_is_one_line_naming_the_key(tmp_path: Path, section: dict,
+                                                            message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "board": "nrf52832",
+                                    "identity": {"product_id": "1", "dev_id": "x"}, **section}))
+    with pytest.raises(ConfigError) as caught:
+        load_rig(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
