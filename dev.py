@@ -10,8 +10,9 @@
 
 Setting up makes .venv and installs hil with its pinned dependencies (pyproject.toml), makes
 .venv-labgrid with labgrid (pyproject.toml's `labgrid` extra: a lab's coordinator, exporter and
-client, apart from hil's pyserial), and installs the report tools from the npm registry into .allure/ (NPM_TOOLS, needs Node.js' npm);
-each part is skipped while its pins are unchanged since the last setup.
+client, apart from hil's pyserial), and installs the report tools from the npm registry into
+.allure/ (NPM_TOOLS, needs Node.js' npm); each part is skipped while its pins are unchanged
+since the last setup.
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from private_rig import ROOT, private_sim_rig, sim_up
 
 from hil.errors import ConfigError, RigFault
 from hil.rig.model import load_rig
 from hil.rig.parts import RigParts
 from hil.rig.providers.labgrid import LabgridClient, Snapshot, client_path
-from private_rig import ROOT, private_sim_rig, sim_up
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
                                  reason="labgrid's exporter and ser2net are Linux'"),
@@ -287,7 +287,9 @@ def test_two_runs_on_one_place_are_served_one_after_the_other(lab: Lab, tmp_path
         for run in (first, second):
             if run is not None:
                 ended(run)
-    assert first.returncode == 0 and second is not None and second.returncode == 0
+    assert first.returncode == 0
+    assert second is not None
+    assert second.returncode == 0
     assert place_state(lab) == "free"
 
 
@@ -343,4 +345,6 @@ def test_a_wrong_labgrid_section_is_one_line_naming_the_key(tmp_path: Path, sect
     with pytest.raises(ConfigError) as caught:
         load_rig(path)
     text = str(caught.value)
-    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+    assert text.startswith(f"{path}: ")
+    assert message in text
+    assert "\n" not in text
