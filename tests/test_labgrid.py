@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -348,3 +349,24 @@ def test_a_wrong_labgrid_section_is_one_line_naming_the_key(tmp_path: Path, sect
     assert text.startswith(f"{path}: ")
     assert message in text
     assert "\n" not in text
+
+
+def test_conformance_cases_run_on_the_place(lab: Lab, tmp_path: Path) -> None:
+    """Conformance cases from a rig file naming only the place: the console through ser2net
+    and the coordinator, the firmware's hooks as its power and rf (as a board known only by its
+    serial port, tests/test_pty_board_suite.py). Each case reserves and releases the place
+    (the rig_parts fixture is per test), so the happy path (a whole update) stands for the
+    suite here: the whole suite passed this way too, in about six minutes."""
+    rig = yaml.safe_load(lab.rig_path.read_text())
+    rig.update(name="lab-lg-suite", power={"kind": "console"}, ota={"device_timeout": 1.0})
+    path = tmp_path / "lab-lg-suite.yaml"
+    path.write_text(yaml.safe_dump(rig), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "testcases/test_detect.py::"
+         "test_happy_path_updates_to_the_target_and_the_next_detect_finds_no_task",
+         "--hil-rig", str(path), "-p", "no:cacheprovider", "-q", "-rs", "--no-header"],
+        cwd=ROOT, env=lab.env, capture_output=True, text=True, timeout=600, check=False)
+    summary = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert re.search(r"^1 passed in ", summary), summary
+    assert place_state(lab) == "free"
