@@ -370,3 +370,12 @@ def test_conformance_cases_run_on_the_place(lab: Lab, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-4000:]
     assert re.search(r"^1 passed in ", summary), summary
     assert place_state(lab) == "free"
+
+
+def test_the_example_rig_and_exporter_config_are_what_the_lab_needs() -> None:
+    rig = load_rig(ROOT / "rigs" / "labgrid" / "bench-07.yaml")
+    assert rig.labgrid is not None
+    assert rig.labgrid.filters == ("name=bench-07",)
+    assert rig.power.kind == "labgrid"
+    exported = yaml.safe_load((ROOT / "rigs" / "labgrid" / "exporter.yaml").read_text())
+    assert set(exported["bench-07"]) == {"USBSerialPort", "NetworkPowerPort"}
