@@ -7,8 +7,8 @@ installs the same ``serial`` module as pyserial, which hil, pyocd and esptool (a
 ``hilsim://`` URL handler) import. So hil drives labgrid from outside its own process:
 
 - what changes the coordinator's state goes through ``labgrid-client``, the documented commands a
-  person types (``reserve``, ``wait``, ``acquire``, ``power``, ``release``,
-  ``cancel-reservation``); the power port is switched by labgrid's own power driver there;
+  person types (``reserve``, ``acquire``, ``power``, ``release``, ``cancel-reservation``);
+  the power port is switched by labgrid's own power driver there;
 - what is read (places, their resources, reservations) comes from labgrid's client library, run
   by labgrid's Python (``SNAPSHOT``), as JSON: no parsing of labgrid's human output.
 
@@ -20,10 +20,9 @@ installs the same ``serial`` module as pyserial, which hil, pyocd and esptool (a
    process died: SIGKILL, a crash) it releases the place and cancels the reservation, so the
    next client in the coordinator's queue gets the place. A reservation still waiting when the
    guard itself is gone expires by the coordinator's own timeout (60 s unpolled);
-2. ``labgrid-client reserve`` with the rig's filter (``name=<place>`` or its tags) and
-   ``labgrid-client wait`` for the allocation, up to ``labgrid.wait`` seconds (the coordinator
-   serves reservations by priority, then age: two runs asking for one place are served one
-   after the other);
+2. ``labgrid-client reserve --wait`` with the rig's filter (``name=<place>`` or its tags), up
+   to ``labgrid.wait`` seconds (the coordinator serves reservations by priority, then age: two
+   runs asking for one place are served one after the other);
 3. ``labgrid-client -p + acquire`` (the place allocated to the token), then the place's
    resources: a ``NetworkSerialPort`` becomes the console (``rfc2217://host:port``, or
    ``socket://`` for ``protocol: raw``), a power port (``power.kind: labgrid``) is switched with
@@ -47,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -258,16 +258,6 @@ class LabgridClient:
         return Snapshot.from_json(json.loads(done.stdout))
 
 
-def _die_with_parent() -> None:
-    """In a child: SIGKILL when the process that started it dies (Linux' PR_SET_PDEATHSIG), so
-    a ``labgrid-client wait`` never outlives the run and keeps a dead run's reservation alive."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-
-
 # ------------------------------------------------------------------------------ the parts
 class LabgridPowerPort(SwitchedPower):
     """The place's power port, switched by labgrid's power driver (``labgrid-client power``)."""
@@ -330,8 +320,6 @@ class LabgridProvider:
         try:
             self._guard = start_guard(client)
             self.token = self._reserve(client)
-            self._tell(f"token {self.token}")
-            self._wait(client, self.token)
             self._tell("acquiring")
             # The place by its token: a name given to -p is matched as a substring.
             client.run("-p", f"+{self.token}", "acquire")
@@ -349,29 +337,36 @@ class LabgridProvider:
             raise
 
     def _reserve(self, client: LabgridClient) -> str:
-        out = client.run("reserve", "--shell", *self.spec.filters)
-        for line in out.splitlines():
-            if line.startswith("export LG_TOKEN="):
-                return line.split("=", 1)[1].strip()
-        raise RigFault(PART, f"labgrid-client reserve gave no token: {said(out)}")
-
-    def _wait(self, client: LabgridClient, token: str) -> None:
-        """Until the coordinator allocates a place to ``token`` (labgrid-client polls it each
-        second, which keeps it from expiring), at most ``labgrid.wait`` seconds."""
-        waiting = subprocess.Popen([str(client.client), "wait", token],  # noqa: S603 (ours)
-                                   env=client.env, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   preexec_fn=_die_with_parent)
-        try:
-            _, stderr = waiting.communicate(timeout=self.spec.wait)
-        except subprocess.TimeoutExpired:
-            waiting.kill()
-            waiting.communicate()
-            raise RigFault(PART, f"no place for {' '.join(self.spec.filters)} within "
-                           f"{self.spec.wait:g} s at {self.coordinator} (labgrid.wait); "
-                           "`hil rigs` shows who holds it") from None
-        if waiting.returncode != 0:
-            raise RigFault(PART, f"labgrid-client wait {token} failed: {said(stderr)}")
+        """``labgrid-client reserve --wait``: the token as soon as the reservation exists (told
+        to the guard, which cancels it should this process die while waiting), then the wait
+        for the allocation (labgrid-client polls each second, which keeps the reservation from
+        expiring), at most ``labgrid.wait`` seconds. A waiter outliving this process ends at
+        its next poll once the guard has cancelled the reservation."""
+        end = time.monotonic() + self.spec.wait
+        waiting = subprocess.Popen([str(client.client), "reserve", "--shell", "--wait",  # noqa: S603
+                                    *self.spec.filters], env=client.env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        with waiting:
+            assert waiting.stdout is not None
+            first = waiting.stdout.readline().strip()
+            token = first.split("=", 1)[1] if first.startswith("export LG_TOKEN=") else None
+            if token is not None:
+                self.token = token
+                self._tell(f"token {token}")
+            try:
+                _, stderr = waiting.communicate(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                waiting.kill()
+                waiting.communicate()
+                raise RigFault(PART, f"no place for {' '.join(self.spec.filters)} within "
+                               f"{self.spec.wait:g} s at {self.coordinator} (labgrid.wait); "
+                               "`hil rigs` shows who holds it") from None
+        if waiting.returncode != 0 or token is None:
+            raise RigFault(PART, f"labgrid-client reserve {' '.join(self.spec.filters)} "
+                           f"(coordinator {self.coordinator}) failed: "
+                           f"{said(stderr) if stderr.strip() else first or 'no token'}")
+        return token
 
     def _check_resources(self, place: Place) -> None:
         if self.rig.power.kind == "labgrid" and self._power_port(place) is None:
