@@ -303,8 +303,15 @@ def test_a_killed_run_gives_its_place_back(lab: Lab, tmp_path: Path) -> None:
     finally:
         ended(killed)
     wait_for("the place free again", lambda: place_state(lab) == "free")
-    with RigParts(load_rig(lab.rig_path)) as parts:
-        assert any(line.startswith("version=") for line in parts.console().command("sys version"))
+    # The next run gets it: `hil rigs check` reserves it and asks each part.
+    checked = subprocess.run([sys.executable, "-m", "hil.cli", "rigs", "check", "--rigs-dir",
+                              str(lab.rigs_dir)], env=lab.env, capture_output=True, text=True,
+                             timeout=DEADLINE_S * 2, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    lines = checked.stdout.splitlines()
+    assert any(line.startswith("lab-lg           console  ok") for line in lines), lines
+    assert any(line.startswith("lab-lg           power    ok") and "is on" in line
+               for line in lines), lines
     assert not lab.client.snapshot().reservations
 
 
