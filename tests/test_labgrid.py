@@ -33,7 +33,7 @@ from private_rig import ROOT, private_sim_rig, sim_up
 from hil.errors import ConfigError, RigFault
 from hil.rig.model import load_rig
 from hil.rig.parts import RigParts
-from hil.rig.providers.labgrid import LabgridClient, Snapshot, client_path
+from hil.rig.providers.labgrid import LabgridClient, Snapshot, client_path, release_held
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
                                  reason="labgrid's exporter and ser2net are Linux'"),
@@ -207,12 +207,14 @@ def holder(lab: Lab, name: str, go: Path) -> subprocess.Popen[str]:
         from pathlib import Path
         from hil.rig.model import load_rig
         from hil.rig.parts import RigParts
+        from hil.rig.providers.labgrid import release_held
         rig_path, name, go = sys.argv[1:]
         with RigParts(load_rig(Path(rig_path))) as parts:
             parts.console()
             print(name, "acquired", flush=True)
             while not Path(go).exists():
                 time.sleep(0.05)
+        release_held()      # as at the run's exit (labgrid.hold: run)
         print(name, "released", flush=True)
         """)
     return subprocess.Popen([sys.executable, "-c", script, str(lab.rig_path), name, str(go)],
@@ -255,7 +257,28 @@ def test_the_board_is_reached_through_the_place_console_and_power(lab: Lab) -> N
         power.cycle()
         console.expect(r"^boot ", timeout=DEADLINE_S, since=mark)
         assert lab.relay.switched[-2:] == [False, True]
+        token = parts.provider.token
+    # Held for the run (labgrid.hold: run): the next test's parts take it back at once.
+    assert place_state(lab).startswith("acquired by ")
+    with RigParts(rig) as parts:
+        assert parts.provider.token == token
+        assert any(line.startswith("version=") for line in parts.console().command("sys version"))
+    assert list(lab.client.snapshot().reservations) == [token]
+    release_held()          # what the run's exit does
     assert place_state(lab) == "free"
+    assert not lab.client.snapshot().reservations
+
+
+def test_a_place_held_test_by_test_is_released_after_each(lab: Lab, tmp_path: Path) -> None:
+    document = yaml.safe_load(lab.rig_path.read_text())
+    document["labgrid"]["hold"] = "test"
+    path = tmp_path / "lab-lg.yaml"
+    path.write_text(yaml.safe_dump(document))
+    with RigParts(load_rig(path)) as parts:
+        parts.console()
+        assert place_state(lab).startswith("acquired by ")
+    assert place_state(lab) == "free"
+    assert not lab.client.snapshot().reservations
 
 
 def test_two_runs_on_one_place_are_served_one_after_the_other(lab: Lab, tmp_path: Path) -> None:

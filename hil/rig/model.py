@@ -351,6 +351,9 @@ class Labgrid(BaseModel):
                Annotated[str, Field(pattern=LABGRID_TAG_VALUE)]] = {}
     coordinator: str | None = None    # host[:port]; default: $LG_COORDINATOR, then labgrid's
     wait: Positive = 3600.0           # seconds in the coordinator's queue before giving up
+    # run: held from the first test to the process's end (a pytest run, an xdist worker);
+    # test: released after each test, so runs share the place test by test.
+    hold: Literal["run", "test"] = "run"
 
     @model_validator(mode="after")
     def _place_or_tags(self) -> Labgrid:

@@ -38,6 +38,7 @@ holds a place, and two runs on one host are two clients.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import getpass
 import json
@@ -46,6 +47,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -296,27 +298,22 @@ def console_url(resource: Resource) -> str:
     return f"rfc2217://{host}:{port}?ign_set_control"
 
 
-class LabgridProvider:
-    """The parts of a rig that is a labgrid place (see the module docstring)."""
+class Hold:
+    """One acquired place: its client, reservation token and guard. ``acquire()`` reserves
+    (waiting in the queue) and acquires; ``release()`` gives it back (see the module
+    docstring)."""
 
-    def __init__(self, rig: Rig) -> None:
-        if rig.labgrid is None:
-            raise RigFault(PART, "not a labgrid place (no labgrid: section)", rig.name)
-        self.rig = rig
-        self.spec: Labgrid = rig.labgrid
-        self.coordinator = coordinator_address(self.spec)
-        self.user = hil_user()
-        self.client: LabgridClient | None = None
+    def __init__(self, spec: Labgrid, coordinator: str, user: str) -> None:
+        self.spec = spec
+        self.coordinator = coordinator
+        self.client = LabgridClient(coordinator, user=user)
         self.token: str | None = None
         self.acquired = False
         self.place: Place | None = None
         self._guard: subprocess.Popen[str] | None = None
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        if self.place is not None:
-            return
-        client = self.client = LabgridClient(self.coordinator, user=self.user)
+    def acquire(self) -> Place:
+        client = self.client
         try:
             self._guard = start_guard(client)
             self.token = self._reserve(client)
@@ -331,9 +328,9 @@ class LabgridProvider:
                 raise RigFault(PART, f"the coordinator shows no place for reservation "
                                f"{self.token}")
             self.place = snapshot.places[name]
-            self._check_resources(self.place)
+            return self.place
         except BaseException:
-            self.stop()
+            self.release()
             raise
 
     def _reserve(self, client: LabgridClient) -> str:
@@ -368,19 +365,13 @@ class LabgridProvider:
                            f"{said(stderr) if stderr.strip() else first or 'no token'}")
         return token
 
-    def _check_resources(self, place: Place) -> None:
-        if self.rig.power.kind == "labgrid" and self._power_port(place) is None:
-            raise RigFault("power", f"place {place.name} has no power port "
-                           "(power.kind: labgrid)")
-        self._serial_port(place)
-
-    def stop(self) -> None:
+    def release(self) -> None:
         """Release the place and cancel the reservation: the next client's turn."""
         client, token, acquired = self.client, self.token, self.acquired
         self.token, self.acquired, self.place = None, False, None
         done = False
         try:
-            if client is not None and token is not None:
+            if token is not None:
                 release(client, token, acquired)
             done = True
         finally:
@@ -391,6 +382,114 @@ class LabgridProvider:
                 if done:
                     self._tell_guard(guard, "done")
                 stop_guard(guard)
+
+    def _tell(self, line: str) -> None:
+        if self._guard is not None:
+            self._tell_guard(self._guard, line)
+
+    @staticmethod
+    def _tell_guard(guard: subprocess.Popen[str], line: str) -> None:
+        assert guard.stdin is not None
+        with contextlib.suppress(OSError):
+            guard.stdin.write(line + "\n")
+            guard.stdin.flush()
+
+
+# The places held for the run (labgrid.hold: run), by rig, coordinator and filter: a rig's next
+# RigParts in this process takes its place back without asking the coordinator again.
+_HELD: dict[tuple[str, str, tuple[str, ...]], Hold] = {}
+_IN_USE: set[int] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def release_held() -> None:
+    """Release every place this process holds for its run (at exit; the guards cover a
+    process that dies without exiting). The first fault is raised once all were tried."""
+    with _HELD_LOCK:
+        holds = list(_HELD.values())
+        _HELD.clear()
+    faults = []
+    for hold in holds:
+        try:
+            hold.release()
+        except RigFault as fault:
+            faults.append(fault)
+    if faults:
+        raise faults[0]
+
+
+atexit.register(release_held)
+
+
+class LabgridProvider:
+    """The parts of a rig that is a labgrid place (see the module docstring).
+
+    With ``labgrid.hold: run`` (the default) the place is reserved and acquired at the first
+    start and kept for the rest of the process (a pytest run, an xdist worker): each test's
+    RigParts takes it back at once, and it is released at exit (``release_held``). With
+    ``hold: test`` each stop releases it, and runs share the place test by test."""
+
+    def __init__(self, rig: Rig) -> None:
+        if rig.labgrid is None:
+            raise RigFault(PART, "not a labgrid place (no labgrid: section)", rig.name)
+        self.rig = rig
+        self.spec: Labgrid = rig.labgrid
+        self.coordinator = coordinator_address(self.spec)
+        self.user = hil_user()
+        self.hold: Hold | None = None
+
+    @property
+    def place(self) -> Place | None:
+        return self.hold.place if self.hold is not None else None
+
+    @property
+    def client(self) -> LabgridClient | None:
+        return self.hold.client if self.hold is not None else None
+
+    @property
+    def token(self) -> str | None:
+        return self.hold.token if self.hold is not None else None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self.hold is not None:
+            return
+        key = (self.rig.name, self.coordinator, self.spec.filters)
+        with _HELD_LOCK:
+            held = _HELD.get(key) if self.spec.hold == "run" else None
+            if held is not None and id(held) not in _IN_USE:
+                _IN_USE.add(id(held))
+                self.hold = held
+                return
+        hold = Hold(self.spec, self.coordinator, self.user)
+        place = hold.acquire()
+        try:
+            self._check_resources(place)
+        except BaseException:
+            hold.release()
+            raise
+        self.hold = hold
+        if self.spec.hold == "run":
+            with _HELD_LOCK:
+                if key not in _HELD:       # else another RigParts of the rig holds one too
+                    _HELD[key] = hold
+                _IN_USE.add(id(hold))
+
+    def stop(self) -> None:
+        hold, self.hold = self.hold, None
+        if hold is None:
+            return
+        with _HELD_LOCK:
+            _IN_USE.discard(id(hold))
+            kept = any(held is hold for held in _HELD.values())
+        if not kept:
+            hold.release()
+
+    def _check_resources(self, place: Place) -> None:
+        if self.rig.power.kind == "labgrid" and self._power_port(place) is None:
+            raise RigFault("power", f"place {place.name} has no power port "
+                           "(power.kind: labgrid)")
+        self._serial_port(place)
 
     # ------------------------------------------------------------------ the parts
     def _serial_port(self, place: Place) -> Resource:
@@ -444,18 +543,6 @@ class LabgridProvider:
 
     def point_at(self, url: str) -> bool:
         return False        # the board is told through its shell, as on a local bench
-
-    # ------------------------------------------------------------------ the guard
-    def _tell(self, line: str) -> None:
-        if self._guard is not None:
-            self._tell_guard(self._guard, line)
-
-    @staticmethod
-    def _tell_guard(guard: subprocess.Popen[str], line: str) -> None:
-        assert guard.stdin is not None
-        with contextlib.suppress(OSError):
-            guard.stdin.write(line + "\n")
-            guard.stdin.flush()
 
 
 def start_guard(client: LabgridClient) -> subprocess.Popen[str]:
