@@ -384,9 +384,9 @@ def test_a_wrong_labgrid_section_is_one_line_naming_the_key(tmp_path: Path, sect
 def test_conformance_cases_run_on_the_place(lab: Lab, tmp_path: Path) -> None:
     """Conformance cases from a rig file naming only the place: the console through ser2net
     and the coordinator, the firmware's hooks as its power and rf (as a board known only by its
-    serial port, tests/test_pty_board_suite.py). Each case reserves and releases the place
-    (the rig_parts fixture is per test), so the happy path (a whole update) stands for the
-    suite here: the whole suite passed this way too, in about six minutes."""
+    serial port, tests/test_pty_board_suite.py). The happy path (a whole update) stands for the
+    suite here: the whole suite passed this way too (about two minutes; six with hold: test,
+    a reservation per case)."""
     rig = yaml.safe_load(lab.rig_path.read_text())
     rig.update(name="lab-lg-suite", power={"kind": "console"}, ota={"device_timeout": 1.0})
     path = tmp_path / "lab-lg-suite.yaml"

@@ -28,8 +28,11 @@ installs the same ``serial`` module as pyserial, which hil, pyocd and esptool (a
    ``socket://`` for ``protocol: raw``), a power port (``power.kind: labgrid``) is switched with
    ``labgrid-client power``.
 
-``stop()`` releases the place and cancels the reservation (the place is free for the next one
-only then), and tells the guard it is done.
+Releasing is ``labgrid-client release`` and ``cancel-reservation`` (the place is free for the
+next one only then), then the guard is told it is done. With ``labgrid.hold: run`` (the default)
+that happens when the process exits (``release_held``, at exit): the place is acquired at the
+first test and each later test's parts take it back at once, so a pytest run (each xdist worker)
+holds one place; ``hold: test`` releases it at each ``stop()``.
 
 The client's identity at the coordinator is ``LG_USERNAME``: ``<user>-hil<pid>`` (the user's own
 ``LG_USERNAME`` or login name), so that ``labgrid-client who`` and ``hil rigs`` tell which run
@@ -418,7 +421,14 @@ def release_held() -> None:
         raise faults[0]
 
 
-atexit.register(release_held)
+def _release_at_exit() -> None:
+    try:
+        release_held()
+    except RigFault as fault:      # one line, not a traceback; the guard tries once more
+        print(f"hil: {fault}", file=sys.stderr)
+
+
+atexit.register(_release_at_exit)
 
 
 class LabgridProvider:
