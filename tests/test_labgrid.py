@@ -409,3 +409,32 @@ def test_the_example_rig_and_exporter_config_are_what_the_lab_needs() -> None:
     assert rig.power.kind == "labgrid"
     exported = yaml.safe_load((ROOT / "rigs" / "labgrid" / "exporter.yaml").read_text())
     assert set(exported["bench-07"]) == {"USBSerialPort", "NetworkPowerPort"}
+
+
+def test_places_are_told_free_reserved_or_acquired_and_matched_by_name_or_tags() -> None:
+    """What ``hil rigs`` prints, from the coordinator's state as labgrid's library gives it."""
+    serial = {"path": ["exp", "bench", "NetworkSerialPort", "RawSerialPort"],
+              "cls": "NetworkSerialPort", "acquired": "b-1", "avail": True,
+              "params": {"host": "10.0.0.5", "port": 4001, "protocol": "raw"}}
+    snapshot = Snapshot.from_json({
+        "places": {
+            "b-1": {"acquired": "h1/ann-hil7", "reservation": "T1", "tags": {"board": "gd32"},
+                    "acquired_resources": [serial["path"]]},
+            "b-10": {"acquired": None, "reservation": "T2", "tags": {"board": "nrf52832"},
+                     "acquired_resources": []},
+            "b-2": {"acquired": None, "reservation": None, "tags": {"board": "nrf52832"},
+                    "acquired_resources": []}},
+        "resources": [serial],
+        "reservations": {"T1": {"owner": "h1/ann-hil7", "state": "acquired", "places": ["b-1"]},
+                         "T2": {"owner": "h2/bob", "state": "allocated", "places": ["b-10"]}}})
+    states = {name: snapshot.state(place) for name, place in snapshot.places.items()}
+    assert states == {"b-1": "acquired by h1/ann-hil7", "b-10": "reserved for h2/bob",
+                      "b-2": "free"}
+    from hil.rig.model import Labgrid
+    from hil.rig.providers.labgrid import console_url
+
+    # A name is the whole name (labgrid-client -p would take b-1 as a part of b-10 too).
+    assert [p.name for p in snapshot.matching(Labgrid(place="b-1"))] == ["b-1"]
+    assert [p.name for p in snapshot.matching(Labgrid(tags={"board": "nrf52832"}))] == \
+        ["b-10", "b-2"]
+    assert console_url(snapshot.places["b-1"].resources[0]) == "socket://10.0.0.5:4001"
