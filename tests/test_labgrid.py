@@ -319,12 +319,23 @@ def test_two_runs_on_one_place_are_served_one_after_the_other(lab: Lab, tmp_path
 
 def test_a_killed_run_gives_its_place_back(lab: Lab, tmp_path: Path) -> None:
     killed = holder(lab, "A", tmp_path / "never")
+    queued = None
     try:
         assert read_line(killed) == "A acquired"
         assert place_state(lab).startswith("acquired by ")
+        # A run killed while it waits in the queue leaves no reservation behind either (else
+        # the place would go to it, unclaimed, until the coordinator expired it).
+        queued = holder(lab, "C", tmp_path / "never")
+        wait_for("C's reservation waiting", lambda: any(
+            res.state == "waiting" for res in lab.client.snapshot().reservations.values()))
+        queued.kill()
+        wait_for("C's reservation cancelled", lambda: [
+            res.state for res in lab.client.snapshot().reservations.values()] == ["acquired"])
         killed.kill()            # no teardown: the guard it left releases the place
     finally:
         ended(killed)
+        if queued is not None:
+            ended(queued)
     wait_for("the place free again", lambda: place_state(lab) == "free")
     # The next run gets it: `hil rigs check` reserves it and asks each part.
     checked = subprocess.run([sys.executable, "-m", "hil.cli", "rigs", "check", "--rigs-dir",
