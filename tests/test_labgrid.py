@@ -252,6 +252,9 @@ def test_the_board_is_reached_through_the_place_console_and_power(lab: Lab) -> N
         power = parts.power()
         assert power is not None
         assert "is on" in power.identify()
+        # A switch sets no battery level: the firmware's hook does (capability "power").
+        assert {"power", "power_cut"} <= rig.capabilities
+        power.set_level(40)
         # A power cycle through labgrid's power driver cuts the simulated supply: a new boot.
         mark = console.mark()
         power.cycle()

@@ -621,7 +621,7 @@ PowerSpec = Annotated[
     | Annotated[NoPower, Tag("kind=none")],
     _choice("scpi, usb-hub, command, console, process, labgrid, none")]
 # Power kinds that switch the board's power but set no level (no battery voltage to lower).
-SWITCHED_POWER = ("usb-hub", "command")
+SWITCHED_POWER = ("usb-hub", "command", "labgrid")
 RfSpec = Annotated[
     Annotated[AttenuatorRf, Tag("kind=attenuator")] | Annotated[HookRf, Tag("kind=console")]
     | Annotated[NoRf, Tag("kind=none")], _choice("attenuator, console, none")]
@@ -798,7 +798,7 @@ class Rig(BaseModel):
                 self.power.kind in SWITCHED_POWER and not self.shell_less):
             caps.add("power")
         # "power_cut": the power really goes (a process's power cut is SIGKILL).
-        if self.power.kind in ("scpi", "process", "labgrid", *SWITCHED_POWER):
+        if self.power.kind in ("scpi", "process", *SWITCHED_POWER):
             caps.add("power_cut")
         if self.rf.kind != "none":
             caps.add("rf")
