@@ -452,3 +452,19 @@ def test_places_are_told_free_reserved_or_acquired_and_matched_by_name_or_tags()
     assert [p.name for p in snapshot.matching(Labgrid(tags={"board": "nrf52832"}))] == \
         ["b-10", "b-2"]
     assert console_url(snapshot.places["b-1"].resources[0]) == "socket://10.0.0.5:4001"
+
+
+def test_a_coordinator_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))      # bound, never listening: connections refused
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        path = tmp_path / "lab-x.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": "lab-x", "board": "nrf52832",
+            "identity": {"product_id": "245528", "dev_id": "x"},
+            "labgrid": {"place": "bench-x", "coordinator": address}}))
+        with pytest.raises(RigFault) as caught, RigParts(load_rig(path)):
+            pass
+    assert str(caught.value) == (f"rig lab-x: labgrid: labgrid-client reserve name=bench-x "
+                                 f"(coordinator {address}) failed: Server error: Error: Could "
+                                 "not connect to coordinator")
