@@ -230,13 +230,19 @@ def ended(process: subprocess.Popen[str]) -> None:
         process.communicate()
 
 
-def read_line(process: subprocess.Popen[str]) -> str:
+def read_line(process: subprocess.Popen[str], lab: Lab) -> str:
+    """The run's next line; when it ended instead, why: its stderr and the tails of the
+    coordinator's and exporter's logs (a ser2net that could not start shows there)."""
     assert process.stdout is not None
     line = process.stdout.readline().strip()
     if not line:
         process.wait(DEADLINE_S)
         assert process.stderr is not None
-        raise AssertionError(f"the run ended ({process.returncode}): {process.stderr.read()}")
+        logs = "".join(f"\n--- {name} (tail)\n" + "\n".join(
+            (lab.tmp / name).read_text(errors="replace").splitlines()[-15:])
+            for name in ("coordinator.log", "exporter.log"))
+        raise AssertionError(f"the run ended ({process.returncode}): "
+                             f"{process.stderr.read()}{logs}")
     return line
 
 
@@ -289,7 +295,7 @@ def test_two_runs_on_one_place_are_served_one_after_the_other(lab: Lab, tmp_path
     first = holder(lab, "A", go_a)
     second = None
     try:
-        assert read_line(first) == "A acquired"
+        assert read_line(first, lab) == "A acquired"
         second = holder(lab, "B", go_b)
         # B is in the coordinator's queue (a waiting reservation) while A holds the place.
         wait_for("B's reservation waiting", lambda: any(
@@ -304,10 +310,10 @@ def test_two_runs_on_one_place_are_served_one_after_the_other(lab: Lab, tmp_path
         assert f"place {PLACE:<16} acquired by " in listed.stdout
         assert f"-hil{first.pid}  ({lab.coordinator})" in listed.stdout
         go_a.touch()
-        assert read_line(first) == "A released"
-        assert read_line(second) == "B acquired"     # only after A let go
+        assert read_line(first, lab) == "A released"
+        assert read_line(second, lab) == "B acquired"     # only after A let go
         go_b.touch()
-        assert read_line(second) == "B released"
+        assert read_line(second, lab) == "B released"
     finally:
         go_a.touch()
         go_b.touch()
@@ -324,7 +330,7 @@ def test_a_killed_run_gives_its_place_back(lab: Lab, tmp_path: Path) -> None:
     killed = holder(lab, "A", tmp_path / "never")
     queued = None
     try:
-        assert read_line(killed) == "A acquired"
+        assert read_line(killed, lab) == "A acquired"
         assert place_state(lab).startswith("acquired by ")
         # A run killed while it waits in the queue leaves no reservation behind either (else
         # the place would go to it, unclaimed, until the coordinator expired it).
