@@ -8,9 +8,11 @@
     python3 dev.py hil ...                   set up, then any hil command
     python3 dev.py setup                     set up only
 
-Setting up makes .venv and installs hil with its pinned dependencies (pyproject.toml), and
-installs the report tools from the npm registry into .allure/ (NPM_TOOLS, needs Node.js' npm);
-each part is skipped while its pins are unchanged since the last setup.
+Setting up makes .venv and installs hil with its pinned dependencies (pyproject.toml), makes
+.venv-labgrid with labgrid (pyproject.toml's `labgrid` extra: a lab's coordinator, exporter and
+client, apart from hil's pyserial), and installs the report tools from the npm registry into
+.allure/ (NPM_TOOLS, needs Node.js' npm); each part is skipped while its pins are unchanged
+since the last setup.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ STAMP = VENV / ".hil-setup"
 NPM_TOOLS = {"allure-commandline": "2.46.1", "playwright-core": "1.65.1"}
 NPM_PREFIX = ROOT / ".allure"
 NPM_STAMP = NPM_PREFIX / ".hil-setup"
+# labgrid (coordinator, exporter, client) in a virtualenv of its own, from pyproject.toml's
+# `labgrid` extra: its pyserial fork must not replace hil's pyserial (hil.rig.providers.labgrid).
+LABGRID_VENV = ROOT / ".venv-labgrid"
+LABGRID_BIN = LABGRID_VENV / ("Scripts" if os.name == "nt" else "bin")
+LABGRID_STAMP = LABGRID_VENV / ".hil-setup"
 
 
 def setup() -> None:
     if sys.version_info < (3, 11):
         sys.exit(f"dev.py: hil needs Python 3.11 or newer, this is {sys.version.split()[0]}")
     setup_venv()
+    setup_labgrid()
     setup_npm_tools()
 
 
@@ -54,6 +62,28 @@ def setup_venv() -> None:
     subprocess.run([BIN / "python", "-m", "pip", "install", "--quiet",
                     "--disable-pip-version-check", "--editable", f"{ROOT}[dev]"], check=True)
     STAMP.write_text(wanted)
+
+
+def setup_labgrid() -> None:
+    import tomllib
+
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["labgrid"]
+    wanted = " ".join(pins)
+    if LABGRID_STAMP.exists() and LABGRID_STAMP.read_text() == wanted:
+        return
+    if not sys.platform.startswith("linux"):
+        # labgrid's exporter and its USB resources are Linux'; hil runs without it.
+        print("dev.py: not on Linux: skipping labgrid (rigs that are labgrid places need it)",
+              file=sys.stderr, flush=True)
+        return
+    if not (LABGRID_BIN / "python").exists():
+        print("dev.py: creating .venv-labgrid", flush=True)
+        venv.create(LABGRID_VENV, with_pip=True)
+    print(f"dev.py: installing {wanted} into .venv-labgrid", flush=True)
+    subprocess.run([LABGRID_BIN / "python", "-m", "pip", "install", "--quiet",
+                    "--disable-pip-version-check", *pins], check=True)
+    LABGRID_STAMP.write_text(wanted)
 
 
 def setup_npm_tools() -> None:

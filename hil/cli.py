@@ -5,7 +5,8 @@
                       exchange printed, PASS or FAIL at the end
     hil serve         the mock OneNET OTA service for one device (or a --tasks file of several)
     hil token         print an Authorization value (the seed's Python snippet, as a command)
-    hil rigs          list the rigs in rigs/ with their board and capabilities
+    hil rigs          list the rigs in rigs/ with their board and capabilities (a labgrid
+                      place's rig: its places at the coordinator, free, reserved or acquired)
     hil rigs check    check rig files and that each part of each rig answers (with --firmware,
                       that the base image is for the rig's board and boots on a simulated one)
     hil flash         flash an image through a rig's flasher
@@ -37,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hil import __version__
 from hil.errors import ConfigError, HilError, RigFault
@@ -320,6 +321,7 @@ def cmd_rigs(args: argparse.Namespace) -> int:
         print(f"no rig files in {args.rigs_dir}")
         return 1
     status = 0
+    snapshots: dict[str, Any] = {}      # a labgrid coordinator's state, read once per address
     for path in paths:
         rig = _load(path)
         if isinstance(rig, ConfigError):
@@ -329,7 +331,34 @@ def cmd_rigs(args: argparse.Namespace) -> int:
         parts = f"flasher={rig.flasher.kind} power={rig.power.kind} rf={rig.rf.kind}"
         print(f"{rig.name:<16} {rig.board:<9} {rig.part_number:<15} {parts:<40} "
               f"ota={rig.ota.service}  can: {' '.join(sorted(rig.capabilities))}")
+        if rig.labgrid is not None:
+            status = _print_places(rig, snapshots) or status
     return status
+
+
+def _print_places(rig: Rig, snapshots: dict[str, Any]) -> int:
+    """A labgrid rig's places at its coordinator, one line each, with their state (free,
+    reserved for host/user, acquired by host/user); 1 when the coordinator cannot be read."""
+    from hil.rig.providers.labgrid import LabgridClient, coordinator_address
+
+    assert rig.labgrid is not None
+    address = coordinator_address(rig.labgrid)
+    if address not in snapshots:
+        try:
+            snapshots[address] = LabgridClient(address).snapshot()
+        except RigFault as fault:
+            snapshots[address] = fault
+    snapshot = snapshots[address]
+    wanted = " ".join(rig.labgrid.filters)
+    if isinstance(snapshot, RigFault):
+        print(f"{'':<16} place {wanted}: FAULT  {snapshot}")
+        return 1
+    places = snapshot.matching(rig.labgrid)
+    if not places:
+        print(f"{'':<16} place {wanted}: none at {address}")
+    for place in places:
+        print(f"{'':<16} place {place.name:<16} {snapshot.state(place)}  ({address})")
+    return 0
 
 
 def check_rig(rig: Rig) -> bool:

@@ -26,6 +26,9 @@
     # host with gateway_host: ota: {host: ota.heclouds.com, port: 80, gateway_host: 192.168.1.10}
     sim: {defects: [early-101]}       # a simulated rig: hil runs the board and its bench
                                       # shipped: true: its firmware as it ships, no shell
+    # or a labgrid place, reserved through the coordinator (hil.rig.providers.labgrid): the
+    # console is its NetworkSerialPort, power.kind: labgrid its power port; no console port
+    labgrid: {place: bench-07}        # or {tags: {board: nrf52832}}; coordinator: host:port
 
 A mistake is one ``ConfigError`` line naming the file and the key, raised at load, before any
 test runs. ``console`` as a power or rf kind means the firmware's ``test`` hooks.
@@ -119,7 +122,9 @@ class Console(BaseModel):
     def _one_way_to_the_port(self) -> Console:
         given = [key for key in ("port", "url", "serial_number", "command")
                  if getattr(self, key)]
-        if len(given) != 1:
+        # None given: a labgrid place's console (its NetworkSerialPort); the rig checks that
+        # it has a place (Rig._a_console).
+        if len(given) > 1:
             raise ValueError("give exactly one of port, url or serial_number"
                              + (f" (got {', '.join(given)})" if given
                                 else " (or command, for a host build)"))
@@ -313,6 +318,55 @@ class NoPower(BaseModel):
     model_config = STRICT
 
     kind: Literal["none"]
+
+
+class LabgridPower(BaseModel):
+    """The labgrid place's power port (a NetworkPowerPort, a PDU...), switched by labgrid's own
+    power driver through ``labgrid-client power`` (hil.rig.providers.labgrid)."""
+
+    model_config = STRICT
+
+    kind: Literal["labgrid"]
+    off_s: Positive = 2.0        # seconds dark in a power cycle
+    timeout: Positive = 30.0     # one labgrid-client power command
+
+
+# labgrid's own tag syntax (labgrid.remote.common.TAG_KEY, TAG_VAL): the coordinator refuses others
+LABGRID_TAG_KEY = r"^[a-z][a-z0-9_]+$"
+LABGRID_TAG_VALUE = r"^[a-z0-9_]*$"
+LABGRID_PLACE = r"^[A-Za-z0-9_.+-]{1,64}$"
+
+
+class Labgrid(BaseModel):
+    """A rig that is a labgrid place (``hil.rig.providers.labgrid``): hil reserves it through
+    the coordinator (by ``place`` name, or by ``tags``: any free place carrying them), waits in
+    the coordinator's queue up to ``wait`` seconds, acquires it and builds the console and
+    power from its resources; released when the rig closes (and, should the process die, by
+    the guard process hil leaves beside it)."""
+
+    model_config = STRICT
+
+    place: Annotated[str, Field(pattern=LABGRID_PLACE)] | None = None
+    tags: dict[Annotated[str, Field(pattern=LABGRID_TAG_KEY)],
+               Annotated[str, Field(pattern=LABGRID_TAG_VALUE)]] = {}
+    coordinator: str | None = None    # host[:port]; default: $LG_COORDINATOR, then labgrid's
+    wait: Positive = 3600.0           # seconds in the coordinator's queue before giving up
+    # run: held from the first test to the process's end (a pytest run, an xdist worker);
+    # test: released after each test, so runs share the place test by test.
+    hold: Literal["run", "test"] = "run"
+
+    @model_validator(mode="after")
+    def _place_or_tags(self) -> Labgrid:
+        if (self.place is None) == (not self.tags):
+            raise ValueError("give exactly one of place (a name) or tags (key: value)")
+        return self
+
+    @property
+    def filters(self) -> tuple[str, ...]:
+        """The reservation's filter: ``name=bench-07``, or the tags as ``key=value``."""
+        if self.place is not None:
+            return (f"name={self.place}",)
+        return tuple(f"{key}={value}" for key, value in sorted(self.tags.items()))
 
 
 class AttenuatorRf(BaseModel):
@@ -563,10 +617,11 @@ PowerSpec = Annotated[
     Annotated[ScpiPower, Tag("kind=scpi")] | Annotated[UsbHubPower, Tag("kind=usb-hub")]
     | Annotated[CommandPower, Tag("kind=command")] | Annotated[HookPower, Tag("kind=console")]
     | Annotated[ProcessPower, Tag("kind=process")]
+    | Annotated[LabgridPower, Tag("kind=labgrid")]
     | Annotated[NoPower, Tag("kind=none")],
-    _choice("scpi, usb-hub, command, console, process, none")]
+    _choice("scpi, usb-hub, command, console, process, labgrid, none")]
 # Power kinds that switch the board's power but set no level (no battery voltage to lower).
-SWITCHED_POWER = ("usb-hub", "command")
+SWITCHED_POWER = ("usb-hub", "command", "labgrid")
 RfSpec = Annotated[
     Annotated[AttenuatorRf, Tag("kind=attenuator")] | Annotated[HookRf, Tag("kind=console")]
     | Annotated[NoRf, Tag("kind=none")], _choice("attenuator, console, none")]
@@ -579,12 +634,13 @@ class Rig(BaseModel):
     board: str
     chip: str | None = None
     identity: Identity
-    console: Console
+    console: Console = Console()     # a labgrid place's needs no address
     flasher: FlasherSpec = NoFlasher(kind="none")
     power: PowerSpec = NoPower(kind="none")
     rf: RfSpec = NoRf(kind="none")
     ota: Ota = Ota()
     sim: Sim | None = None
+    labgrid: Labgrid | None = None
     tags: tuple[str, ...] = ()
 
     @field_validator("board")
@@ -616,6 +672,31 @@ class Rig(BaseModel):
         if kind == "esp" and family.flasher is not FlasherKind.ESP:
             raise ValueError(f"flasher.kind: esp is the ESP32 serial bootloader; "
                              f"a {self.board} is flashed with kind: {family.flasher.value}")
+        return self._a_console()
+
+    def _a_console(self) -> Rig:
+        """A console from the rig file, or a labgrid place's; a place is no local bench."""
+        console = self.console
+        local = [key for key in ("port", "url", "serial_number", "command")
+                 if getattr(console, key)]
+        if self.labgrid is None:
+            if not local:
+                raise ValueError("console: give exactly one of port, url or serial_number (or "
+                                 "command, for a host build; or a labgrid place)")
+            if self.power.kind == "labgrid":
+                raise ValueError("power.kind: labgrid is a labgrid place's power port; give "
+                                 "labgrid: {place: NAME}")
+            return self
+        if local:
+            raise ValueError(f"console.{local[0]}: a labgrid place's console is its "
+                             "NetworkSerialPort; leave the console's address out")
+        if self.sim is not None:
+            raise ValueError("labgrid: a simulated rig runs on this host (sim:), not on a place")
+        if self.flasher.kind == "esp":
+            # esptool resets into the bootloader through DTR/RTS, which ser2net's port does not
+            # pass; an SWD probe is as the rig file says (pyocd's remote:host:port included).
+            raise ValueError("flasher.kind: esp through a labgrid place's serial port is not "
+                             "supported yet (flasher.kind: swd or none)")
         return self
 
     @model_validator(mode="after")

@@ -162,6 +162,12 @@ class RigParts:
     def _build_power(self) -> Any:
         provided = self.provider.power()
         if provided is not None:
+            from hil.drivers.switched import SwitchedPower
+
+            if isinstance(provided, SwitchedPower) and not self.rig.shell_less:
+                # A provider's switch (a labgrid place's power port) sets no battery level
+                # either: the firmware's hook does, as beside the rig file's switches.
+                provided.level = self._level_hook
             return provided
         spec = self.rig.power
         if spec.kind == "scpi":
@@ -176,13 +182,7 @@ class RigParts:
         if spec.kind in ("usb-hub", "command"):
             from hil.drivers import switched
 
-            # A switch sets no battery level; a board with a shell still has its hook. The
-            # console is asked for at each use: an ESP32's is closed and reopened around flashing.
-            def level(percent: int) -> None:
-                ConsoleHookPower(self.console(), self.contract.commands["power"]
-                                 ).set_level(percent)
-
-            hook = None if self.rig.shell_less else level
+            hook = None if self.rig.shell_less else self._level_hook
             if spec.kind == "usb-hub":
                 return switched.UsbHubPortPower(spec.hub, spec.port, uhubctl=spec.uhubctl,
                                                 off_s=spec.off_s, timeout=spec.timeout,
@@ -192,6 +192,13 @@ class RigParts:
                                              timeout=spec.timeout, level=hook)
 
         return ConsoleHookPower(self.console(), command=self.contract.commands["power"])
+
+    def _level_hook(self, percent: int) -> None:
+        """A switch sets no battery level; a board with a shell still has its hook. The console
+        is asked for at each use: an ESP32's is closed and reopened around flashing."""
+        from hil.drivers.hooks import ConsoleHookPower
+
+        ConsoleHookPower(self.console(), self.contract.commands["power"]).set_level(percent)
 
     def _build_rf(self) -> Any:
         spec = self.rig.rf

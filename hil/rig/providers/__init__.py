@@ -18,11 +18,13 @@ The kinds, chosen from the rig file (``provider_kind``):
 - ``sim``: a simulated rig (``sim:``); its bench (``hil.sim.bench.SimBench``) is started, and
   the ordinary drivers find the board where the rig file says (``hil.sim.provider``);
 - ``process``: a host build run as the board (``console.command``,
-  ``hil.rig.providers.process``).
+  ``hil.rig.providers.process``);
+- ``labgrid``: a labgrid place reserved through the coordinator (``labgrid:``,
+  ``hil.rig.providers.labgrid``).
 
 Providers are found by name: those above in ``PROVIDERS`` (imported only when a rig needs one,
 so ``hil.rig`` does not import ``hil.sim``), others through the ``hil.rig_providers`` entry
-point group (a labgrid place, say), each a callable taking the ``Rig``.
+point group, each a callable taking the ``Rig``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ PROVIDERS = {
     "hardware": "hil.rig.providers.hardware:HardwareProvider",
     "sim": "hil.sim.provider:SimProvider",
     "process": "hil.rig.providers.process:ProcessProvider",
+    "labgrid": "hil.rig.providers.labgrid:LabgridProvider",
 }
 
 
@@ -62,6 +65,8 @@ class PartsProvider(Protocol):
 
 
 def provider_kind(rig: Rig) -> str:
+    if rig.labgrid is not None:
+        return "labgrid"
     if rig.sim is not None:
         return "sim"
     if rig.console.command is not None:

@@ -1,0 +1,629 @@
+"""A rig that is a labgrid place (``labgrid: {place: bench-07}`` or ``{tags: {board: nrf52832}}``):
+reserved through the labgrid coordinator, its console and power built from the place's resources.
+
+labgrid runs in a virtualenv of its own (``dev.py setup`` makes ``.venv-labgrid``, pinned as
+``LABGRID`` in pyproject.toml's ``labgrid`` extra): it depends on pyserial-labgrid, a fork that
+installs the same ``serial`` module as pyserial, which hil, pyocd and esptool (and hil's
+``hilsim://`` URL handler) import. So hil drives labgrid from outside its own process:
+
+- what changes the coordinator's state goes through ``labgrid-client``, the documented commands a
+  person types (``reserve``, ``acquire``, ``power``, ``release``, ``cancel-reservation``);
+  the power port is switched by labgrid's own power driver there;
+- what is read (places, their resources, reservations) comes from labgrid's client library, run
+  by labgrid's Python (``SNAPSHOT``), as JSON: no parsing of labgrid's human output.
+
+``start()``:
+
+1. a guard process starts (``python -m hil.rig.providers.labgrid guard``, its own session, so a
+   Ctrl-C to the run's process group leaves it standing). It reads what this process tells it
+   (the reservation's token, the place) on a pipe; when the pipe ends without ``done`` (this
+   process died: SIGKILL, a crash) it releases the place and cancels the reservation, so the
+   next client in the coordinator's queue gets the place. A reservation still waiting when the
+   guard itself is gone expires by the coordinator's own timeout (60 s unpolled);
+2. ``labgrid-client reserve --wait`` with the rig's filter (``name=<place>`` or its tags), up
+   to ``labgrid.wait`` seconds (the coordinator serves reservations by priority, then age: two
+   runs asking for one place are served one after the other);
+3. ``labgrid-client -p + acquire`` (the place allocated to the token), then the place's
+   resources: a ``NetworkSerialPort`` becomes the console (``rfc2217://host:port``, or
+   ``socket://`` for ``protocol: raw``), a power port (``power.kind: labgrid``) is switched with
+   ``labgrid-client power``.
+
+Releasing is ``labgrid-client release`` and ``cancel-reservation`` (the place is free for the
+next one only then), then the guard is told it is done. With ``labgrid.hold: run`` (the default)
+that happens when the process exits (``release_held``, at exit): the place is acquired at the
+first test and each later test's parts take it back at once, so a pytest run (each xdist worker)
+holds one place; ``hold: test`` releases it at each ``stop()``.
+
+The client's identity at the coordinator is ``LG_USERNAME``: ``<user>-hil<pid>`` (the user's own
+``LG_USERNAME`` or login name), so that ``labgrid-client who`` and ``hil rigs`` tell which run
+holds a place, and two runs on one host are two clients.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import getpass
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol
+from hil.drivers.switched import SwitchedPower, said
+from hil.errors import RigFault
+from hil.rig.model import Labgrid, LabgridPower, Rig
+
+PART = "labgrid"
+CLIENT_ENV = "HIL_LABGRID_CLIENT"    # the labgrid-client to run (default: .venv-labgrid's)
+DEFAULT_COORDINATOR = "127.0.0.1:20408"   # labgrid's own default
+COMMAND_TIMEOUT_S = 60.0            # one labgrid-client command (a coordinator that hangs)
+GUARD_WAIT_S = 120.0                # the guard's release at a clean stop
+# Left out of the environment labgrid-client runs in: each would choose another place, token
+# or environment than the one this provider hands it.
+FOREIGN = ("LG_PLACE", "LG_TOKEN", "LG_ENV", "LG_STATE", "LG_INITIAL_STATE", "LG_PROXY")
+
+# Run by labgrid's own Python (its virtualenv): labgrid's client library reads the coordinator's
+# places, resources and reservations; printed as one JSON object.
+SNAPSHOT = r"""
+import json, sys
+from labgrid.remote.client import start_session
+from labgrid.remote.common import Reservation
+from labgrid.remote.generated import labgrid_coordinator_pb2 as pb2
+
+session = start_session(sys.argv[1])
+try:
+    places = {name: {"acquired": place.acquired, "reservation": place.reservation,
+                     "tags": dict(place.tags),
+                     "acquired_resources": [list(path) for path in place.acquired_resources]}
+              for name, place in session.places.items()}
+    resources = [{"path": [exporter, group, entry.cls, name], "cls": entry.cls,
+                  "params": entry.params, "acquired": entry.acquired, "avail": entry.avail}
+                 for exporter, groups in session.resources.items()
+                 for group, entries in groups.items() for name, entry in entries.items()]
+    answer = session.loop.run_until_complete(
+        session.stub.GetReservations(pb2.GetReservationsRequest()))
+    reservations = {}
+    for message in answer.reservations:
+        res = Reservation.from_pb2(message)
+        reservations[res.token] = {"owner": res.owner, "state": res.state.name,
+                                   "places": [name for group in res.allocations.values()
+                                              for name in group]}
+    print(json.dumps({"places": places, "resources": resources,
+                      "reservations": reservations}, default=str))
+finally:
+    session.loop.run_until_complete(session.stop())
+    session.loop.run_until_complete(session.close())
+"""
+
+
+def client_path() -> Path:
+    """``labgrid-client``: ``$HIL_LABGRID_CLIENT``, else the one ``dev.py setup`` installs
+    beside hil's virtualenv (the pinned labgrid), else the one on PATH."""
+    given = os.environ.get(CLIENT_ENV)
+    if given:
+        return Path(given)
+    beside = Path(sys.prefix).parent / ".venv-labgrid" / "bin" / "labgrid-client"
+    if beside.is_file():
+        return beside
+    found = shutil.which("labgrid-client")
+    if found:
+        return Path(found)
+    raise RigFault(PART, "labgrid-client not found: `python3 dev.py setup` installs labgrid "
+                   f"into .venv-labgrid; or put it on PATH, or name it in ${CLIENT_ENV}")
+
+
+def labgrid_python(client: Path) -> Path:
+    """The Python labgrid is installed in: the interpreter of ``labgrid-client``'s ``#!``."""
+    try:
+        with client.open("rb") as script:
+            first = script.readline().decode(errors="replace").strip()
+    except OSError as error:
+        raise RigFault(PART, f"{client}: {error.strerror}") from None
+    if not first.startswith("#!") or not first[2:].split():
+        raise RigFault(PART, f"{client} is not labgrid's Python script (no #! line)")
+    return Path(first[2:].split()[0])
+
+
+def coordinator_address(spec: Labgrid | None) -> str:
+    """The rig's ``labgrid.coordinator``, else ``$LG_COORDINATOR``, else labgrid's default."""
+    return (spec.coordinator if spec is not None and spec.coordinator else None) \
+        or os.environ.get("LG_COORDINATOR") or DEFAULT_COORDINATOR
+
+
+def hil_user() -> str:
+    """This process's name at the coordinator (see the module docstring)."""
+    return f"{os.environ.get('LG_USERNAME') or getpass.getuser()}-hil{os.getpid()}"
+
+
+# ------------------------------------------------------------------------------ what is read
+@dataclass(frozen=True)
+class Resource:
+    path: tuple[str, ...]            # exporter, group, class, name
+    cls: str
+    params: dict[str, Any]
+    acquired: str | None             # the place that holds it
+    avail: bool
+
+
+@dataclass(frozen=True)
+class Place:
+    name: str
+    tags: dict[str, str]
+    acquired: str | None             # host/user of the client holding it
+    reservation: str | None          # the token it is allocated to
+    resources: tuple[Resource, ...]  # those it holds while acquired
+
+
+@dataclass(frozen=True)
+class Reservation:
+    token: str
+    owner: str                       # host/user
+    state: str                       # waiting, allocated, acquired, expired, invalid
+    places: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The coordinator's places, resources and reservations at one moment."""
+
+    places: dict[str, Place]
+    resources: tuple[Resource, ...]
+    reservations: dict[str, Reservation]
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> Snapshot:
+        resources = tuple(Resource(tuple(entry["path"]), entry["cls"], entry["params"] or {},
+                                   entry["acquired"], bool(entry["avail"]))
+                          for entry in document["resources"])
+        by_path = {resource.path: resource for resource in resources}
+        places = {name: Place(name, dict(place["tags"]), place["acquired"],
+                              place["reservation"],
+                              tuple(by_path[tuple(path)] for path in place["acquired_resources"]
+                                    if tuple(path) in by_path))
+                  for name, place in document["places"].items()}
+        reservations = {token: Reservation(token, res["owner"], res["state"],
+                                           tuple(res["places"]))
+                        for token, res in document["reservations"].items()}
+        return cls(places, resources, reservations)
+
+    def state(self, place: Place) -> str:
+        """``free``, ``reserved for host/user`` or ``acquired by host/user``."""
+        if place.acquired:
+            return f"acquired by {place.acquired}"
+        reservation = self.reservations.get(place.reservation or "")
+        if reservation is not None:
+            return f"reserved for {reservation.owner}"
+        return "free"
+
+    def matching(self, spec: Labgrid) -> list[Place]:
+        """The places a rig's ``labgrid`` section can be given (by name, or by all its tags)."""
+        if spec.place is not None:
+            return [place for name, place in self.places.items() if name == spec.place]
+        return [place for _, place in sorted(self.places.items())
+                if all(place.tags.get(key) == value for key, value in spec.tags.items())]
+
+
+# ------------------------------------------------------------------------------ labgrid-client
+class LabgridClient:
+    """``labgrid-client`` as one client of one coordinator: each call a command that exits."""
+
+    def __init__(self, coordinator: str, *, user: str | None = None,
+                 client: Path | None = None) -> None:
+        self.coordinator = coordinator
+        self.client = client or client_path()
+        self.env = {key: value for key, value in os.environ.items() if key not in FOREIGN}
+        self.env["LG_COORDINATOR"] = coordinator
+        if user is not None:
+            self.env["LG_USERNAME"] = user
+
+    def run(self, *args: str, token: str | None = None,
+            timeout: float = COMMAND_TIMEOUT_S) -> str:
+        """Run one command; its output, or a RigFault with the line labgrid ended on."""
+        env = self.env if token is None else {**self.env, "LG_TOKEN": token}
+        command = f"labgrid-client {' '.join(args)}"
+        try:
+            done = subprocess.run([str(self.client), *args], env=env,  # noqa: S603 (ours)
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=timeout, check=False)
+        except FileNotFoundError:
+            raise RigFault(PART, f"{self.client} not found (${CLIENT_ENV})") from None
+        except subprocess.TimeoutExpired:
+            raise RigFault(PART, f"{command}: no answer from the coordinator at "
+                           f"{self.coordinator} within {timeout:g} s") from None
+        if done.returncode != 0:
+            why = said(done.stderr) if done.stderr.strip() else said(done.stdout)
+            raise RigFault(PART, f"{command} (coordinator {self.coordinator}) failed: {why}")
+        return done.stdout
+
+    def snapshot(self, timeout: float = COMMAND_TIMEOUT_S) -> Snapshot:
+        """The coordinator's state, read by labgrid's client library (``SNAPSHOT``)."""
+        python = labgrid_python(self.client)
+        try:
+            done = subprocess.run([str(python), "-c", SNAPSHOT, self.coordinator],  # noqa: S603
+                                  env=self.env, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=timeout, check=False)
+        except FileNotFoundError:
+            raise RigFault(PART, f"{python} (labgrid's Python) not found") from None
+        except subprocess.TimeoutExpired:
+            raise RigFault(PART, f"no answer from the coordinator at {self.coordinator} "
+                           f"within {timeout:g} s") from None
+        if done.returncode != 0:
+            raise RigFault(PART, f"reading the coordinator at {self.coordinator}: "
+                           f"{said(done.stderr)}")
+        return Snapshot.from_json(json.loads(done.stdout))
+
+
+# ------------------------------------------------------------------------------ the parts
+class LabgridPowerPort(SwitchedPower):
+    """The place's power port, switched by labgrid's power driver (``labgrid-client power``)."""
+
+    what = "a labgrid place's power port (power.kind: labgrid)"
+
+    def __init__(self, client: LabgridClient, place: str, *, off_s: float, timeout: float
+                 ) -> None:
+        """``place``: as ``labgrid-client -p`` takes it (``+TOKEN``: the reserved place)."""
+        super().__init__(off_s=off_s, timeout=timeout)
+        self.client = client
+        self.place = place
+
+    def open(self) -> None:
+        pass                # labgrid-client was found at start; nothing is held
+
+    def identify(self) -> str:
+        """``power for place bench-07 is on``: labgrid asking the port itself."""
+        return said(self.client.run("-p", self.place, "power", "get", timeout=self.timeout))
+
+    def output(self, on: bool) -> None:
+        self.client.run("-p", self.place, "power", "on" if on else "off", timeout=self.timeout)
+
+
+def console_url(resource: Resource) -> str:
+    """A ``NetworkSerialPort`` as a pyserial URL."""
+    host, port = resource.params.get("host"), resource.params.get("port")
+    if not host or not port:
+        raise RigFault("console", f"{'/'.join(resource.path)} has no port on its exporter "
+                       "(its ser2net did not start? see the exporter's log)")
+    if resource.params.get("protocol", "rfc2217") == "raw":
+        return f"socket://{host}:{port}"
+    # ser2net leaves unanswered a SET_CONTROL that repeats the port's state, and pyserial
+    # waits for the answer (labgrid ships its own pyserial fork for this); pyserial's
+    # ign_set_control does not wait.
+    return f"rfc2217://{host}:{port}?ign_set_control"
+
+
+class Hold:
+    """One acquired place: its client, reservation token and guard. ``acquire()`` reserves
+    (waiting in the queue) and acquires; ``release()`` gives it back (see the module
+    docstring)."""
+
+    def __init__(self, spec: Labgrid, coordinator: str, user: str) -> None:
+        self.spec = spec
+        self.coordinator = coordinator
+        self.client = LabgridClient(coordinator, user=user)
+        self.token: str | None = None
+        self.acquired = False
+        self.place: Place | None = None
+        self._guard: subprocess.Popen[str] | None = None
+
+    def acquire(self) -> Place:
+        client = self.client
+        try:
+            self._guard = start_guard(client)
+            self.token = self._reserve(client)
+            self._tell("acquiring")
+            # The place by its token: a name given to -p is matched as a substring.
+            client.run("-p", f"+{self.token}", "acquire")
+            self.acquired = True
+            snapshot = client.snapshot()
+            name = next((name for name, place in snapshot.places.items()
+                         if place.reservation == self.token), None)
+            if name is None:
+                raise RigFault(PART, f"the coordinator shows no place for reservation "
+                               f"{self.token}")
+            self.place = snapshot.places[name]
+            return self.place
+        except BaseException:
+            self.release()
+            raise
+
+    def _reserve(self, client: LabgridClient) -> str:
+        """``labgrid-client reserve --wait``: the token as soon as the reservation exists (told
+        to the guard, which cancels it should this process die while waiting), then the wait
+        for the allocation (labgrid-client polls each second, which keeps the reservation from
+        expiring), at most ``labgrid.wait`` seconds. A waiter outliving this process ends at
+        its next poll once the guard has cancelled the reservation."""
+        end = time.monotonic() + self.spec.wait
+        waiting = subprocess.Popen([str(client.client), "reserve", "--shell", "--wait",  # noqa: S603
+                                    *self.spec.filters], env=client.env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        with waiting:
+            assert waiting.stdout is not None
+            first = waiting.stdout.readline().strip()
+            token = first.split("=", 1)[1] if first.startswith("export LG_TOKEN=") else None
+            if token is not None:
+                self.token = token
+                self._tell(f"token {token}")
+            try:
+                _, stderr = waiting.communicate(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                waiting.kill()
+                waiting.communicate()
+                raise RigFault(PART, f"no place for {' '.join(self.spec.filters)} within "
+                               f"{self.spec.wait:g} s at {self.coordinator} (labgrid.wait); "
+                               "`hil rigs` shows who holds it") from None
+        if waiting.returncode != 0 or token is None:
+            raise RigFault(PART, f"labgrid-client reserve {' '.join(self.spec.filters)} "
+                           f"(coordinator {self.coordinator}) failed: "
+                           f"{said(stderr) if stderr.strip() else first or 'no token'}")
+        return token
+
+    def release(self) -> None:
+        """Release the place and cancel the reservation: the next client's turn."""
+        client, token, acquired = self.client, self.token, self.acquired
+        self.token, self.acquired, self.place = None, False, None
+        done = False
+        try:
+            if token is not None:
+                release(client, token, acquired)
+            done = True
+        finally:
+            guard, self._guard = self._guard, None
+            if guard is not None:
+                # "done": the guard leaves the coordinator alone. Had the release above
+                # failed, the guard tries it once more as the pipe ends.
+                if done:
+                    self._tell_guard(guard, "done")
+                stop_guard(guard)
+
+    def _tell(self, line: str) -> None:
+        if self._guard is not None:
+            self._tell_guard(self._guard, line)
+
+    @staticmethod
+    def _tell_guard(guard: subprocess.Popen[str], line: str) -> None:
+        assert guard.stdin is not None
+        with contextlib.suppress(OSError):
+            guard.stdin.write(line + "\n")
+            guard.stdin.flush()
+
+
+# The places held for the run (labgrid.hold: run), by rig, coordinator and filter: a rig's next
+# RigParts in this process takes its place back without asking the coordinator again.
+_HELD: dict[tuple[str, str, tuple[str, ...]], Hold] = {}
+_IN_USE: set[int] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def release_held() -> None:
+    """Release every place this process holds for its run (at exit; the guards cover a
+    process that dies without exiting). The first fault is raised once all were tried."""
+    with _HELD_LOCK:
+        holds = list(_HELD.values())
+        _HELD.clear()
+    faults = []
+    for hold in holds:
+        try:
+            hold.release()
+        except RigFault as fault:
+            faults.append(fault)
+    if faults:
+        raise faults[0]
+
+
+def _release_at_exit() -> None:
+    try:
+        release_held()
+    except RigFault as fault:      # one line, not a traceback; the guard tries once more
+        print(f"hil: {fault}", file=sys.stderr)
+
+
+atexit.register(_release_at_exit)
+
+
+class LabgridProvider:
+    """The parts of a rig that is a labgrid place (see the module docstring).
+
+    With ``labgrid.hold: run`` (the default) the place is reserved and acquired at the first
+    start and kept for the rest of the process (a pytest run, an xdist worker): each test's
+    RigParts takes it back at once, and it is released at exit (``release_held``). With
+    ``hold: test`` each stop releases it, and runs share the place test by test."""
+
+    def __init__(self, rig: Rig) -> None:
+        if rig.labgrid is None:
+            raise RigFault(PART, "not a labgrid place (no labgrid: section)", rig.name)
+        self.rig = rig
+        self.spec: Labgrid = rig.labgrid
+        self.coordinator = coordinator_address(self.spec)
+        self.user = hil_user()
+        self.hold: Hold | None = None
+
+    @property
+    def place(self) -> Place | None:
+        return self.hold.place if self.hold is not None else None
+
+    @property
+    def client(self) -> LabgridClient | None:
+        return self.hold.client if self.hold is not None else None
+
+    @property
+    def token(self) -> str | None:
+        return self.hold.token if self.hold is not None else None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self.hold is not None:
+            return
+        key = (self.rig.name, self.coordinator, self.spec.filters)
+        with _HELD_LOCK:
+            held = _HELD.get(key) if self.spec.hold == "run" else None
+            if held is not None and id(held) not in _IN_USE:
+                _IN_USE.add(id(held))
+                self.hold = held
+                return
+        hold = Hold(self.spec, self.coordinator, self.user)
+        place = hold.acquire()
+        try:
+            self._check_resources(place)
+        except BaseException:
+            hold.release()
+            raise
+        self.hold = hold
+        if self.spec.hold == "run":
+            with _HELD_LOCK:
+                if key not in _HELD:       # else another RigParts of the rig holds one too
+                    _HELD[key] = hold
+                _IN_USE.add(id(hold))
+
+    def stop(self) -> None:
+        hold, self.hold = self.hold, None
+        if hold is None:
+            return
+        with _HELD_LOCK:
+            _IN_USE.discard(id(hold))
+            kept = any(held is hold for held in _HELD.values())
+        if not kept:
+            hold.release()
+
+    def _check_resources(self, place: Place) -> None:
+        if self.rig.power.kind == "labgrid" and self._power_port(place) is None:
+            raise RigFault("power", f"place {place.name} has no power port "
+                           "(power.kind: labgrid)")
+        self._serial_port(place)
+
+    # ------------------------------------------------------------------ the parts
+    def _serial_port(self, place: Place) -> Resource:
+        ports = [r for r in place.resources if r.cls == "NetworkSerialPort"]
+        if not ports:
+            raise RigFault("console", f"place {place.name} has no NetworkSerialPort "
+                           "(a RawSerialPort or USBSerialPort exported through ser2net)")
+        return ports[0]
+
+    @staticmethod
+    def _power_port(place: Place) -> Resource | None:
+        return next((r for r in place.resources
+                     if r.cls.endswith("PowerPort") or r.cls == "PDUDaemonPort"), None)
+
+    def _place(self) -> Place:
+        if self.place is None or self.client is None:
+            raise RigFault(PART, "the place is not acquired (the provider was not started)",
+                           self.rig.name)
+        return self.place
+
+    def console(self, log_path: Path | None) -> ConsoleProtocol | None:
+        from hil.drivers.console import SerialConsole
+
+        class NetworkConsole(SerialConsole):
+            def open(self) -> None:
+                # pyserial's rfc2217 client refuses a write timeout (NotImplementedError); its
+                # writes go to a TCP socket, which ser2net drains.
+                self.write_timeout = None    # type: ignore[assignment]
+                # pyserial 3.5's rfc2217 client starts its reader with Thread.setDaemon() and
+                # setName(), deprecated since Python 3.10: warnings hil's tests make errors.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", r"(setDaemon|setName)\(\) is deprecated",
+                                            DeprecationWarning)
+                    super().open()
+
+        port = self._serial_port(self._place())
+        spec = self.rig.console
+        return NetworkConsole(url=console_url(port), baudrate=spec.baudrate,
+                              ok_pattern=spec.ok, err_pattern=spec.err, log_path=log_path)
+
+    def flasher(self) -> FlasherProtocol | None:
+        return None         # as the rig file says (an SWD probe; pyocd's remote:host:port)
+
+    def power(self) -> PowerProtocol | None:
+        if not isinstance(self.rig.power, LabgridPower):
+            return None
+        self._place()
+        assert self.client is not None
+        return LabgridPowerPort(self.client, f"+{self.token}", off_s=self.rig.power.off_s,
+                                timeout=self.rig.power.timeout)
+
+    def point_at(self, url: str) -> bool:
+        return False        # the board is told through its shell, as on a local bench
+
+
+def start_guard(client: LabgridClient) -> subprocess.Popen[str]:
+    """The guard (see the module docstring), for ``client``'s coordinator and identity."""
+    return subprocess.Popen([sys.executable, "-m", "hil.rig.providers.labgrid", "guard"],
+                            env={**client.env, CLIENT_ENV: str(client.client)},
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def stop_guard(guard: subprocess.Popen[str]) -> None:
+    assert guard.stdin is not None
+    with contextlib.suppress(OSError):
+        guard.stdin.close()
+    try:
+        guard.wait(GUARD_WAIT_S)
+    except subprocess.TimeoutExpired:
+        guard.kill()
+        guard.wait()
+
+
+def release(client: LabgridClient, token: str, acquired: bool) -> None:
+    """Release the place reserved with ``token`` (when it was acquired: an acquire that failed
+    half-way may have gone through at the coordinator, so a failed release is then no fault)
+    and cancel the reservation; the first RigFault is raised once both were tried."""
+    faults: list[RigFault] = []
+    steps: list[Sequence[str]] = [("-p", f"+{token}", "release"), ("cancel-reservation", token)]
+    for step in steps if acquired else steps[1:]:
+        try:
+            client.run(*step)
+        except RigFault as fault:
+            faults.append(fault)
+    if faults:
+        raise faults[0]
+
+
+def guard(lines: IO[str], client: LabgridClient,
+          log: Callable[[str], None] = lambda line: None) -> None:
+    """Read what the provider tells; at the end of ``lines`` without ``done``, release the
+    place and cancel the reservation (best effort: the coordinator may be gone too)."""
+    token, acquiring = None, False
+    for line in lines:
+        word, _, value = line.strip().partition(" ")
+        if word == "done":
+            return
+        if word == "token":
+            token = value
+        elif word == "acquiring":
+            acquiring = True
+    if token is None:
+        return
+    try:
+        release(client, token, acquiring)
+        log(f"labgrid guard: released reservation {token}")
+    except RigFault as fault:
+        log(f"labgrid guard: {fault}")
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["guard"]:
+        print("usage: python -m hil.rig.providers.labgrid guard", file=sys.stderr)
+        return 2
+    # The run's Ctrl-C reaches its process group, not this session; a SIGTERM still ends the
+    # guard after its release (the pipe is read to its end first).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    client = LabgridClient(os.environ.get("LG_COORDINATOR", DEFAULT_COORDINATOR),
+                           client=Path(os.environ[CLIENT_ENV]))
+    guard(sys.stdin, client, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
