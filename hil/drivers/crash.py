@@ -405,6 +405,25 @@ def check(watch: CrashWatch) -> None:
         raise FirmwareCrash(crash)
 
 
+class _Every:
+    """Due at most once every ``every`` seconds (the first time at once): a watch's looks."""
+
+    def __init__(self, every: float, clock: Callable[[], float]) -> None:
+        self._every = every
+        self._clock = clock
+        self._last: float | None = None
+
+    def reset(self) -> None:
+        self._last = None
+
+    def due(self) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last < self._every:
+            return False
+        self._last = now
+        return True
+
+
 class ConsolePanicWatch:
     """An ESP32's panic output on its console (``PanicParser`` over the lines since
     ``start``), read every ``every`` seconds at most. ``console`` gives the console if it is
@@ -416,9 +435,7 @@ class ConsolePanicWatch:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._console = console
         self._symbols = symbols
-        self._every = every          # the log is copied to be read: not at every poll
-        self._clock = clock
-        self._last: float | None = None
+        self._looks = _Every(every, clock)   # the log is copied to be read: not at every poll
         self._parser = PanicParser(symbols)
         self._source: ConsoleProtocol | None = None
         self._mark = 0
@@ -428,16 +445,12 @@ class ConsolePanicWatch:
         self._parser = PanicParser(self._symbols)
         self._source = self._console()
         self._mark = self._source.mark() if self._source is not None else 0
-        self._last = None
+        self._looks.reset()
         self.crash = None
 
     def poll(self) -> Crash | None:
-        if self.crash is not None:
+        if self.crash is not None or not self._looks.due():
             return self.crash
-        now = self._clock()
-        if self._last is not None and now - self._last < self._every:
-            return None
-        self._last = now
         console = self._console()
         if console is None:
             return None
@@ -468,22 +481,16 @@ class SwdFaultWatch:
                  *, every: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self._debug = debug
         self._symbols = symbols
-        self._every = every
-        self._clock = clock
-        self._last: float | None = None
+        self._looks = _Every(every, clock)
         self.crash: Crash | None = None
 
     def start(self) -> None:
-        self._last = None
+        self._looks.reset()
         self.crash = None
 
     def poll(self) -> Crash | None:
-        if self.crash is not None:
+        if self.crash is not None or not self._looks.due():
             return self.crash
-        now = self._clock()
-        if self._last is not None and now - self._last < self._every:
-            return None
-        self._last = now
         try:
             self.crash = read_cortex_m(self._debug(), self._symbols)
         except RigFault as unanswered:
