@@ -28,7 +28,7 @@ def test_a_contract_board_on_a_pty_runs_the_suite_from_its_rig_file(tmp_path):
         (tmp_path / "pty-board.yaml").write_text(yaml.safe_dump(rig), encoding="utf-8")
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "testcases", "--hil-rig",
-             str(tmp_path / "pty-board.yaml"), "-p", "no:cacheprovider", "-q", "-rs",
+             str(tmp_path / "pty-board.yaml"), "-p", "no:cacheprovider", "-q", "-rfEs",
              "--no-header"], cwd=ROOT, env=board.env, capture_output=True, text=True,
             timeout=600, check=False)
     summary = done.stdout.strip().splitlines()[-1]

@@ -30,7 +30,7 @@ def _suite(rigs: list[str], results: Path, junit: Path, *extra: str
     return subprocess.run(
         [sys.executable, "-m", "pytest", "testcases", *args, "-n", str(len(rigs)),
          "--dist", "loadgroup", f"--alluredir={results}", f"--junitxml={junit}",
-         "-o", "junit_family=xunit2", "-p", "no:cacheprovider", "-q", "-rs", "--no-header",
+         "-o", "junit_family=xunit2", "-p", "no:cacheprovider", "-q", "-rfEs", "--no-header",
          *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
 
