@@ -19,7 +19,6 @@ Every mistake is one line naming the file and the key, as rig and task files do.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -70,7 +69,7 @@ class Profile:
     """The outcomes of one profile, overrides applied: ``profile["success"].codes``."""
 
     def __init__(self, name: str, outcomes: dict[str, Outcome], path: Path,
-                 energy_budget: Mapping[str, float] | None = None) -> None:
+                 energy_budget: dict[str, float] | None = None) -> None:
         self.name = name
         self.outcomes = outcomes
         self.path = path
@@ -91,7 +90,7 @@ def load_profile(path: Path, _seen: tuple[Path, ...] = ()) -> Profile:
     raw = load_model(_ProfileFile, path)
     name = raw.name or path.stem
     if raw.extends is None:
-        return Profile(name, dict(raw.outcomes), path, raw.energy_budget_mas)
+        return Profile(name, dict(raw.outcomes), path, _budget(raw))
     base_path = Path(raw.extends)
     if base_path.suffix not in (".yaml", ".yml"):
         base_path = base_path.with_name(f"{base_path.name}.yaml")
@@ -104,4 +103,8 @@ def load_profile(path: Path, _seen: tuple[Path, ...] = ()) -> Profile:
         raise ConfigError(f"{path}: outcomes.{unknown[0]}",
                           f"not an outcome of {base.name} (it has {', '.join(base.outcomes)})")
     return Profile(name, {**base.outcomes, **raw.outcomes}, path,
-                   {**base.energy_budget, **dict(raw.energy_budget_mas.items())})
+                   {**base.energy_budget, **_budget(raw)})
+
+
+def _budget(raw: _ProfileFile) -> dict[str, float]:
+    return {str(phase): charge for phase, charge in raw.energy_budget_mas.items()}
