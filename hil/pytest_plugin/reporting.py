@@ -473,7 +473,7 @@ def _current_axes(axes: Any, attempts: list[Attempt], start: float) -> None:
                           va="top")
     axes.set_ylabel("mA")
     axes.set_ylim(bottom=0)
-    axes.legend(loc="upper left", fontsize=8)
+    axes.legend(loc="lower right", fontsize=8)     # the phases' labels are along the top
 
 
 # ---------------------------------------------------------------------------------- session
