@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ from hil.rig.board import Board
 from hil.rig.model import Rig
 from hil.service.server import MockOneNet
 from hil.service.timeline import Exchange, FaultHit
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETRY = 2                 # the suite's tasks: two retries, one second apart
 DEFAULT_INTERVAL = 1
@@ -555,12 +558,19 @@ class OtaScenario:
 
     def _finished(self, attempt: Attempt) -> Attempt:
         sampler, self._sampler = self._sampler, None
+        curve = None
         if sampler is not None:
-            attempt.energy = curve = sampler.stop()
+            try:
+                curve = sampler.stop()
+            except HilError as error:
+                # A supply whose MEAS:CURR? fails (a model that cannot measure, an error in its
+                # queue) costs the curve, not the test: a setting it refuses still fails it.
+                log.warning("%s: no energy curve for this attempt: %s", self.rig.name, error)
+        if curve is not None:
+            attempt.energy = curve
             console = self.board.parts.opened("console")
             marks = phase_marks(curve.start, attempt.exchanges,
-                                       console.lines() if console is not None else [],
-                                       self._event_of)
+                                console.lines() if console is not None else [], self._event_of)
             attempt.charges = per_phase(curve, marks)
         self.attempts.append(attempt)
         for observer in self.observers:
