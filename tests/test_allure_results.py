@@ -80,7 +80,7 @@ def test_the_evidence_is_attached_and_the_rig_has_no_secret(results):
     result = by_name["test_a_failing_request_once_is_retried_and_the_update_finishes"]
     attachments = {a["name"]: directory / a["source"] for a in result["attachments"]}
     assert set(attachments) == {"console log", "timeline", "timeline (text)", "rig",
-                                "the update"}
+                                "the update", "energy per phase"}
     assert "> ota check" in attachments["console log"].read_text()
     timeline = json.loads(attachments["timeline"].read_text())
     assert [e["phase"] for e in timeline[:3]] == ["version", "detect", "token"]

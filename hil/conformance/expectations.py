@@ -8,6 +8,12 @@ product overrides the outcomes where its firmware documents another policy, in a
     outcomes:
       retries-timeout: {phase: download, codes: [207]}
 
+A profile may also set an energy budget per phase, in mA·s (milliamp-seconds), checked on rigs
+whose supply measures current (``hil.conformance.energy``); a phase over its budget fails the
+test, naming the phase, what it drew and the budget::
+
+    energy_budget_mas: {download: 400, flash: 150}
+
 Every mistake is one line naming the file and the key, as rig and task files do.
 """
 
@@ -24,6 +30,9 @@ from hil.onenet.codes import ResultCode
 
 Phase = Literal["detect", "token", "download", "verify", "flash", "report"]
 Code = Annotated[int, Field(strict=True)]
+# The phases an energy curve is cut into (hil.conformance.energy.ENERGY_PHASES).
+EnergyPhase = Literal["detect", "download", "verify", "flash", "report"]
+Charge = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class Outcome(BaseModel):
@@ -53,15 +62,18 @@ class _ProfileFile(BaseModel):
     name: str | None = None
     extends: str | None = None
     outcomes: dict[str, Outcome] = {}
+    energy_budget_mas: dict[EnergyPhase, Charge] = {}
 
 
 class Profile:
     """The outcomes of one profile, overrides applied: ``profile["success"].codes``."""
 
-    def __init__(self, name: str, outcomes: dict[str, Outcome], path: Path) -> None:
+    def __init__(self, name: str, outcomes: dict[str, Outcome], path: Path,
+                 energy_budget: dict[str, float] | None = None) -> None:
         self.name = name
         self.outcomes = outcomes
         self.path = path
+        self.energy_budget: dict[str, float] = dict(energy_budget or {})   # mA·s per phase
 
     def __getitem__(self, outcome: str) -> Outcome:
         try:
@@ -78,7 +90,7 @@ def load_profile(path: Path, _seen: tuple[Path, ...] = ()) -> Profile:
     raw = load_model(_ProfileFile, path)
     name = raw.name or path.stem
     if raw.extends is None:
-        return Profile(name, dict(raw.outcomes), path)
+        return Profile(name, dict(raw.outcomes), path, _budget(raw))
     base_path = Path(raw.extends)
     if base_path.suffix not in (".yaml", ".yml"):
         base_path = base_path.with_name(f"{base_path.name}.yaml")
@@ -90,4 +102,9 @@ def load_profile(path: Path, _seen: tuple[Path, ...] = ()) -> Profile:
     if unknown:
         raise ConfigError(f"{path}: outcomes.{unknown[0]}",
                           f"not an outcome of {base.name} (it has {', '.join(base.outcomes)})")
-    return Profile(name, {**base.outcomes, **raw.outcomes}, path)
+    return Profile(name, {**base.outcomes, **raw.outcomes}, path,
+                   {**base.energy_budget, **_budget(raw)})
+
+
+def _budget(raw: _ProfileFile) -> dict[str, float]:
+    return {str(phase): charge for phase, charge in raw.energy_budget_mas.items()}

@@ -40,9 +40,11 @@ where and when it asked (the plugin calls it: the test is an ERROR, whatever it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +54,17 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
+from hil.conformance.energy import (
+    SAMPLE_INTERVAL_S,
+    CurrentSampler,
+    Curve,
+    PhaseCharge,
+    check_budget,
+    per_phase,
+    phase_marks,
+)
 from hil.conformance.expectations import Profile
+from hil.drivers.base import measures_current
 from hil.drivers.contract import Event, parse_event
 from hil.drivers.crash import (
     ConsolePanicWatch,
@@ -70,6 +82,7 @@ from hil.errors import (
     ExpectTimeout,
     FaultNotLanded,
     FirmwareCrash,
+    HilError,
     ProtocolError,
     Unsupported,
 )
@@ -91,6 +104,8 @@ from hil.rig.board import Board
 from hil.rig.model import Rig
 from hil.service.server import MockOneNet
 from hil.service.timeline import Exchange, FaultHit
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETRY = 2                 # the suite's tasks: two retries, one second apart
 DEFAULT_INTERVAL = 1
@@ -116,6 +131,9 @@ class Attempt:
     timed_out: bool = False
     trace: list[Event] = field(default_factory=list)     # the events with the boot lines
     crash: Crash | None = None    # the board crashed: the attempt ended there
+    # What it drew, where the rig's supply measures current (hil.conformance.energy).
+    energy: Curve | None = None
+    charges: list[PhaseCharge] = field(default_factory=list)
 
     def requests(self, phase: Endpoint) -> list[Exchange]:
         return [exchange for exchange in self.exchanges if exchange.phase is phase]
@@ -282,11 +300,13 @@ class OtaScenario:
         self._triggers: list[_Trigger] = []
         self._pointed = False
         self._next_start: float | None = None   # a shell-less board's boot that began the next
+        self._sampler: CurrentSampler | None = None   # the attempt's current, sampled
         if board.shell_less:
             # Its version is read at the service (a boot after a reset): the board's network
             # must take it there from the start, before the first update.
             board.watch_service(self._service_versions)
             self._point()
+        self.energy_interval = SAMPLE_INTERVAL_S    # seconds between current samples
         # Called with each attempt once it is over (the report draws its steps from them).
         self.observers: list[Callable[[OtaScenario, Attempt], None]] = []
 
@@ -476,6 +496,7 @@ class OtaScenario:
         before, traced = len(self.exchanges()), len(self.trace)
         watch = self.crash_watch()
         watch.start()
+        self._sampler = self._energy_sampler()
         try:
             if self.board.shell_less:
                 return self._finished(self._update_shell_less(until_boot,
@@ -487,6 +508,11 @@ class OtaScenario:
                                    self.exchanges()[before:], False, False, self.trace[traced:],
                                    crash=crashed.crash))
             raise
+        finally:
+            sampler, self._sampler = self._sampler, None
+            if sampler is not None:     # the attempt ended in an error: no curve to keep
+                with contextlib.suppress(HilError):
+                    sampler.stop()
 
     def crash_watch(self) -> CrashWatch:
         """What an attempt's wait polls for a crash: the SWD probe of a Cortex-M board, the
@@ -531,11 +557,49 @@ class OtaScenario:
                                       ended, timed_out, self.trace[traced:]))
 
     def _finished(self, attempt: Attempt) -> Attempt:
+        sampler, self._sampler = self._sampler, None
+        curve = None
+        if sampler is not None:
+            try:
+                curve = sampler.stop()
+            except HilError as error:
+                # A supply whose MEAS:CURR? fails (a model that cannot measure, an error in its
+                # queue) costs the curve, not the test: a setting it refuses still fails it.
+                log.warning("%s: no energy curve for this attempt: %s", self.rig.name, error)
+        if curve is not None:
+            attempt.energy = curve
+            console = self.board.parts.opened("console")
+            marks = phase_marks(curve.start, attempt.exchanges,
+                                console.lines() if console is not None else [], self._event_of)
+            attempt.charges = per_phase(curve, marks)
         self.attempts.append(attempt)
         for observer in self.observers:
             observer(self, attempt)
         self.gateway.raise_errors()
+        if attempt.charges and attempt.crash is None:
+            check_budget(attempt.charges, self.profile.energy_budget,
+                                where=str(self.profile.path))
         return attempt
+
+    def _energy_sampler(self) -> CurrentSampler | None:
+        """A sampler started on the rig's supply when it measures current; else None (no curve,
+        no error: most USB-powered dev boards have nothing to measure with)."""
+        parts = self.board.parts
+        supply = parts.opened("power") or (parts.power() if self.rig.power.kind == "scpi"
+                                           else None)
+        if not measures_current(supply):
+            return None
+        sampler = CurrentSampler(supply, self.energy_interval)
+        sampler.start()
+        return sampler
+
+    def _event_of(self, text: str) -> Event | None:
+        """A console line as the contract reads it: a boot line, a phase line, or None."""
+        events = self.board.contract.events
+        booted = events["boot"].search(text)
+        if booted:
+            return Event("boot", {"version": booted.group("version")})
+        return parse_event(text) if events["phase"].search(text) else None
 
     def _point(self) -> None:
         """The board pointed at the gateway, once (``ota server``; a shell-less board's network

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, Self, runtime_checkable
+from typing import Protocol, Self, TypeGuard, runtime_checkable
 
 
 @runtime_checkable
@@ -140,6 +140,23 @@ class PowerProtocol(Driver, Protocol):
     def output(self, on: bool) -> None:
         """Power on or off (RigFault where the part cannot, see ``can_cut``)."""
         ...
+
+
+@runtime_checkable
+class CurrentMeter(Protocol):
+    """A power part that can also measure what the board draws (a bench supply's MEAS:CURR?).
+    Only such parts have it: ``measures_current`` tells; a hook, a hub port or a relay do not."""
+
+    can_measure: bool   # True when measure_amps() reads a real measurement
+
+    def measure_amps(self) -> float:
+        """The current the board draws now, in amps (RigFault when the part cannot answer)."""
+        ...
+
+
+def measures_current(part: object) -> TypeGuard[CurrentMeter]:
+    """Whether ``part`` (a power part, or None) can measure the board's current."""
+    return bool(getattr(part, "can_measure", False)) and isinstance(part, CurrentMeter)
 
 
 @runtime_checkable

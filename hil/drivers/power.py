@@ -61,6 +61,7 @@ class ScpiPower(ScpiInstrument):
 
     part: ClassVar[str] = "power"
     can_cut: bool = True
+    can_measure: bool = True      # CurrentMeter: MEAS:CURR? (a supply sampled during an update)
 
     # The dialect. Format fields: {channel}, and {volts}, {amps}, {state} where they apply.
     CLEAR_ERRORS: ClassVar[str] = "*CLS"
@@ -139,6 +140,11 @@ class ScpiPower(ScpiInstrument):
     def measure_current(self) -> float:
         return self.link.query_float(self._format(self.MEASURE_AMPS))
 
+    def measure_amps(self) -> float:
+        """CurrentMeter: what the board draws now (an energy sampler calls it from its own
+        thread while the test sets levels: the link serializes them)."""
+        return self.measure_current()
+
     # ------------------------------------------------------------------------------ internals
     def _format(self, template: str, **values: object) -> str:
         return template.format(channel=self.channel, **values)
@@ -146,8 +152,9 @@ class ScpiPower(ScpiInstrument):
     def _set(self, template: str, **values: object) -> None:
         """Send a setting, then read the error queue: a rejected setting is a RigFault."""
         command = self._format(template, **values)
-        self.link.write(command)
-        errors = self._queued_errors()
+        with self.link.lock:    # the setting and its error queue, with no query between
+            self.link.write(command)
+            errors = self._queued_errors()
         if errors:
             raise self.link.fault(f"{command} failed: {'; '.join(errors)}")
 

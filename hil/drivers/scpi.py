@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import socket
+import threading
 from typing import ClassVar, Protocol
 
 import serial
@@ -80,6 +81,10 @@ class ScpiLink:
         self.baudrate = baudrate
         self.terminator = terminator
         self._port: _Port | None = None
+        # A query is a write and the read of its answer: two threads (a test setting a level, an
+        # energy sampler measuring) must not read each other's answers. Reentrant: a driver may
+        # hold it around a setting and the queries that check it.
+        self.lock = threading.RLock()
 
     @property
     def is_open(self) -> bool:
@@ -129,6 +134,10 @@ class ScpiLink:
 
     def query(self, command: str) -> str:
         """Send ``command`` and return its answer line, without the terminator and blanks."""
+        with self.lock:
+            return self._query(command)
+
+    def _query(self, command: str) -> str:
         port = self._require_open()
         try:
             # An answer that came after an earlier query had given up would otherwise be read as

@@ -10,7 +10,9 @@
 - **attachments**: the decoded crash when the board crashed (``firmware crash``: cause, PC and
   function, fault status in words, backtrace, registers), the console log (timestamped), the
   timeline as JSON and as text, a picture of the update (bytes downloaded over time, faults
-  and report codes marked; matplotlib), and the rig description with every secret removed;
+  and report codes marked; matplotlib; below it, where the rig's supply measures current, the
+  current the board drew with its phases shaded and the mA·s of each), the charge per phase as
+  CSV (``energy per phase``), and the rig description with every secret removed;
 - the session's ``environment.properties`` and ``categories.json`` (firmware crash, firmware
   defect, rig fault, service or infrastructure fault), written by the controller.
 
@@ -38,6 +40,7 @@ import yaml
 from allure_commons.model2 import StatusDetails
 from allure_commons.types import AttachmentType
 
+from hil.conformance.energy import table_csv
 from hil.conformance.scenario import Attempt, OtaScenario, started_at
 from hil.drivers.base import LogLine
 from hil.drivers.contract import Event, parse_event
@@ -365,6 +368,10 @@ def attach_evidence(scenario: OtaScenario, console_log: str | None) -> None:
                                  sort_keys=False), "rig", AttachmentType.YAML)
     if exchanges:
         allure.attach(update_picture(scenario, exchanges), "the update", AttachmentType.PNG)
+    measured = [attempt.charges for attempt in scenario.attempts if attempt.energy is not None]
+    if measured:
+        origin = started_at(exchanges[0]) if exchanges else measured[0][0].start
+        allure.attach(table_csv(measured, origin), "energy per phase", AttachmentType.CSV)
 
 
 def redacted(value: Any) -> Any:
@@ -394,7 +401,12 @@ def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
             total += exchange.length
             times.append(exchange.at - start)
             received.append(total)
-    figure, axes = pyplot.subplots(figsize=(8, 3.6), dpi=100)
+    curves = [attempt for attempt in scenario.attempts if attempt.energy is not None]
+    if curves:
+        figure, (axes, current) = pyplot.subplots(
+            2, 1, figsize=(8, 6.4), dpi=100, sharex=True, height_ratios=(1, 1))
+    else:
+        figure, axes = pyplot.subplots(figsize=(8, 3.6), dpi=100)
     try:
         axes.step(times, [r / 1024 for r in received], where="post", color="#1f77b4",
                   label="bytes received (KiB)")
@@ -417,7 +429,9 @@ def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
                                              else f"({hit.phase})"),
                           (at, total / 1024 * 0.5 or 1), rotation=90, fontsize=7,
                           color="#9467bd", va="center", ha="left")
-        axes.set_xlabel("seconds since the first request")
+        if curves:
+            _current_axes(current, curves, start)
+        (current if curves else axes).set_xlabel("seconds since the first request")
         axes.set_ylabel("KiB")
         faults = ", ".join(f.label for f in scenario.faults) or "no fault"
         axes.set_title(f"{scenario.rig.name}: {faults}", fontsize=9)
@@ -428,6 +442,38 @@ def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
         return buffer.getvalue()
     finally:
         pyplot.close(figure)
+
+
+_PHASE_COLOURS = {"detect": "#c6dbef", "download": "#fdd0a2", "verify": "#d9d9d9",
+                  "flash": "#fcbba1", "report": "#c7e9c0"}
+
+
+def _current_axes(axes: Any, attempts: list[Attempt], start: float) -> None:
+    """The current each attempt drew (mA over the same seconds as the bytes above), its phases
+    shaded and labelled with the charge they took (mA·s)."""
+    # A phase too narrow for its label (a few ms of detect) is left to the CSV beside.
+    narrow = 0.06 * (max(a.energy.end for a in attempts if a.energy is not None) -
+                     min(a.energy.start for a in attempts if a.energy is not None))
+    for attempt in attempts:
+        assert attempt.energy is not None
+        samples = attempt.energy.samples
+        axes.plot([s.at - start for s in samples], [s.ma for s in samples], color="#d62728",
+                  linewidth=1, marker=".", markersize=2,
+                  label="current (mA)" if attempt is attempts[0] else None)
+        for charge in attempt.charges:
+            if charge.end <= charge.start:
+                continue
+            axes.axvspan(charge.start - start, charge.end - start, alpha=0.5, linewidth=0,
+                         color=_PHASE_COLOURS.get(charge.phase, "#eeeeee"))
+            if charge.end - charge.start < narrow:
+                continue
+            axes.annotate(f"{charge.phase}\n{charge.mas:.1f} mAs",
+                          ((charge.start + charge.end) / 2 - start, 1.0),
+                          xycoords=("data", "axes fraction"), fontsize=7, ha="center",
+                          va="top")
+    axes.set_ylabel("mA")
+    axes.set_ylim(bottom=0)
+    axes.legend(loc="lower right", fontsize=8)     # the phases' labels are along the top
 
 
 # ---------------------------------------------------------------------------------- session

@@ -10,7 +10,8 @@ board where the rig says one is:
 - the firmware model (``hil.sim.firmware``) on the board, with the rig's identity (the access key
   from ``identity.access_key_env``, in memory only) and ``sim.defects``;
 - a SCPI bench supply on a pty at ``<state_dir>/supply`` when ``power.kind`` is ``scpi``: its
-  output powers the board and its voltage is the battery level the firmware reads (through the
+  output powers the board, its MEAS:CURR? is what the firmware draws doing what it does now
+  (``Firmware.draw_ma``), and its voltage is the battery level the firmware reads (through the
   rig's ``empty_volts``..``full_volts``); switching the output off cuts the board's power;
 - a step attenuator on a pty at ``<state_dir>/attenuator`` when ``rf.kind`` is ``attenuator``:
   the signal the firmware reports is ``signal_at_0db - attenuation / db_per_level``.
@@ -422,6 +423,7 @@ class SimBench:
             channel.volts = self.rig.power.full_volts
             channel.current_limit = self.rig.power.current_limit
             channel.output = True
+            channel.load_amps = self._board_amps
             supply.on_change = lambda _: self._apply_power()
             self.supply = supply
             self._serve(supply, "supply")
@@ -442,6 +444,12 @@ class SimBench:
         if self.supply is None or not isinstance(self.rig.power, ScpiPower):
             return None
         return self.supply.channels[self.rig.power.channel].measured_volts()
+
+    def _board_amps(self) -> float:
+        """What the board draws from the supply now: its firmware's activity (radio on while it
+        downloads, flash writes, boot; ``Firmware.draw_ma``), nothing while it is dark."""
+        firmware = self.firmware
+        return firmware.draw_ma / 1000 if firmware is not None and self._started else 0.0
 
     def _apply_power(self) -> None:
         if not self._started:

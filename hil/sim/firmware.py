@@ -117,6 +117,9 @@ _RETRY_FLOOR_S = 0.05            # a "retries forever" board still does not spin
 # of 1..2 s) while the write still lasts hundreds of milliseconds, far longer than a host takes
 # to cut the power once the board has announced it (tens of ms on a loaded machine).
 INSTALL_TIME_SCALE = 0.5
+# What the board draws from its supply while doing each thing, in mA (``Firmware.draw_ma``, read
+# by the simulated supply's MEAS:CURR?): of the order of a Cortex-M with a cellular or Wi-Fi radio.
+DRAW_MA = {"off": 0.0, "idle": 12.0, "boot": 30.0, "radio": 85.0, "cpu": 20.0, "flash": 45.0}
 _PROGRESS_STEPS = 4              # the installer's I: progress lines per copy
 
 # MCUboot's image trailer magic (bootutil's boot_img_magic), the last 16 bytes of a slot whose
@@ -272,6 +275,7 @@ class Firmware:
         self._power_override: int | None = None
         self._signal_override: int | None = None
         self._space_override: int | None = None
+        self.draw_ma = DRAW_MA["off"]        # what it draws now (the simulated supply reads it)
 
     # =========================================================================== board events
     def boot(self) -> None:
@@ -285,6 +289,7 @@ class Firmware:
             generation = self._generation
             self._booted = {g: e for g, e in self._booted.items() if g > generation - 4}
             self._booted[generation] = threading.Event()
+            self.draw_ma = DRAW_MA["boot"]
         self._spawn(lambda g: self._run_main(g), generation, "main")
 
     def _run_main(self, generation: int) -> None:
@@ -323,6 +328,7 @@ class Firmware:
             self._running = False
             self.version = None
             self._halt.set()
+            self.draw_ma = DRAW_MA["off"]
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop and wait for every thread (at most an HTTP timeout: a request in flight is let
@@ -395,6 +401,12 @@ class Firmware:
         self.platform.crash(fault)
         raise _Stopped
 
+    def _draw(self, generation: int, activity: str) -> None:
+        """What the board draws from here on (a stranded thread's work draws nothing)."""
+        with self._lock:
+            if generation == self._generation:
+                self.draw_ma = DRAW_MA[activity]
+
     def _sleep(self, generation: int, seconds: float) -> None:
         halt = self._halt
         self._alive(generation)
@@ -411,11 +423,13 @@ class Firmware:
                                                              self.layout.primary.size))
         except ValueError as error:
             self._say(generation, f"E: no bootable image in the primary slot: {error}")
+            self._draw(generation, "idle")
             return            # a board with no firmware: no shell, no boot line
         with self._lock:
             self._alive(generation)
             self.version = version
         self._say(generation, f"boot version={version}")
+        self._draw(generation, "idle")
         self._serve_shell(generation)      # what the host typed while the board booted
         self._finish_install(generation, primary)
         if self.shipped:
@@ -507,6 +521,7 @@ class Firmware:
         part's time for each (a power cut in between strands this thread: the rest is not
         written). Announced as it starts: ``ota phase=flash bytes=N``."""
         self._say(generation, f"ota phase=flash bytes={len(image)}")
+        self._draw(generation, "flash")
         unit = max(timing.page, flash.sector_size)
         units = -(-len(image) // unit)
         shown = 0
@@ -522,6 +537,7 @@ class Firmware:
                 self._say(generation, f"I: bootloader: copied {start + len(piece)} of "
                           f"{len(image)} bytes")
         flash.flush()
+        self._draw(generation, "boot")
 
     def _booted_package(self, ota: dict[str, Any]) -> bool:
         """Whether the primary slot holds the package this attempt downloaded."""
@@ -550,6 +566,7 @@ class Firmware:
             self._alive(generation)
             self.nvs.update(ota=None)
             self._say(generation, "ota end")
+            self._draw(generation, "idle")
 
     # =========================================================================== shell
     def _command(self, generation: int, line: str) -> None:
@@ -637,12 +654,14 @@ class Firmware:
     # =========================================================================== the attempt
     def _attempt(self, generation: int, server: str) -> None:
         ended = True
+        self._draw(generation, "radio")
         try:
             with self._session() as http:
                 ended = self._run_attempt(generation, http, server)
         finally:
             if ended:
                 self._say(generation, "ota end")
+            self._draw(generation, "idle")
 
     def _run_attempt(self, generation: int, http: requests.Session, server: str) -> bool:
         """Steps 1..7. False when the board rebooted to install (the attempt goes on there)."""
@@ -846,6 +865,7 @@ class Firmware:
         return body, ""
 
     def _verify(self, generation: int, task: DetectAnswer) -> None:
+        self._draw(generation, "cpu")        # the radio idles while the image is hashed
         slot = self.layout.secondary
         data = self.platform.flash(slot.chip).read(slot.address, task.size)
         good = hashlib.md5(data, usedforsecurity=False).hexdigest() == task.md5
@@ -917,6 +937,7 @@ class Firmware:
               path: str, **kwargs: Any) -> dict[str, Any] | None:
         """A JSON call; None when it failed on the way (no answer, not JSON)."""
         self._alive(generation)
+        self._draw(generation, "radio")
         try:
             answer = http.request(method, server + path, timeout=self.http_timeout,
                                   headers=self._headers(server), **kwargs)

@@ -15,7 +15,8 @@ cuts them into lines with ``LineSplitter``, hands each line to ``respond()`` and
 returns. A lock serializes ``respond()``, so one instrument may sit behind several connections.
 
 The state is plain attributes to read (and to set, for a test's starting point): a supply's
-``channels`` (``SupplyChannel``: volts, current limit, output on or off, the load it sees), with
+``channels`` (``SupplyChannel``: volts, current limit, output on or off, the load it sees: a
+resistor, or ``load_amps``, a model of what the board draws now, which MEAS:CURR? answers), with
 ``volts``, ``current_limit`` and ``output`` as short cuts to output 1; an attenuator's
 ``attenuation`` in dB. ``log`` holds every command line received, in order.
 
@@ -39,7 +40,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
@@ -141,12 +142,18 @@ class SupplyChannel:
     current_limit: float = 3.0
     output: bool = False
     load_ohms: float = 20.0   # the board, as the supply sees it
+    # What the board draws now, in amps, when something models it (a simulated rig: the
+    # firmware's activity); else the load is the resistor above.
+    load_amps: Callable[[], float] | None = field(default=None, compare=False, repr=False)
 
     def measured_volts(self) -> float:
         return self.volts if self.output else 0.0
 
     def measured_amps(self) -> float:
-        return min(self.volts / self.load_ohms, self.current_limit) if self.output else 0.0
+        if not self.output:
+            return 0.0
+        drawn = self.load_amps() if self.load_amps is not None else self.volts / self.load_ohms
+        return min(drawn, self.current_limit)
 
 
 _SUPPLY_COMMANDS: list[tuple[str, re.Pattern[str]]] = [
