@@ -58,10 +58,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from hil.configfile import validate
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol
 from hil.drivers.switched import SwitchedPower, said
-from hil.errors import RigFault
-from hil.rig.model import Labgrid, LabgridPower, Rig
+from hil.errors import ConfigError, RigFault
+from hil.rig.model import Identity, Labgrid, LabgridPower, Rig
 
 PART = "labgrid"
 CLIENT_ENV = "HIL_LABGRID_CLIENT"    # the labgrid-client to run (default: .venv-labgrid's)
@@ -82,14 +83,17 @@ from labgrid.remote.generated import labgrid_coordinator_pb2 as pb2
 
 session = start_session(sys.argv[1])
 try:
-    places = {name: {"acquired": place.acquired, "reservation": place.reservation,
-                     "tags": dict(place.tags),
-                     "acquired_resources": [list(path) for path in place.acquired_resources]}
-              for name, place in session.places.items()}
     resources = [{"path": [exporter, group, entry.cls, name], "cls": entry.cls,
                   "params": entry.params, "acquired": entry.acquired, "avail": entry.avail}
                  for exporter, groups in session.resources.items()
                  for group, entries in groups.items() for name, entry in entries.items()]
+    places = {name: {"acquired": place.acquired, "reservation": place.reservation,
+                     "tags": dict(place.tags),
+                     "acquired_resources": [list(path) for path in place.acquired_resources],
+                     "matched_resources": [res["path"] for res in resources
+                                           if any(match.ismatch(tuple(res["path"]))
+                                                  for match in place.matches)]}
+              for name, place in session.places.items()}
     answer = session.loop.run_until_complete(
         session.stub.GetReservations(pb2.GetReservationsRequest()))
     reservations = {}
@@ -162,6 +166,8 @@ class Place:
     acquired: str | None             # host/user of the client holding it
     reservation: str | None          # the token it is allocated to
     resources: tuple[Resource, ...]  # those it holds while acquired
+    # Those its matches name, acquired or not: what the place will hold once acquired.
+    matched: tuple[Resource, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,9 @@ class Snapshot:
         places = {name: Place(name, dict(place["tags"]), place["acquired"],
                               place["reservation"],
                               tuple(by_path[tuple(path)] for path in place["acquired_resources"]
+                                    if tuple(path) in by_path),
+                              tuple(by_path[tuple(path)]
+                                    for path in place.get("matched_resources", ())
                                     if tuple(path) in by_path))
                   for name, place in document["places"].items()}
         reservations = {token: Reservation(token, res["owner"], res["state"],
@@ -511,8 +520,7 @@ class LabgridProvider:
 
     @staticmethod
     def _power_port(place: Place) -> Resource | None:
-        return next((r for r in place.resources
-                     if r.cls.endswith("PowerPort") or r.cls == "PDUDaemonPort"), None)
+        return power_port(place.resources)
 
     def _place(self) -> Place:
         if self.place is None or self.client is None:
@@ -553,6 +561,82 @@ class LabgridProvider:
 
     def point_at(self, url: str) -> bool:
         return False        # the board is told through its shell, as on a local bench
+
+
+def power_port(resources: Sequence[Resource]) -> Resource | None:
+    """A place's power port: a NetworkPowerPort (any of labgrid's power models), a PDU."""
+    return next((r for r in resources
+                 if r.cls.endswith("PowerPort") or r.cls == "PDUDaemonPort"), None)
+
+
+# ------------------------------------------------------------------------------ a rig from places
+# The place's tags that are its board's identity at the OTA service: each place is one board,
+# and the place a run (an xdist worker) gets is known only once it is reserved. The access key
+# is no tag (tags are public at the coordinator): it stays in $HIL_ACCESS_KEY.
+IDENTITY_TAGS = ("product_id", "dev_id")
+
+
+def rig_from_places(spec: Labgrid, snapshot: Snapshot, option: str) -> Rig:
+    """The rig of a run given a place (``--hil-place``) or tags (``--hil-place-tags``) and no
+    rig file, from the places that match at the coordinator (read, not reserved): the board is
+    their ``board`` tag, the identity their ``product_id`` and ``dev_id`` tags (each place's
+    own, bound when the run gets one: ``bound_to_place``), the console the place's
+    NetworkSerialPort, power its power port (``power.kind: labgrid``; the firmware's hook when
+    a place has none), rf the firmware's hook. ``option`` names the option in the one-line
+    ConfigError a missing piece gives."""
+    places = snapshot.matching(spec)
+    where = coordinator_address(spec)
+    if not places:
+        raise ConfigError(option, f"no place at the coordinator {where} "
+                          f"{'has that name' if spec.place else 'carries these tags'} "
+                          "(labgrid-client places)")
+    for place in places:
+        missing = [tag for tag in ("board", *IDENTITY_TAGS) if not place.tags.get(tag)]
+        if missing:
+            raise ConfigError(option, f"place {place.name} has no {missing[0]} tag (its "
+                              f"board: labgrid-client -p {place.name} set-tags board=... "
+                              "product_id=... dev_id=...)")
+        if not any(r.cls == "NetworkSerialPort" for r in place.matched):
+            raise ConfigError(option, f"place {place.name} has no NetworkSerialPort (its "
+                              "console: a serial port its exporter shares through ser2net)")
+    boards = sorted({place.tags["board"] for place in places})
+    if len(boards) > 1:
+        raise ConfigError(option, f"the matching places are of different boards "
+                          f"({', '.join(boards)}): add board=... to the tags")
+    first = places[0]
+    # A place without a power port makes the run's power the firmware's hook: the capabilities
+    # (what tests may need) are the run's, whichever place a worker gets.
+    powered = all(power_port(place.matched) is not None for place in places)
+    name = spec.place or "lab-" + "-".join(value for _, value in sorted(spec.tags.items()))
+    document = {
+        "name": name, "board": boards[0],
+        "identity": {tag: first.tags[tag] for tag in IDENTITY_TAGS},
+        "labgrid": spec.model_dump(exclude_defaults=True),
+        "power": {"kind": "labgrid"} if powered else {"kind": "console"},
+        "rf": {"kind": "console"},
+    }
+    return validate(Rig, document, option)
+
+
+def identity_of(place: Place, identity: Identity) -> Identity:
+    """The identity of the board at ``place`` (its tags), the access key's variable kept."""
+    missing = [tag for tag in IDENTITY_TAGS if not place.tags.get(tag)]
+    if missing:
+        raise RigFault("identity", f"place {place.name} has no {missing[0]} tag")
+    return identity.model_copy(update={tag: place.tags[tag] for tag in IDENTITY_TAGS})
+
+
+def bound_to_place(rig: Rig) -> tuple[Rig, Place]:
+    """``rig`` (from ``rig_from_places``) with the identity of the place this process holds for
+    it: reserved and acquired now at the first test, held for the run (``hold: run``), so the
+    test's RigParts take the same place back."""
+    provider = LabgridProvider(rig)
+    provider.start()
+    try:
+        place = provider._place()
+    finally:
+        provider.stop()
+    return rig.model_copy(update={"identity": identity_of(place, rig.identity)}), place
 
 
 def start_guard(client: LabgridClient) -> subprocess.Popen[str]:
