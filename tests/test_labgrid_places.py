@@ -110,9 +110,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield Lab(address, lg, env, dev_ids, tmp)
 
 
-def pytest_run(lab: Lab, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def pytest_run(lab: Lab, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider",
-                           "-q", "-rs", "--no-header"], cwd=ROOT, env=lab.env,
+                           "-q", "-rs", "--no-header"], cwd=ROOT, env=env or lab.env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -169,8 +170,14 @@ def test_workers_each_hold_their_own_place_and_the_report_is_one(lab: Lab,
 
 
 def test_a_place_by_name_makes_the_rig(lab: Lab, tmp_path: Path) -> None:
-    done = pytest_run(lab, CASES[0], "--hil-place", PLACES[1])
+    """The coordinator named on the command line (no $LG_COORDINATOR), the place's parts
+    checked before the first test."""
+    env = {**lab.env}
+    del env["LG_COORDINATOR"]
+    done = pytest_run(lab, CASES[0], "--hil-place", PLACES[1], "--hil-coordinator",
+                      lab.coordinator, "--hil-check-rigs", env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert re.search(r"^1 passed in ", done.stdout.strip().splitlines()[-1]), done.stdout
     assert f"place {PLACES[1]} (" in done.stderr
     assert f"device {lab.dev_ids[PLACES[1]]}" in done.stderr
 

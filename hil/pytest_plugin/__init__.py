@@ -725,6 +725,8 @@ def _on_place(config: pytest.Config, request: pytest.FixtureRequest, rig: Rig) -
 
     bound, place = bound_to_place(rig)
     request.node.user_properties.append(("hil_place", place.name))
+    if config.stash[OPTIONS].check_rigs:
+        _checked(config, bound)     # once per process: its own place's parts
     told = config.stash.setdefault(TOLD_PLACES, set())
     if place.name not in told:
         told.add(place.name)
