@@ -24,7 +24,16 @@ from pathlib import Path
 import pytest
 import yaml
 from private_rig import ROOT, PrivateRig, private_sim_rig, sim_up
-from test_labgrid import DEADLINE_S, SupplyRelay, _answers, free_port, started, stopped, wait_for
+from test_labgrid import (
+    DEADLINE_S,
+    SupplyRelay,
+    _answers,
+    free_port,
+    slow_ser2net,
+    started,
+    stopped,
+    wait_for,
+)
 
 from hil.rig.providers.labgrid import LabgridClient, client_path
 
@@ -33,6 +42,7 @@ pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
               pytest.mark.xdist_group("labgrid")]
 
 EXPORTER = "hil-places"
+SER2NET_DELAY_S = 2
 PLACES = ("bench-pa", "bench-pb")
 # Two cases of the conformance suite per worker: each worker gets two (xdist's load
 # scheduling sends two at a time), so both places are used.
@@ -90,6 +100,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         (tmp / "exporter.yaml").write_text("".join(exported.values()))
         assert key is not None
         env = {**os.environ, "LG_COORDINATOR": address, "HIL_ACCESS_KEY": key}
+        exporter_env = slow_ser2net(env, tmp, SER2NET_DELAY_S)
         for name in ("LG_PLACE", "LG_TOKEN", "LG_ENV"):
             env.pop(name, None)
         coordinator = started([str(bin_dir / "labgrid-coordinator"), "-l", address], cwd=tmp,
@@ -98,7 +109,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         lg = LabgridClient(address)
         wait_for("the coordinator answers", lambda: _answers(lg))
         exporter = started([str(bin_dir / "labgrid-exporter"), "--hostname", "127.0.0.1",
-                            "-n", EXPORTER, str(tmp / "exporter.yaml")], cwd=tmp, env=env,
+                            "-n", EXPORTER, str(tmp / "exporter.yaml")], cwd=tmp,
+                           env=exporter_env,
                            log=tmp / "exporter.log")
         stack.callback(stopped, exporter)
         wait_for("the exporter's resources", lambda: len(lg.snapshot().resources) == 4)

@@ -48,6 +48,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -69,6 +70,7 @@ CLIENT_ENV = "HIL_LABGRID_CLIENT"    # the labgrid-client to run (default: .venv
 DEFAULT_COORDINATOR = "127.0.0.1:20408"   # labgrid's own default
 COMMAND_TIMEOUT_S = 60.0            # one labgrid-client command (a coordinator that hangs)
 GUARD_WAIT_S = 120.0                # the guard's release at a clean stop
+LISTEN_WAIT_S = 30.0                # an acquired place's ser2net, until it listens
 # Left out of the environment labgrid-client runs in: each would choose another place, token
 # or environment than the one this provider hands it.
 FOREIGN = ("LG_PLACE", "LG_TOKEN", "LG_ENV", "LG_STATE", "LG_INITIAL_STATE", "LG_PROXY")
@@ -310,6 +312,26 @@ def console_url(resource: Resource) -> str:
     return f"rfc2217://{host}:{port}?ign_set_control"
 
 
+def wait_listening(resource: Resource, place: str, timeout: float = LISTEN_WAIT_S) -> None:
+    """Wait for the place's ser2net to listen. The exporter starts it when the place is
+    acquired and publishes its port after waiting 0.5 s for it not to exit, not for it to
+    listen: on a loaded host the console would be refused (the next run on a place just
+    released, typically)."""
+    url = console_url(resource)
+    host, port = resource.params["host"], int(resource.params["port"])
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout)):
+                return
+        except OSError as error:
+            if time.monotonic() > end:
+                raise RigFault("console", f"{url}: {error.strerror or error} for {timeout:g} s "
+                               f"after place {place} was acquired (its exporter's ser2net "
+                               "did not start? see the exporter's log)") from None
+        time.sleep(0.1)
+
+
 class Hold:
     """One acquired place: its client, reservation token and guard. ``acquire()`` reserves
     (waiting in the queue) and acquires; ``release()`` gives it back (see the module
@@ -484,6 +506,7 @@ class LabgridProvider:
         place = hold.acquire()
         try:
             self._check_resources(place)
+            wait_listening(self._serial_port(place), place.name)
         except BaseException:
             hold.release()
             raise
