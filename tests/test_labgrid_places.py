@@ -148,8 +148,10 @@ def test_workers_each_hold_their_own_place_and_the_report_is_one(lab: Lab,
     watcher.start()
     junit = tmp_path / "junit.xml"
     try:
-        done = pytest_run(lab, *CASES, "-n", "2", "--hil-place-tags", "board=nrf52832",
-                          f"--junitxml={junit}")
+        # --dist loadgroup (as the host-pinned CI examples run): one rig, yet its tests spread
+        # over the workers, each on its place.
+        done = pytest_run(lab, *CASES, "-n", "2", "--dist", "loadgroup", "--hil-place-tags",
+                          "board=nrf52832", f"--junitxml={junit}")
     finally:
         stop.set()
         watcher.join(DEADLINE_S)
@@ -198,6 +200,8 @@ def test_a_place_by_name_makes_the_rig(lab: Lab, tmp_path: Path) -> None:
     (["--hil-place-tags", "board=esp32"],
      "ERROR: --hil-place-tags board=esp32: no place at the coordinator {address} carries these "
      "tags (labgrid-client places)"),
+    (["-o", "hil_place_tags=board=esp32"],        # the ini twin
+     "ERROR: --hil-place-tags board=esp32: no place at the coordinator"),
     (["--hil-place-tags", "board"],
      "ERROR: --hil-place-tags: 'board' is not key=value (board=nrf52832,rack=b)"),
     (["--hil-place-tags", "Board=x"], "ERROR: --hil-place-tags Board=x: tags.Board"),
