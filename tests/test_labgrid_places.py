@@ -9,6 +9,7 @@ two places with the same tags ``board=nrf52832`` and each its own board's identi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -151,7 +152,8 @@ def test_workers_each_hold_their_own_place_and_the_report_is_one(lab: Lab,
         # --dist loadgroup (as the host-pinned CI examples run): one rig, yet its tests spread
         # over the workers, each on its place.
         done = pytest_run(lab, *CASES, "-n", "2", "--dist", "loadgroup", "--hil-place-tags",
-                          "board=nrf52832", f"--junitxml={junit}")
+                          "board=nrf52832", f"--junitxml={junit}",
+                          f"--alluredir={tmp_path / 'allure'}")
     finally:
         stop.set()
         watcher.join(DEADLINE_S)
@@ -162,6 +164,9 @@ def test_workers_each_hold_their_own_place_and_the_report_is_one(lab: Lab,
     places = [prop.get("value") for case in cases for prop in case.iter("property")
               if prop.get("name") == "hil_place"]
     assert sorted(places) == sorted([*PLACES, *PLACES])
+    labelled = [label["value"] for path in (tmp_path / "allure").glob("*-result.json")
+                for label in json.loads(path.read_text())["labels"] if label["name"] == "place"]
+    assert sorted(labelled) == sorted([*PLACES, *PLACES])
     # Each worker said which place it holds and as whom: two workers, two places, one holder
     # each (the coordinator gave each place to one worker for the whole run).
     told = re.findall(r"hil: rig lab-nrf52832: place (\S+) \((\S+)\), device (\S+)",

@@ -43,9 +43,9 @@ match at the coordinator (``hil.rig.providers.labgrid.rig_from_places``): the bo
 ``$HIL_ACCESS_KEY``), the console from the place's NetworkSerialPort, power from its power port.
 Each process (each xdist worker) reserves a place at its first test and holds it to its end,
 its identity that place's; the coordinator, not a lease file, keeps two runs off one place, and
-each test's report names its place (the ``hil_place`` property). Under ``-n N`` with tags the
-tests spread over the workers (also with ``--dist loadgroup``), and more workers than matching
-places is refused (a worker would wait for a place its own run holds).
+each test's report names its place (the ``hil_place`` property, Allure's ``place`` label).
+Under ``-n N`` with tags the tests spread over the workers (also with ``--dist loadgroup``), and
+more workers than matching places is refused (a worker would wait for a place its own run holds).
 
 Before the first test the controller checks the build (``hil.rig.inputs.check_builds``): each
 board's package and base image are read, and a package that is no image, for another board,
@@ -725,6 +725,11 @@ def _on_place(config: pytest.Config, request: pytest.FixtureRequest, rig: Rig) -
 
     bound, place = bound_to_place(rig)
     request.node.user_properties.append(("hil_place", place.name))
+    if reporting.alluredir(config):
+        import allure
+
+        # A label, not a parameter: the place does not make another test of it (its history).
+        allure.dynamic.label("place", place.name)   # type: ignore[no-untyped-call]
     if config.stash[OPTIONS].check_rigs:
         _checked(config, bound)     # once per process: its own place's parts
     told = config.stash.setdefault(TOLD_PLACES, set())
