@@ -45,16 +45,12 @@ pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
 EXPORTER = "hil-places"
 SER2NET_DELAY_S = 2
 PLACES = ("bench-pa", "bench-pb")
-# Two cases of the conformance suite per worker: each worker gets two (xdist's load
-# scheduling sends two at a time), so both places are used.
+# A case of the conformance suite per worker (xdist sends them one each: fewer tests than
+# twice the workers are dealt round), so both places are used.
 CASES = ["testcases/test_detect.py::test_happy_path_updates_to_the_target_and_the_next_detect_"
          "finds_no_task",
          "testcases/test_detect.py::test_low_power_at_detect_is_reported_105_and_nothing_is_"
-         "downloaded",
-         "testcases/test_detect.py::test_power_at_the_threshold_is_too_low",
-         "testcases/test_detect.py::test_bad_signal_at_detect_is_reported_106_and_nothing_is_"
          "downloaded"]
-
 
 @dataclass
 class Lab:
@@ -158,15 +154,15 @@ def test_workers_each_hold_their_own_place_and_the_report_is_one(lab: Lab,
         stop.set()
         watcher.join(DEADLINE_S)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert re.search(r"^4 passed in ", done.stdout.strip().splitlines()[-1]), done.stdout
+    assert re.search(r"^2 passed in ", done.stdout.strip().splitlines()[-1]), done.stdout
     # The report: every test names its place; both places were used.
     cases = ET.parse(junit).getroot().iter("testcase")
     places = [prop.get("value") for case in cases for prop in case.iter("property")
               if prop.get("name") == "hil_place"]
-    assert sorted(places) == sorted([*PLACES, *PLACES])
+    assert sorted(places) == list(PLACES)
     labelled = [label["value"] for path in (tmp_path / "allure").glob("*-result.json")
                 for label in json.loads(path.read_text())["labels"] if label["name"] == "place"]
-    assert sorted(labelled) == sorted([*PLACES, *PLACES])
+    assert sorted(labelled) == list(PLACES)
     # Each worker said which place it holds and as whom: two workers, two places, one holder
     # each (the coordinator gave each place to one worker for the whole run).
     told = re.findall(r"hil: rig lab-nrf52832: place (\S+) \((\S+)\), device (\S+)",
