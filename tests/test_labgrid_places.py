@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -236,3 +237,18 @@ def test_a_place_without_its_identity_is_one_line(lab: Lab) -> None:
     assert done.stderr.strip() == (
         "ERROR: --hil-place bench-bare: place bench-bare has no product_id tag (its board: "
         "labgrid-client -p bench-bare set-tags board=... product_id=... dev_id=...)")
+
+
+def test_a_coordinator_that_is_not_there_is_one_line_naming_the_option() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))      # bound, never listening: connections refused
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "testcases/test_detect.py", "--collect-only", "-q",
+             "-p", "no:cacheprovider", "--hil-place-tags", "board=nrf52832",
+             "--hil-coordinator", address], cwd=ROOT, capture_output=True, text=True,
+            timeout=120, check=False)
+    assert done.returncode == 4
+    assert done.stderr.strip() == (
+        f"ERROR: --hil-place-tags board=nrf52832: labgrid: reading the coordinator at {address}: "
+        "labgrid.remote.client.ServerError: Error: Could not connect to coordinator")
