@@ -28,6 +28,13 @@ installs the same ``serial`` module as pyserial, which hil, pyocd and esptool (a
    ``socket://`` for ``protocol: raw``), a power port (``power.kind: labgrid``) is switched with
    ``labgrid-client power``.
 
+   The console is opened only once the exporter's ser2net listens (``wait_listening``: the
+   exporter publishes its port before it does).
+
+A run given ``--hil-place``/``--hil-place-tags`` and no rig file has its rig built from the
+matching places (``rig_from_places``: board and identity from their tags) and, at its first
+test, bound to the place it got (``bound_to_place``): each xdist worker its own place.
+
 Releasing is ``labgrid-client release`` and ``cancel-reservation`` (the place is free for the
 next one only then), then the guard is told it is done. With ``labgrid.hold: run`` (the default)
 that happens when the process exits (``release_held``, at exit): the place is acquired at the
