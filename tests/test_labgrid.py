@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
 
 PLACE = "bench-lg"
 EXPORTER = "hil-test"
+SER2NET_DELAY_S = 1.0      # ser2net listens this late after the exporter publishes its port
 DEADLINE_S = 60.0          # generous: a loaded 2-CPU host starts three Python programs
 
 
@@ -112,6 +113,20 @@ class Lab:
     tmp: Path
 
 
+def slow_ser2net(env: dict[str, str], tmp: Path, delay_s: float) -> dict[str, str]:
+    """The exporter's environment with a ser2net that starts listening ``delay_s`` late, as on
+    a loaded host: the exporter (found on its PATH) publishes ser2net's port once it has not
+    exited within 0.5 s, not once it listens, so a run that opens the console at once is
+    refused unless it waits (``hil.rig.providers.labgrid.wait_listening``)."""
+    real = next(path for path in ("/usr/sbin/ser2net", "/usr/bin/ser2net") if Path(path).exists())
+    slow = tmp / "slow-bin"
+    slow.mkdir(exist_ok=True)
+    (slow / "ser2net").write_text(f'#!/bin/sh\n[ "$1" = -v ] || sleep {delay_s:g}\n'
+                                  f'exec {real} "$@"\n')
+    (slow / "ser2net").chmod(0o755)
+    return {**env, "PATH": f"{slow}{os.pathsep}{env['PATH']}"}
+
+
 def started(argv: list[str], *, cwd: Path, env: dict[str, str], log: Path
                 ) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
@@ -162,7 +177,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             lg = LabgridClient(address, client=client)
             wait_for("the coordinator answers", lambda: _answers(lg))
             exporter = started([str(bin_dir / "labgrid-exporter"), "--hostname", "127.0.0.1",
-                                "-n", EXPORTER, str(tmp / "exporter.yaml")], cwd=tmp, env=env,
+                                "-n", EXPORTER, str(tmp / "exporter.yaml")], cwd=tmp,
+                               env=slow_ser2net(env, tmp, SER2NET_DELAY_S),
                                log=tmp / "exporter.log")
             wait_for("the exporter's resources", lambda: len(lg.snapshot().resources) == 2)
             lg.run("-p", PLACE, "create")

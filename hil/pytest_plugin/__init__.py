@@ -30,7 +30,22 @@ Options (group ``hil``; each has a pytest.ini twin, the command line wins):
                                                    sectors that do not hold it already)
 ``--hil-progress``                                 a line per finished test: verdict, rig,
                                                    name, time (``hil suite`` uses it)
+``--hil-place NAME``       ``hil_place``           no rig file: the rig is this labgrid place
+``--hil-place-tags TAGS``  ``hil_place_tags``      no rig file: the rig is any place carrying
+                                                   these tags (each xdist worker its own)
+``--hil-coordinator H:P``  ``hil_coordinator``     the labgrid coordinator (default
+                                                   ``$LG_COORDINATOR``, then labgrid's own)
 =========================  ======================  ==========================================
+
+A run on a place (``--hil-place`` or ``--hil-place-tags``) builds its rig from the places that
+match at the coordinator (``hil.rig.providers.labgrid.rig_from_places``): the board from their
+``board`` tag, the identity from their ``product_id`` and ``dev_id`` tags (the access key from
+``$HIL_ACCESS_KEY``), the console from the place's NetworkSerialPort, power from its power port.
+Each process (each xdist worker) reserves a place at its first test and holds it to its end,
+its identity that place's; the coordinator, not a lease file, keeps two runs off one place, and
+each test's report names its place (the ``hil_place`` property, Allure's ``place`` label).
+Under ``-n N`` with tags the tests spread over the workers (also with ``--dist loadgroup``), and
+more workers than matching places is refused (a worker would wait for a place its own run holds).
 
 Before the first test the controller checks the build (``hil.rig.inputs.check_builds``): each
 board's package and base image are read, and a package that is no image, for another board,
@@ -219,6 +234,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hil-full-restore", dest="hil_full_restore", action="store_true",
                     default=None, help=f"{full} (ini: hil_full_restore)")
     parser.addini("hil_full_restore", full, type="bool", default=False)
+    _option(parser, group, "--hil-place", "hil_place",
+            "run on this labgrid place, its rig built from the place (no --hil-rig)")
+    _option(parser, group, "--hil-place-tags", "hil_place_tags",
+            "run on any labgrid place with these tags, key=value[,key=value] (each xdist "
+            "worker reserves its own)")
+    _option(parser, group, "--hil-coordinator", "hil_coordinator",
+            "the labgrid coordinator, host:port (default $LG_COORDINATOR)")
 
 
 def _value(config: pytest.Config, name: str) -> Any:
@@ -301,10 +323,71 @@ def _existing(config: pytest.Config, name: str, flag: str) -> Path | None:
     return path
 
 
+# The rigs built from labgrid places (--hil-place, --hil-place-tags), by name.
+PLACE_RIGS = pytest.StashKey[frozenset[str]]()
+
+
+def _place_rig(config: pytest.Config) -> Rig | None:
+    """The rig of a run on a labgrid place (--hil-place or --hil-place-tags), built from the
+    places that match at the coordinator; None when neither is given."""
+    from hil.configfile import validate
+    from hil.rig.model import Labgrid
+    from hil.rig.providers.labgrid import LabgridClient, rig_from_places
+
+    place, tags = _value(config, "hil_place"), _value(config, "hil_place_tags")
+    if not place and not tags:
+        return None
+    if place and tags:
+        raise pytest.UsageError("--hil-place, --hil-place-tags: give one of them (a place by "
+                                "name, or any place with these tags)")
+    option = f"--hil-place {place}" if place else f"--hil-place-tags {tags}"
+    if _value(config, "hil_rigs"):
+        raise pytest.UsageError(f"{option}: the rig is built from the place; leave out "
+                                "--hil-rig (or name the place in the rig file's labgrid: section)")
+    section: dict[str, Any] = {"place": place} if place else {"tags": _tags(tags)}
+    coordinator = _value(config, "hil_coordinator")
+    if coordinator:
+        section["coordinator"] = coordinator
+    try:
+        spec = validate(Labgrid, section, option)
+        from hil.rig.providers.labgrid import coordinator_address
+
+        snapshot = LabgridClient(coordinator_address(spec)).snapshot()
+        rig = rig_from_places(spec, snapshot, option)
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
+    except RigFault as fault:
+        raise pytest.UsageError(f"{option}: {fault}") from None
+    workers = getattr(config.option, "numprocesses", None)
+    matching = len(snapshot.matching(spec))
+    if isinstance(workers, int) and workers > matching and not hasattr(config, "workerinput"):
+        raise pytest.UsageError(
+            f"{option}: -n {workers}, but {matching} place{'s' if matching > 1 else ''} "
+            f"match at {coordinator_address(spec)}: a worker would wait for a place its own "
+            f"run holds (-n {matching} at most)")
+    return rig
+
+
+def _tags(value: str) -> dict[str, str]:
+    """``board=nrf52832,rack=b`` as a dict; one line naming the option when malformed."""
+    tags: dict[str, str] = {}
+    for word in value.split(","):
+        key, equals, tag = word.strip().partition("=")
+        if not equals or not key:
+            raise pytest.UsageError(f"--hil-place-tags: {word.strip()!r} is not key=value "
+                                    "(board=nrf52832,rack=b)")
+        tags[key] = tag
+    return tags
+
+
 def _load_rigs(config: pytest.Config) -> tuple[Rig, ...]:
     """The selected rigs; with none selected, the simulated ones with a test shell
     (``rigs/sim-*.yaml`` but the shell-less ones)."""
     rigs: list[Rig] = []
+    on_place = _place_rig(config)
+    config.stash[PLACE_RIGS] = frozenset([on_place.name] if on_place else [])
+    if on_place is not None:
+        return (on_place,)
     chosen = _value(config, "hil_rigs")
     names = chosen or [str(path) for path in sorted((config.rootpath / "rigs").glob(SIM_RIGS))]
     for name in names:
@@ -515,11 +598,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     names = [rig.name for rig in config.stash[OPTIONS].rigs]
+    # A rig of any place with some tags is one rig per worker: its tests spread like others.
+    spread = {rig.name for rig in config.stash[OPTIONS].rigs
+              if rig.name in config.stash.get(PLACE_RIGS, frozenset())
+              and rig.labgrid is not None and rig.labgrid.tags}
 
     class RigScheduling(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             rig = rig_of_test(nodeid, names)
-            return f"rig {rig}" if rig is not None else nodeid
+            return f"rig {rig}" if rig is not None and rig not in spread else nodeid
 
     return RigScheduling(config, log)
 
@@ -610,17 +697,47 @@ def hil_options(pytestconfig: pytest.Config) -> HilOptions:
 
 @pytest.fixture
 def rig(_hil_rig: Rig | None, hil_options: HilOptions,
-        pytestconfig: pytest.Config) -> Iterator[Rig]:
+        pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> Iterator[Rig]:
     """The rig this test runs on, leased for the length of the test."""
     if _hil_rig is None:
         pytest.skip("no rig selected and no rigs/sim-*.yaml: give --hil-rig NAME (or hil_rigs "
                     "in pytest.ini)")
+    if _hil_rig.name in pytestconfig.stash.get(PLACE_RIGS, frozenset()):
+        yield _on_place(pytestconfig, request, _hil_rig)
+        return
     lease = RigLease(_hil_rig.name, hil_options.lease_dir, timeout=hil_options.lease_timeout,
                      on_wait=lambda line: _tell(pytestconfig, line))
     with lease:
         if hil_options.check_rigs:
             _checked(pytestconfig, _hil_rig)
         yield _hil_rig
+
+
+TOLD_PLACES = pytest.StashKey[set[str]]()
+
+
+def _on_place(config: pytest.Config, request: pytest.FixtureRequest, rig: Rig) -> Rig:
+    """A rig built from places (--hil-place, --hil-place-tags): the place this process holds
+    for the run (reserved at its first test), the rig's identity that place's board's. The
+    coordinator keeps other runs off it (no lease file: workers on one host hold different
+    places of one rig); the test's report names the place."""
+    from hil.rig.providers.labgrid import bound_to_place
+
+    bound, place = bound_to_place(rig)
+    request.node.user_properties.append(("hil_place", place.name))
+    if reporting.alluredir(config):
+        import allure
+
+        # A label, not a parameter: the place does not make another test of it (its history).
+        allure.dynamic.label("place", place.name)   # type: ignore[no-untyped-call]
+    if config.stash[OPTIONS].check_rigs:
+        _checked(config, bound)     # once per process: its own place's parts
+    told = config.stash.setdefault(TOLD_PLACES, set())
+    if place.name not in told:
+        told.add(place.name)
+        _tell(config, f"rig {rig.name}: place {place.name} ({place.acquired}), "
+                      f"device {bound.identity.dev_id}")
+    return bound
 
 
 def _tell(config: pytest.Config, line: str) -> None:

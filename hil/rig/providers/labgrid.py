@@ -28,6 +28,13 @@ installs the same ``serial`` module as pyserial, which hil, pyocd and esptool (a
    ``socket://`` for ``protocol: raw``), a power port (``power.kind: labgrid``) is switched with
    ``labgrid-client power``.
 
+   The console is opened only once the exporter's ser2net listens (``wait_listening``: the
+   exporter publishes its port before it does).
+
+A run given ``--hil-place``/``--hil-place-tags`` and no rig file has its rig built from the
+matching places (``rig_from_places``: board and identity from their tags) and, at its first
+test, bound to the place it got (``bound_to_place``): each xdist worker its own place.
+
 Releasing is ``labgrid-client release`` and ``cancel-reservation`` (the place is free for the
 next one only then), then the guard is told it is done. With ``labgrid.hold: run`` (the default)
 that happens when the process exits (``release_held``, at exit): the place is acquired at the
@@ -48,6 +55,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,16 +66,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from hil.configfile import validate
 from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol
 from hil.drivers.switched import SwitchedPower, said
-from hil.errors import RigFault
-from hil.rig.model import Labgrid, LabgridPower, Rig
+from hil.errors import ConfigError, RigFault
+from hil.rig.model import Identity, Labgrid, LabgridPower, Rig
 
 PART = "labgrid"
 CLIENT_ENV = "HIL_LABGRID_CLIENT"    # the labgrid-client to run (default: .venv-labgrid's)
 DEFAULT_COORDINATOR = "127.0.0.1:20408"   # labgrid's own default
 COMMAND_TIMEOUT_S = 60.0            # one labgrid-client command (a coordinator that hangs)
 GUARD_WAIT_S = 120.0                # the guard's release at a clean stop
+LISTEN_WAIT_S = 30.0                # an acquired place's ser2net, until it listens
 # Left out of the environment labgrid-client runs in: each would choose another place, token
 # or environment than the one this provider hands it.
 FOREIGN = ("LG_PLACE", "LG_TOKEN", "LG_ENV", "LG_STATE", "LG_INITIAL_STATE", "LG_PROXY")
@@ -82,14 +92,17 @@ from labgrid.remote.generated import labgrid_coordinator_pb2 as pb2
 
 session = start_session(sys.argv[1])
 try:
-    places = {name: {"acquired": place.acquired, "reservation": place.reservation,
-                     "tags": dict(place.tags),
-                     "acquired_resources": [list(path) for path in place.acquired_resources]}
-              for name, place in session.places.items()}
     resources = [{"path": [exporter, group, entry.cls, name], "cls": entry.cls,
                   "params": entry.params, "acquired": entry.acquired, "avail": entry.avail}
                  for exporter, groups in session.resources.items()
                  for group, entries in groups.items() for name, entry in entries.items()]
+    places = {name: {"acquired": place.acquired, "reservation": place.reservation,
+                     "tags": dict(place.tags),
+                     "acquired_resources": [list(path) for path in place.acquired_resources],
+                     "matched_resources": [res["path"] for res in resources
+                                           if any(match.ismatch(tuple(res["path"]))
+                                                  for match in place.matches)]}
+              for name, place in session.places.items()}
     answer = session.loop.run_until_complete(
         session.stub.GetReservations(pb2.GetReservationsRequest()))
     reservations = {}
@@ -162,6 +175,8 @@ class Place:
     acquired: str | None             # host/user of the client holding it
     reservation: str | None          # the token it is allocated to
     resources: tuple[Resource, ...]  # those it holds while acquired
+    # Those its matches name, acquired or not: what the place will hold once acquired.
+    matched: tuple[Resource, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,9 @@ class Snapshot:
         places = {name: Place(name, dict(place["tags"]), place["acquired"],
                               place["reservation"],
                               tuple(by_path[tuple(path)] for path in place["acquired_resources"]
+                                    if tuple(path) in by_path),
+                              tuple(by_path[tuple(path)]
+                                    for path in place.get("matched_resources", ())
                                     if tuple(path) in by_path))
                   for name, place in document["places"].items()}
         reservations = {token: Reservation(token, res["owner"], res["state"],
@@ -299,6 +317,26 @@ def console_url(resource: Resource) -> str:
     # waits for the answer (labgrid ships its own pyserial fork for this); pyserial's
     # ign_set_control does not wait.
     return f"rfc2217://{host}:{port}?ign_set_control"
+
+
+def wait_listening(resource: Resource, place: str, timeout: float = LISTEN_WAIT_S) -> None:
+    """Wait for the place's ser2net to listen. The exporter starts it when the place is
+    acquired and publishes its port after waiting 0.5 s for it not to exit, not for it to
+    listen: on a loaded host the console would be refused (the next run on a place just
+    released, typically)."""
+    url = console_url(resource)
+    host, port = resource.params["host"], int(resource.params["port"])
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout)):
+                return
+        except OSError as error:
+            if time.monotonic() > end:
+                raise RigFault("console", f"{url}: {error.strerror or error} for {timeout:g} s "
+                               f"after place {place} was acquired (its exporter's ser2net "
+                               "did not start? see the exporter's log)") from None
+        time.sleep(0.1)
 
 
 class Hold:
@@ -475,6 +513,7 @@ class LabgridProvider:
         place = hold.acquire()
         try:
             self._check_resources(place)
+            wait_listening(self._serial_port(place), place.name)
         except BaseException:
             hold.release()
             raise
@@ -511,8 +550,7 @@ class LabgridProvider:
 
     @staticmethod
     def _power_port(place: Place) -> Resource | None:
-        return next((r for r in place.resources
-                     if r.cls.endswith("PowerPort") or r.cls == "PDUDaemonPort"), None)
+        return power_port(place.resources)
 
     def _place(self) -> Place:
         if self.place is None or self.client is None:
@@ -553,6 +591,82 @@ class LabgridProvider:
 
     def point_at(self, url: str) -> bool:
         return False        # the board is told through its shell, as on a local bench
+
+
+def power_port(resources: Sequence[Resource]) -> Resource | None:
+    """A place's power port: a NetworkPowerPort (any of labgrid's power models), a PDU."""
+    return next((r for r in resources
+                 if r.cls.endswith("PowerPort") or r.cls == "PDUDaemonPort"), None)
+
+
+# ------------------------------------------------------------------------------ a rig from places
+# The place's tags that are its board's identity at the OTA service: each place is one board,
+# and the place a run (an xdist worker) gets is known only once it is reserved. The access key
+# is no tag (tags are public at the coordinator): it stays in $HIL_ACCESS_KEY.
+IDENTITY_TAGS = ("product_id", "dev_id")
+
+
+def rig_from_places(spec: Labgrid, snapshot: Snapshot, option: str) -> Rig:
+    """The rig of a run given a place (``--hil-place``) or tags (``--hil-place-tags``) and no
+    rig file, from the places that match at the coordinator (read, not reserved): the board is
+    their ``board`` tag, the identity their ``product_id`` and ``dev_id`` tags (each place's
+    own, bound when the run gets one: ``bound_to_place``), the console the place's
+    NetworkSerialPort, power its power port (``power.kind: labgrid``; the firmware's hook when
+    a place has none), rf the firmware's hook. ``option`` names the option in the one-line
+    ConfigError a missing piece gives."""
+    places = snapshot.matching(spec)
+    where = coordinator_address(spec)
+    if not places:
+        raise ConfigError(option, f"no place at the coordinator {where} "
+                          f"{'has that name' if spec.place else 'carries these tags'} "
+                          "(labgrid-client places)")
+    for place in places:
+        missing = [tag for tag in ("board", *IDENTITY_TAGS) if not place.tags.get(tag)]
+        if missing:
+            raise ConfigError(option, f"place {place.name} has no {missing[0]} tag (its "
+                              f"board: labgrid-client -p {place.name} set-tags board=... "
+                              "product_id=... dev_id=...)")
+        if not any(r.cls == "NetworkSerialPort" for r in place.matched):
+            raise ConfigError(option, f"place {place.name} has no NetworkSerialPort (its "
+                              "console: a serial port its exporter shares through ser2net)")
+    boards = sorted({place.tags["board"] for place in places})
+    if len(boards) > 1:
+        raise ConfigError(option, f"the matching places are of different boards "
+                          f"({', '.join(boards)}): add board=... to the tags")
+    first = places[0]
+    # A place without a power port makes the run's power the firmware's hook: the capabilities
+    # (what tests may need) are the run's, whichever place a worker gets.
+    powered = all(power_port(place.matched) is not None for place in places)
+    name = spec.place or "lab-" + "-".join(value for _, value in sorted(spec.tags.items()))
+    document = {
+        "name": name, "board": boards[0],
+        "identity": {tag: first.tags[tag] for tag in IDENTITY_TAGS},
+        "labgrid": spec.model_dump(exclude_defaults=True),
+        "power": {"kind": "labgrid"} if powered else {"kind": "console"},
+        "rf": {"kind": "console"},
+    }
+    return validate(Rig, document, option)
+
+
+def identity_of(place: Place, identity: Identity) -> Identity:
+    """The identity of the board at ``place`` (its tags), the access key's variable kept."""
+    missing = [tag for tag in IDENTITY_TAGS if not place.tags.get(tag)]
+    if missing:
+        raise RigFault("identity", f"place {place.name} has no {missing[0]} tag")
+    return identity.model_copy(update={tag: place.tags[tag] for tag in IDENTITY_TAGS})
+
+
+def bound_to_place(rig: Rig) -> tuple[Rig, Place]:
+    """``rig`` (from ``rig_from_places``) with the identity of the place this process holds for
+    it: reserved and acquired now at the first test, held for the run (``hold: run``), so the
+    test's RigParts take the same place back."""
+    provider = LabgridProvider(rig)
+    provider.start()
+    try:
+        place = provider._place()
+    finally:
+        provider.stop()
+    return rig.model_copy(update={"identity": identity_of(place, rig.identity)}), place
 
 
 def start_guard(client: LabgridClient) -> subprocess.Popen[str]:
