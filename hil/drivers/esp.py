@@ -1,14 +1,15 @@
 """The ESP32 flasher: the chip's serial ROM bootloader, through esptool's Python API.
 
-``open()`` takes the serial port (a device path or any pyserial URL), resets the board into its
-ROM bootloader with esptool's DTR/RTS sequence, detects the chip and checks it is the family the
-rig expects, loads esptool's flasher stub (as the esptool command does by default), switches to the
-working baud rate and attaches the SPI flash. ``program()`` puts the application image at the
-app partition offset: the chip's own MD5 of its flash tells which 4 KiB sectors already hold it,
-only the others are written (compressed), and esptool verifies what it wrote by MD5; with
-``full=True`` the whole image is written, as ``esptool write-flash`` does. ``reset()``
-pulses EN through RTS: the board leaves the bootloader and runs its application, so the next
-bootloader operation (``program()``, ``read_mac()``) connects again by itself.
+``open()`` takes the serial port (a device path or any pyserial URL) and nothing more. The first
+operation that needs the bootloader (``program()``, ``read_mac()``) resets the board into its ROM
+bootloader with esptool's DTR/RTS sequence (again at each connect attempt), detects the chip and
+checks it is the family the rig expects, loads esptool's flasher stub (as the esptool command does
+by default), switches to the working baud rate and attaches the SPI flash. ``program()`` puts the
+application image at the app partition offset: the chip's own MD5 of its flash tells which 4 KiB
+sectors already hold it, only the others are written (compressed), and esptool verifies what it
+wrote by MD5; with ``full=True`` the whole image is written, as ``esptool write-flash`` does.
+``reset()`` pulses EN through RTS: the board leaves the bootloader and runs its application, so the
+next bootloader operation (``program()``, ``read_mac()``) connects again by itself.
 
 On most ESP32 boards the console and the bootloader share one USB serial bridge: the rig closes
 the console before it opens this flasher (``RigParts.release``), and this driver gives the port
