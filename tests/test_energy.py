@@ -222,7 +222,9 @@ def test_the_energy_curve_and_its_phases_are_in_the_report(tmp_path):
     # The radio on while downloading, well above an idle board; the flash copy in between.
     assert float(download["mean_mA"]) > 3 * DRAW_MA["idle"]
     assert float(download["mAs"]) > float(first["detect"]["mAs"])
-    assert DRAW_MA["idle"] < float(flash["mean_mA"]) <= DRAW_MA["flash"] + 1
+    # The flash phase's edges are console stamps, which lag their lines by up to a poll: a
+    # sample of the boot and the radio after it may fall inside, never enough to make it radio.
+    assert DRAW_MA["idle"] < float(flash["mean_mA"]) < DRAW_MA["radio"]
     for row in rows:
         assert float(row["mAs"]) >= 0
         assert float(row["end_s"]) >= float(row["start_s"])
