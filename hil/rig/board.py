@@ -33,6 +33,8 @@ ServiceVersions = Callable[[], list[tuple[float, str]]]
 BOOT_TIMEOUT_S = 30.0
 HUNG_AFTER_S = 3.0       # a board whose shell is this long silent has hung
 WATCH_S = 0.5            # how often a wait for the board's events lets its watch look
+# A board busy with an attempt a previous test left running is asked again this long at most.
+BUSY_WAIT_S, BUSY_POLL_S = 60.0, 0.5
 POWER_OFF_S = 0.5        # how long a power cycle keeps the board dark
 # A halted board's log has settled when it stays the same SETTLE_POLLS polls in a row.
 SETTLE_POLL_S, SETTLE_POLLS, SETTLE_MAX_S = 0.05, 3, 2.0
@@ -288,15 +290,7 @@ class Board:
         if self.shell_less:
             return self._restore_shell_less(firmware, progress, full=full)
         if firmware is None or self.rig.flasher.kind == "none":
-            try:
-                self.command("factory")
-            except CommandRefused as refused:
-                if "power_cut" not in self.rig.capabilities:
-                    raise
-                # Still busy with what a previous test left running (an attempt whose service
-                # is gone, retrying): a power cycle ends it, as a QA engineer's would.
-                self._power_cycle_to_boot(f"the factory reset was refused ({refused.reason})")
-                self.command("factory")
+            self._factory_reset()
             return self.version()
         if self.rig.flasher.kind == "esp":
             # The ESP32 is flashed through its console's own serial port: let go of it first.
@@ -322,6 +316,27 @@ class Board:
             except ExpectTimeout:
                 if time.monotonic() > deadline:
                     raise
+
+    def _factory_reset(self) -> None:
+        """``test factory``, on a board that may still be busy with what a previous test left
+        running (an attempt whose service is gone, retrying): a power cycle ends it, as a QA
+        engineer's would; the boot after it may resume the attempt it cut (its offset and token
+        are saved), so a busy answer is asked again until that attempt gives up."""
+        deadline = time.monotonic() + BUSY_WAIT_S
+        cycled = False
+        while True:
+            try:
+                self.command("factory")
+                return
+            except CommandRefused as refused:
+                if not refused.reason.startswith("busy") or time.monotonic() > deadline:
+                    raise
+                if not cycled and "power_cut" in self.rig.capabilities:
+                    self._power_cycle_to_boot(
+                        f"the factory reset was refused ({refused.reason})")
+                    cycled = True
+                else:
+                    time.sleep(BUSY_POLL_S)
 
     def _factory_image(self) -> Path | None:
         """The image the board came with, where hil knows it: a simulated board's, a host
