@@ -300,17 +300,19 @@ class EspFlasher(DriverBase):
         # as esptool's own rounds do: the classic sequence pulls IO0 low a moment after EN
         # rises (two line changes), and on a loaded host that moment can come after the chip
         # sampled IO0: it boots its application, and only another reset brings it round.
-        for attempt in range(1, self.connect_attempts + 1):
+        def reset_and_sync() -> Any:
             with self._faults("resetting into the bootloader"):
                 ClassicReset(self._serial)()
+            return detect_chip(self._serial, baud=ROM_BAUD, connect_mode="no-reset",
+                               connect_attempts=1)
+
+        for _ in range(self.connect_attempts - 1):
             try:
-                return detect_chip(self._serial, baud=ROM_BAUD, connect_mode="no-reset",
-                                   connect_attempts=1)
+                return reset_and_sync()
             except FatalError as err:
-                if attempt == self.connect_attempts or \
-                        not str(err).startswith(_NO_ANSWER_PREFIX):
+                if not str(err).startswith(_NO_ANSWER_PREFIX):
                     raise
-        raise AssertionError("unreachable: the last attempt raises")
+        return reset_and_sync()          # the last attempt's failure is the one reported
 
     def _require_open(self) -> Any:
         if self._serial is None:
