@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import itertools
 import os
 import socket
 import ssl
@@ -32,7 +33,7 @@ from hil.onenet.codes import ErrorBodyForm
 from hil.onenet.messages import Endpoint
 from hil.service.http import BackgroundServer
 from hil.service.server import MockOneNet
-from hil.service.timeline import Exchange, Timeline
+from hil.service.timeline import Began, Exchange, Timeline
 
 DEV, OTHER = "527776559", "527776560"
 BASE, TARGET = "1.0.0", "1.1.0"
@@ -757,3 +758,30 @@ def test_stop_leaves_no_thread_task_or_socket(mock, package):
     assert loop.is_closed()
     _wait(lambda: _sockets() <= before)
     gateway.stop()   # twice is harmless
+
+
+def test_a_records_start_is_when_serving_began_whatever_came_between():
+    """``at - duration`` is the moment a service began serving a request, even when its thread
+    was switched out between reading the clocks for the record (milliseconds on a loaded host:
+    the gateway once read the wall clock, was switched out, then read the duration, and a 101
+    seemed sent before the download it followed). Scenarios order a board's requests by it."""
+    began = Began.now()
+    time.sleep(0.05)              # switched out while the record is being made
+    at, duration_ms = began.span()
+    assert duration_ms >= 50
+    record = Exchange(seq=1, at=at, dev_id=DEV, phase=Endpoint.REPORT, method="POST",
+                      target="/ota/south/report", request_headers={}, request_body="",
+                      status=200, duration_ms=duration_ms)
+    assert record.started == pytest.approx(began.wall, abs=1e-6)
+
+
+def test_requests_on_one_connection_begin_in_the_order_they_were_served(mock, gateway, package):
+    token = start_task(mock, package)
+    with RawConnection(gateway.url) as connection:
+        for index in range(50):
+            connection.send(ranged(mock, token, index * 10, 10, close=False))
+            assert connection.reply().status_line.startswith("HTTP/1.1 206")
+    exchanges = gateway.timeline.exchanges()
+    assert len(exchanges) == 50
+    assert all(before.started < before.at <= after.started
+               for before, after in itertools.pairwise(exchanges))

@@ -172,11 +172,6 @@ class _Trigger:
     when: Callable[[Event], bool] | None
 
 
-def started_at(exchange: Exchange) -> float:
-    """When the request came in (``at`` is when its exchange was over)."""
-    return exchange.at - exchange.duration_ms / 1000
-
-
 def _whole(exchange: Exchange) -> bool:
     """The board got the whole range it asked for (206, as long as its Content-Range says)."""
     if exchange.status != 206 or not exchange.content_range or not exchange.length:
@@ -624,7 +619,7 @@ class OtaScenario:
         exchanges = self.exchanges()
         phase = Endpoint.VERSION if any(e.phase is Endpoint.VERSION for e in exchanges) \
             else Endpoint.DETECT
-        return [(started_at(e), version) for e in exchanges
+        return [(e.started, version) for e in exchanges
                 if e.phase is phase and (version := reported_version(e)) is not None]
 
     def _update_shell_less(self, until_boot: bool, limit: float) -> Attempt:
@@ -653,16 +648,16 @@ class OtaScenario:
             # Read at the service alone: a console's stamps lag its lines (it is polled), so
             # they cannot bound an attempt's exchanges.
             boots = [boot for boot in self._service_versions() if boot[0] >= since]
-            mine = [e for e in self.exchanges() if started_at(e) >= since]
-            begun = started_at(mine[0]) if mine else None
+            mine = [e for e in self.exchanges() if e.started >= since]
+            begun = mine[0].started if mine else None
             if begun is None:
                 if time.monotonic() > deadline:
                     return Attempt([], [], False, True, [])
                 continue
             later = [boot for boot in boots if boot[0] > begun]
             cut = later[0][0] if until_boot and later else None
-            exchanges = [e for e in mine if started_at(e) >= begun
-                         and (cut is None or started_at(e) < cut)]
+            exchanges = [e for e in mine if e.started >= begun
+                         and (cut is None or e.started < cut)]
             last = max([begun, *(e.at for e in exchanges)])
             # A 201 is sent at the boot into the new image, and the check that boot makes
             # follows it (its version report: how the service hears the boot); it may come
@@ -675,7 +670,7 @@ class OtaScenario:
             timed_out = not over and time.monotonic() > deadline
             if over or timed_out:
                 break
-        told_events = [(started_at(e), told(e)) for e in exchanges]
+        told_events = [(e.started, told(e)) for e in exchanges]
         booted = [(at, Event("boot", {"version": version})) for at, version in later
                   if cut is None or at <= cut]
         logged = log.heard if log is not None else []
@@ -790,7 +785,7 @@ class OtaScenario:
                        f"{why} times on rig {self.rig.name}; it was asked for {len(tries)} "
                        "times")
         for before, after in itertools.pairwise(tries):
-            gap = started_at(after) - self._failed_at(before)
+            gap = after.started - self._failed_at(before)
             if gap < task.interval - 0.05:      # 50 ms of clock granularity between hosts
                 self._fail("download", f"expected retries at least {task.interval} s "
                            f"(interval) after the failure on rig {self.rig.name}; one came "
@@ -820,23 +815,23 @@ class OtaScenario:
     def _failed_at(self, exchange: Exchange) -> float:
         """When the board saw the request fail: when the answer ended (an exchange is stamped
         when it is over), or when its own timeout gave up on an answer held longer (a stall)."""
-        return min(exchange.at, started_at(exchange) + self.device_timeout)
+        return min(exchange.at, exchange.started + self.device_timeout)
 
     def _check_order(self) -> None:
         exchanges = self.exchanges()
         # By when each request was made, not when its exchange was over: a download asked for
         # before the 101 but answered after it (held by a hook that reset the board meanwhile)
         # was not asked for after the 101.
-        first_101 = next((started_at(e) for e in exchanges if e.phase is Endpoint.REPORT
+        first_101 = next((e.started for e in exchanges if e.phase is Endpoint.REPORT
                           and e.result == 101), None)
         if first_101 is not None:
             # A download after the 101 is early only within that attempt: after a detect it
             # belongs to a later attempt that re-reported (the first answer was lost).
-            next_detect = min((started_at(e) for e in exchanges if e.phase is Endpoint.DETECT
-                               and started_at(e) > first_101), default=None)
+            next_detect = min((e.started for e in exchanges if e.phase is Endpoint.DETECT
+                               and e.started > first_101), default=None)
             late = [e for e in exchanges if e.phase is Endpoint.DOWNLOAD
-                    and started_at(e) > first_101
-                    and (next_detect is None or started_at(e) < next_detect)
+                    and e.started > first_101
+                    and (next_detect is None or e.started < next_detect)
                     and e.errno is None and e.error_byte is None]
             if late:
                 self._fail("download", f"expected 101 only once the package was downloaded "

@@ -73,7 +73,7 @@ from hil.onenet.codes import DownloadError, ErrorBodyForm, decode_error_body
 from hil.onenet.messages import Endpoint, Route, parse_result, parse_step, route
 from hil.onenet.ranges import resolve_range
 from hil.service.http import BackgroundServer, HttpRequest, HttpResponse, HttpServer, RequestReader
-from hil.service.timeline import Exchange, Timeline
+from hil.service.timeline import Began, Exchange, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ class _GatewayConnection(RequestReader):
     async def _serve(self, item: _Item) -> None:
         gateway = self._gateway
         request = item.request
-        started = time.perf_counter()
+        started = Began.now()
         epoch = gateway._epoch
         target = route(request.path)
         dev_id, seen = gateway._identify(request, target)
@@ -546,7 +546,7 @@ class _GatewayConnection(RequestReader):
     def _record(self, item: _Item, target: Route, dev_id: str | None,
                 answer: UpstreamAnswer | None, head: bytes, data: dict[str, Any] | None,
                 sent_body: int | None, fired: list[Armed], label: str | None,
-                started: float, ended: str) -> None:
+                started: Began, ended: str) -> None:
         request = item.request
         phase = target.endpoint
         headers = dict(request.headers)
@@ -561,19 +561,20 @@ class _GatewayConnection(RequestReader):
                 content_range = answer.headers.get("content-range")
                 if content_range is not None and head is not answer.head:
                     content_range = _content_range_of(head) or content_range
+        at, duration_ms = started.span()
         timeline = self._gateway.timeline
         seq = timeline.next_seq()
         for armed in fired:
             armed.recorded(seq)
         timeline.record(Exchange(
-            seq=seq, at=time.time(), dev_id=dev_id, phase=phase, method=request.method,
+            seq=seq, at=at, dev_id=dev_id, phase=phase, method=request.method,
             target=request.target, request_headers=headers,
             request_body=request.body[:_BODY_IN_TIMELINE].decode("utf-8", "replace"),
             status=answer.status if answer is not None else 0,
             errno=errno if isinstance(errno, int) else None, answer=data,
             result=_result_of(phase, request.body), range=request.header("range"),
             content_range=content_range, length=length, error_byte=error_byte,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3), fault=label,
+            duration_ms=duration_ms, fault=label,
             connection=self.number, ended=ended))
 
 

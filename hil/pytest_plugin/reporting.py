@@ -41,7 +41,7 @@ from allure_commons.model2 import StatusDetails
 from allure_commons.types import AttachmentType
 
 from hil.conformance.energy import table_csv
-from hil.conformance.scenario import Attempt, OtaScenario, started_at
+from hil.conformance.scenario import Attempt, OtaScenario
 from hil.drivers.base import LogLine
 from hil.drivers.contract import Event, parse_event
 from hil.errors import ConformanceFailure
@@ -157,7 +157,7 @@ def attempt_steps(scenario: OtaScenario, console: list[LogLine], ends: list[floa
     failed_at = _failed_step(scenario, failure)
     before = 0.0
     for number, attempt in enumerate(scenario.attempts):
-        first = started_at(attempt.exchanges[0]) if attempt.exchanges else before
+        first = attempt.exchanges[0].started if attempt.exchanges else before
         begun = checks[number].at if len(checks) == len(scenario.attempts) else first
         over = ends[number] if number < len(ends) else max(
             [begun, *(e.at for e in attempt.exchanges)])
@@ -370,7 +370,7 @@ def attach_evidence(scenario: OtaScenario, console_log: str | None) -> None:
         allure.attach(update_picture(scenario, exchanges), "the update", AttachmentType.PNG)
     measured = [attempt.charges for attempt in scenario.attempts if attempt.energy is not None]
     if measured:
-        origin = started_at(exchanges[0]) if exchanges else measured[0][0].start
+        origin = exchanges[0].started if exchanges else measured[0][0].start
         allure.attach(table_csv(measured, origin), "energy per phase", AttachmentType.CSV)
 
 
@@ -394,7 +394,7 @@ def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    start = started_at(exchanges[0])
+    start = exchanges[0].started
     times, received, total = [0.0], [0], 0
     for exchange in exchanges:
         if exchange.phase is Endpoint.DOWNLOAD and exchange.status == 206 and exchange.length:
@@ -413,7 +413,7 @@ def update_picture(scenario: OtaScenario, exchanges: list[Exchange]) -> bytes:
         for exchange in exchanges:
             at = exchange.at - start
             if exchange.fault:        # where the request came in, when the fault hit it
-                asked = started_at(exchange) - start
+                asked = exchange.started - start
                 axes.axvline(asked, color="#d62728", alpha=0.5, linestyle=":")
                 axes.annotate(exchange.fault, (asked, 0), rotation=90, fontsize=7,
                               color="#d62728", va="bottom")

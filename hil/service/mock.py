@@ -45,7 +45,7 @@ from hil.onenet.messages import (
 from hil.onenet.ranges import resolve_range
 from hil.onenet.tasks import TOKEN_LIFETIME_S, Action, Package, Task, apply, report_action
 from hil.service.http import HttpRequest, HttpResponse
-from hil.service.timeline import Exchange, Timeline
+from hil.service.timeline import Began, Exchange, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class OtaService:
 
     # ---------------------------------------------------------------- HTTP
     def handle(self, request: HttpRequest) -> HttpResponse:
-        started = time.perf_counter()
+        started = Began.now(self.clock)
         target = route(request.path)
         record = _Record()
         with self._lock:
@@ -426,13 +426,14 @@ class OtaService:
         return HttpResponse(200, error.body_in(self.error_body), close_delimited=True)
 
     def _exchange(self, request: HttpRequest, target: Route, record: _Record,
-                  response: HttpResponse, started: float) -> Exchange:
+                  response: HttpResponse, started: Began) -> Exchange:
         headers = dict(request.headers)
         if "authorization" in headers:
             headers["authorization"] = redact_authorization(headers["authorization"])
         task = record.task
+        at, duration_ms = started.span()
         return Exchange(
-            seq=self.timeline.next_seq(), at=self.clock(), dev_id=record.dev_id,
+            seq=self.timeline.next_seq(), at=at, dev_id=record.dev_id,
             phase=target.endpoint, method=request.method, target=request.target,
             request_headers=headers,
             request_body=request.body[:_BODY_IN_TIMELINE].decode("utf-8", "replace"),
@@ -441,4 +442,4 @@ class OtaService:
             content_range=record.content_range, length=record.length,
             error_byte=record.error_byte, task_id=task.task_id if task else None,
             task_state=task.state.value if task else None, reason=record.reason,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3))
+            duration_ms=duration_ms)

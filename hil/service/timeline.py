@@ -74,6 +74,13 @@ class Exchange:
     ended: str | None = None
 
     @property
+    def started(self) -> float:
+        """When the service began serving the request (``at`` is when its exchange was over):
+        exactly the moment ``Began`` read, so requests served one after the other on one
+        connection are ordered by it."""
+        return self.at - self.duration_ms / 1000
+
+    @property
     def accepted(self) -> bool:
         """The service said yes: errno 0, or a download that carried package bytes."""
         if self.phase is Endpoint.DOWNLOAD:
@@ -105,6 +112,29 @@ class Exchange:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Exchange))
+
+
+@dataclass(frozen=True, slots=True)
+class Began:
+    """When a service began serving a request, read once on both clocks: the wall clock
+    (``Exchange.at`` is in it) and the monotonic one (the duration). ``span()`` gives the
+    record's ``at`` and ``duration_ms`` from one reading of the monotonic clock, so that
+    ``at - duration`` is the moment read here whatever the thread did in between. Reading the
+    wall clock for ``at`` and the monotonic one for the duration at two moments let a thread
+    switch between them (milliseconds on a loaded host) stretch the duration alone: a request
+    then seemed to begin before the one served ahead of it on its connection."""
+
+    wall: float
+    monotonic: float
+
+    @classmethod
+    def now(cls, clock: Callable[[], float] = time.time) -> Began:
+        return cls(clock(), time.perf_counter())
+
+    def span(self) -> tuple[float, float]:
+        """(``at``, ``duration_ms``) for a record made now."""
+        elapsed = time.perf_counter() - self.monotonic
+        return self.wall + elapsed, round(elapsed * 1000, 3)
 
 
 @dataclass(frozen=True, slots=True)
