@@ -775,6 +775,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
                f"--hil-timeline-dir={args.out / 'timelines'}", "--rootdir", str(args.root)]
     if args.lease_timeout is not None:
         command.append(f"--hil-lease-timeout={args.lease_timeout}")
+    if args.full_restore:
+        command.append("--hil-full-restore")
     if sys.stdout.isatty():
         command.append("--color=yes")
     print(f"{prog}: {' '.join(command[1:])}", flush=True)
@@ -929,6 +931,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the version the package reports (default: its own){per_board}")
     suite.add_argument("--lease-timeout", type=_positive, metavar="S",
                        help="seconds a test waits for a busy rig (default 600)")
+    suite.add_argument("--full-restore", action="store_true",
+                       help="write the whole base image at each restore, not only the "
+                       "sectors that differ (pytest's --hil-full-restore)")
     suite.add_argument("--root", type=Path, default=Path.cwd(),
                        help="the project directory with testcases/ (default: here)")
     suite.set_defaults(run=cmd_suite)

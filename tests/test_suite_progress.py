@@ -119,7 +119,7 @@ def test_ctrl_c_stops_the_suite_with_one_line_and_leaves_nothing_running(tmp_pat
     # Its own process group, as a shell runs a command: Ctrl-C is SIGINT to that group.
     suite = subprocess.Popen(
         [sys.executable, "-m", "hil.cli", "suite", str(rig.path), "-n", "2", "--root",
-         str(ROOT), "--out", str(out)], cwd=tmp_path, env=rig.env, text=True,
+         str(ROOT), "--out", str(out), "--full-restore"], cwd=tmp_path, env=rig.env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     assert suite.stdout is not None
     seen: list[str] = []
@@ -155,6 +155,9 @@ def test_ctrl_c_stops_the_suite_with_one_line_and_leaves_nothing_running(tmp_pat
     assert len(errors) == 1, errors
     assert re.fullmatch(r"hil suite: interrupted after \d+/\d+ tests \(\d+ s\); pytest and its "
                         r"workers stopped, no report \(partial results in .*\)", errors[0])
+    # The command it ran, printed first, forwards the restore option to pytest.
+    [command] = [line for line in seen if line.startswith("hil suite: -m pytest ")]
+    assert " --hil-full-restore" in command, command
     after = "\n".join(seen[seen.index(next(line for line in seen if PROGRESS.match(line))):])
     assert "KeyboardInterrupt" not in after
     assert "Traceback" not in after
