@@ -173,6 +173,28 @@ def test_a_client_that_half_closes_after_its_requests_gets_every_answer(mock, ga
     assert len(mock.timeline) == 20
 
 
+def test_an_answer_the_device_has_is_in_the_timeline_once_waited_for(mock, gateway):
+    """A device acts on its answer at once (a board prints ``ota end`` on its 201); the gateway
+    records the exchange when it knows how it ended, later for a device that half-closed (the
+    kernel's acknowledgement of the answer). A reader told "done" by the device waits for the
+    record (``wait_recorded``), as a scenario does before it reads an attempt's exchanges:
+    reading at once missed a board's 201 on a loaded host."""
+    mock.service.add_device(DEV)
+    request = embedded_request("GET", detect_target(DEV), auth=mock.authorization())
+    for _ in range(20):
+        with socket.create_connection(address(gateway.url), timeout=TIMEOUT) as sock:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while b'"errno":11' not in data:        # the device has its answer: it is done
+                data += sock.recv(65536)
+            assert gateway.wait_recorded(TIMEOUT)
+            recorded = len(gateway.timeline)
+        assert recorded == len(mock.timeline)
+    assert [e.ended for e in gateway.timeline] == ["answered"] * 20
+    assert not gateway.recording()
+
+
 @pytest.mark.parametrize(("leaving", "written"), [("close", 4096), ("reset", 0)])
 def test_a_device_gone_while_latency_holds_its_answer_is_recorded_not_a_crash(mock, gateway,
                                                                              leaving, written):

@@ -220,6 +220,8 @@ def test_two_hundred_devices_update_at_once_without_crosstalk(
         pytest.fail(f"{len(stuck)} of {DEVICES} devices did not finish their update within "
                     f"{RUN_LIMIT_S:g} s (the run's hard bound); first: {stuck[0].dev_id}, its "
                     f"console ends with {stuck[0].board.lines()[-4:]}", pytrace=False)
+    # A device prints its end on its 201's answer, a moment before the gateway records it.
+    assert gateway.wait_recorded(30), "answers the devices had never reached the timeline"
     requests_made = len(gateway.timeline)
     rate = requests_made / elapsed
     in_flight = _peak_in_flight(gateway.timeline, devices)

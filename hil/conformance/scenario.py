@@ -119,6 +119,9 @@ _SLACK_SIM_S, _SLACK_REAL_S = 4.0, 60.0
 # nothing followed (a board that goes on after either does so within a round trip).
 QUIET_AFTER_END_S = 0.5
 _POLL_S = 0.05
+# How long an attempt's end waits for the gateway to record the answers its board already has
+# (a device that closed its side: until its kernel acknowledged the answer, at most 5 s).
+RECORD_WAIT_S = 10.0
 
 
 @dataclass
@@ -548,6 +551,8 @@ class OtaScenario:
             events, ended, timed_out = [e for e in self.trace if e.tag != "boot"], False, True
         if until_boot and booted and not (events and events[-1].tag == "ota end"):
             ended = False
+        # The board printed its end on answers the gateway may not have recorded yet.
+        self.gateway.wait_recorded(RECORD_WAIT_S)
         return self._finished(Attempt(events, self.gateway.timeline.exchanges(self.dev_id)[before:],
                                       ended, timed_out, self.trace[traced:]))
 
@@ -669,6 +674,8 @@ class OtaScenario:
                 or now - last >= quiet_for
             timed_out = not over and time.monotonic() > deadline
             if over or timed_out:
+                if self.gateway.recording() and self.gateway.wait_recorded(RECORD_WAIT_S):
+                    continue       # look again with the answers that were being recorded
                 break
         told_events = [(e.started, told(e)) for e in exchanges]
         booted = [(at, Event("boot", {"version": version})) for at, version in later

@@ -137,6 +137,10 @@ class Gateway:
         self._connections: set[_GatewayConnection] = set()
         self._held: set[_GatewayConnection] = set()
         self._hooks: ThreadPoolExecutor | None = None
+        # Answers on their way to a device whose exchange is not recorded yet (see
+        # ``wait_recorded``), and the condition a waiting thread sleeps on.
+        self._unrecorded = 0
+        self._recorded = threading.Condition(threading.Lock())
         self._server = BackgroundServer(host=host, port=port, thread_name="hil-gateway",
                                         max_requests=sys.maxsize,
                                         max_connections=max_connections,
@@ -194,6 +198,27 @@ class Gateway:
             self._epoch += 1
         if self._server.loop.is_running():
             self._server.call(self._release_held())
+
+    def recording(self) -> bool:
+        """Whether an answer a device may already have is not in the timeline yet."""
+        with self._recorded:
+            return self._unrecorded > 0
+
+    def wait_recorded(self, timeout: float) -> bool:
+        """Wait until every answer that has begun to reach its device is in the timeline (False
+        after ``timeout``). A device acts on its answer at once (a board prints ``ota end``
+        when its 201 is answered) while the gateway records the exchange a moment later, once
+        it knows how it ended for the device: up to seconds later for a device that closed its
+        side (``_taken``). Whoever reads the timeline because a device said it is done waits
+        here first. Answers held by a fault (a stall) have not begun and are not waited for."""
+        with self._recorded:
+            return self._recorded.wait_for(lambda: self._unrecorded == 0, timeout)
+
+    def _answering(self, change: int) -> None:
+        with self._recorded:
+            self._unrecorded += change
+            if not self._unrecorded:
+                self._recorded.notify_all()
 
     def raise_errors(self) -> None:
         """Re-raise, on the caller's thread, what failed on the gateway's thread or in a hook."""
@@ -282,6 +307,7 @@ class _GatewayConnection(RequestReader):
         self._upstream: UpstreamConnection | None = None
         self._release: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
+        self._answering = False    # this connection's answer is counted in wait_recorded's
 
     # -- the request side ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -423,9 +449,14 @@ class _GatewayConnection(RequestReader):
                         loaded = orjson.loads(answer.body)
                         data = loaded if isinstance(loaded, dict) else None
                 gateway._learn(target, dev_id, answer, data)
-        sent_body, head, ended = await self._deliver(answer, item, plan, epoch)
-        self._record(item, target, dev_id, answer, head, data, sent_body, fired,
-                     ", ".join(labels) or None, started, ended)
+        try:
+            sent_body, head, ended = await self._deliver(answer, item, plan, epoch)
+            self._record(item, target, dev_id, answer, head, data, sent_body, fired,
+                         ", ".join(labels) or None, started, ended)
+        finally:
+            if self._answering:
+                self._answering = False
+                gateway._answering(-1)
 
     async def _forward(self, item: _Item, plan: Plan) -> UpstreamAnswer:
         gateway = self._gateway
@@ -465,6 +496,7 @@ class _GatewayConnection(RequestReader):
         if answer is None:   # drop: no answer at all
             if plan.delay:
                 await asyncio.sleep(plan.delay)
+            self._answer_begins()
             self._close(transport)
             return None, b"", CUT_BY_FAULT
         head, body, cut_body = answer.head, answer.body, None
@@ -485,6 +517,7 @@ class _GatewayConnection(RequestReader):
         if plan is _NO_PLAN and not self._eof:   # the path of every unfaulted exchange
             if transport.is_closing():
                 return 0, head, DEVICE_GONE
+            self._answer_begins()
             transport.write(data)
             if close:
                 self._close(transport)
@@ -494,6 +527,7 @@ class _GatewayConnection(RequestReader):
         if plan.stall is not None:
             if epoch == self._gateway._epoch:   # else cleared while the service answered
                 await self._hold(plan.stall)
+            self._answer_begins()
             self._close(transport)
             return 0, head, CUT_BY_FAULT
         if transport.is_closing():   # it left while the service answered, or a fault delayed
@@ -501,6 +535,7 @@ class _GatewayConnection(RequestReader):
         cut = cut_body is not None
         if plan.cut is not None:
             data, close, cut = data[:plan.cut], True, True
+        self._answer_begins()
         sent = await self._write(transport, data, plan)
         ended = CUT_BY_FAULT if cut or plan.reset else ANSWERED
         if sent < len(data) or (self._eof and not await _taken(transport)):
@@ -511,6 +546,13 @@ class _GatewayConnection(RequestReader):
         elif close:
             self._close(transport)
         return max(0, sent - len(head)), head, ended
+
+    def _answer_begins(self) -> None:
+        """The device is about to see how its exchange ends (bytes, a close): until the record
+        is made, ``Gateway.wait_recorded`` waits for it."""
+        if not self._answering:
+            self._answering = True
+            self._gateway._answering(+1)
 
     async def _hold(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
