@@ -66,7 +66,9 @@ class Rfc2217Server:
                 connection, _ = self.listener.accept()
             except OSError:
                 return
-            with connection:
+            # A client that leaves at once (a check that the port listens) breaks its own
+            # session only.
+            with connection, contextlib.suppress(OSError):
                 self._client(connection)
 
     def _client(self, connection: socket.socket) -> None:
@@ -76,6 +78,15 @@ class Rfc2217Server:
         import hil.drivers  # noqa: F401   (registers the hilsim:// URL handler)
 
         port = serial.serial_for_url(self.url, timeout=0.05)
+        try:
+            self._session(connection, port)
+        finally:
+            port.close()
+
+    def _session(self, connection: socket.socket, port: Any) -> None:
+        import serial
+        import serial.rfc2217
+
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = _Client(connection)
         manager = serial.rfc2217.PortManager(port, client)
@@ -108,7 +119,6 @@ class Rfc2217Server:
         finally:
             gone.set()
             reader.join(10)
-            port.close()
 
 
 class _Client:

@@ -536,3 +536,23 @@ def test_a_coordinator_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     assert str(caught.value) == (f"rig lab-x: labgrid: labgrid-client reserve name=bench-x "
                                  f"(coordinator {address}) failed: Server error: Error: Could "
                                  "not connect to coordinator")
+
+
+def test_a_remote_probe_whose_server_is_not_there_is_one_line() -> None:
+    """A place's probe server that does not answer (its `pyocd server` not started) is a rig
+    fault naming the address, as a USB probe not plugged in is."""
+    from hil.drivers.swd import SwdFlasher
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))      # bound, never listening: connections refused
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        with pytest.raises(RigFault) as caught:
+            SwdFlasher(probe=f"remote:{address}", target="nrf52832").open()
+    assert str(caught.value) == (
+        f"flasher: SWD probe remote:{address} (nrf52832): no pyocd server answers at {address} "
+        "(`pyocd server` on the probe's host): Connection refused")
+    with pytest.raises(RigFault) as caught:
+        SwdFlasher(probe="remote:bench-07", target="nrf52832").open()
+    assert str(caught.value) == ("flasher: SWD probe remote:bench-07: a remote probe is "
+                                 "remote:HOST:PORT (the host and port its `pyocd server` "
+                                 "listens on)")
