@@ -489,8 +489,11 @@ def test_the_example_rig_and_exporter_config_are_what_the_lab_needs() -> None:
     assert rig.labgrid is not None
     assert rig.labgrid.filters == ("name=bench-07",)
     assert rig.power.kind == "labgrid"
+    assert rig.flasher.kind == "swd"
+    assert rig.flasher.probe is None          # the place's
     exported = yaml.safe_load((ROOT / "rigs" / "labgrid" / "exporter.yaml").read_text())
-    assert set(exported["bench-07"]) == {"USBSerialPort", "NetworkPowerPort"}
+    assert set(exported["bench-07"]) == {"USBSerialPort", "NetworkPowerPort", "pyocd"}
+    assert exported["bench-07"]["pyocd"]["cls"] == "NetworkService"
 
 
 def test_places_are_told_free_reserved_or_acquired_and_matched_by_name_or_tags() -> None:

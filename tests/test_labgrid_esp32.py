@@ -12,6 +12,7 @@ publishes the same port as raw TCP, which carries no modem lines.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -153,15 +154,33 @@ def test_a_raw_serial_port_cannot_reset_an_esp32_and_says_so(lab: Lab, tmp_path:
 def test_a_run_on_the_esp32_place_restores_and_updates_it(lab: Lab, tmp_path: Path) -> None:
     """A run given only the place (``--hil-place``, no rig file): its rig has the ESP32
     flasher (the place's port is RFC 2217), the base image is restored through it, and an
-    update runs to the end."""
+    update runs to the end. ``hil report`` then says which place the board's tests ran on:
+    its name, tags and exporter, in signoff.md, signoff.json and the HTML report's
+    Environment widget."""
+    results, report = tmp_path / "allure-results", tmp_path / "allure-report"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "testcases/test_detect.py::test_happy_path_updates_to_"
          "the_target_and_the_next_detect_finds_no_task", "--hil-place", PLACE,
-         "--hil-firmware", str(IMAGES / "esp32-1.0.0.bin"), "-p", "no:cacheprovider", "-q",
-         "-rs", "--no-header"], cwd=ROOT, env=lab.env, capture_output=True, text=True,
-        timeout=600, check=False)
+         "--hil-firmware", str(IMAGES / "esp32-1.0.0.bin"), f"--alluredir={results}",
+         "-p", "no:cacheprovider", "-q", "-rs", "--no-header"], cwd=ROOT, env=lab.env,
+        capture_output=True, text=True, timeout=600, check=False)
     summary = done.stdout.strip().splitlines()[-1]
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"^1 passed in ", summary), summary
     assert f"place {PLACE} (" in done.stderr
     assert not lab.client.snapshot().reservations
+
+    reported = subprocess.run([Path(sys.executable).with_name("hil"), "report", str(results),
+                               "-o", str(report)], env=lab.env, capture_output=True,
+                              text=True, timeout=300, check=False)
+    assert reported.returncode in (0, 1), reported.stderr
+    tags = f"board=esp32, dev_id={DEV_ID}, product_id={lab.identity['product_id']}"
+    signoff = json.loads((report / "signoff.json").read_text())
+    assert signoff["places"] == [{"board": "esp32", "rig": PLACE, "place": PLACE, "tags": tags,
+                                  "exporter": f"{EXPORTER} (127.0.0.1)", "tests": 1}]
+    assert f"| esp32 | {PLACE} | {tags} | {EXPORTER} (127.0.0.1) | 1 | {PLACE} |" in \
+        (report / "signoff.md").read_text().splitlines()
+    shown = {item["name"]: item["values"] for item in
+             json.loads((report / "widgets" / "environment.json").read_text())}
+    assert shown["places esp32"] == [
+        f"{PLACE} ({tags}; exporter {EXPORTER} (127.0.0.1)): 1 test, rig {PLACE}"]

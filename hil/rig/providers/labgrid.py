@@ -178,6 +178,29 @@ class Place:
     # Those its matches name, acquired or not: what the place will hold once acquired.
     matched: tuple[Resource, ...] = ()
 
+    @property
+    def exporter(self) -> str:
+        """Where its resources are: the exporters' names (labgrid's name for a bench host,
+        its host name by default), each with the address its serial port is served at when
+        that differs (``bench-host-3 (10.0.0.7)``)."""
+        hosts: dict[str, str] = {}
+        for resource in self.resources or self.matched:
+            host = str(resource.params.get("host") or "") \
+                if resource.cls == "NetworkSerialPort" else ""
+            if host and host != resource.path[0]:
+                hosts[resource.path[0]] = f"{resource.path[0]} ({host})"
+            else:
+                hosts.setdefault(resource.path[0], resource.path[0])
+        return ", ".join(hosts[name] for name in sorted(hosts)) or "unknown"
+
+    def facts(self) -> dict[str, str]:
+        """What a test's report records of the place it ran on (Allure labels; ``hil report``
+        shows them): its name, its tags, its exporter."""
+        return {"place": self.name,
+                "place_tags": ", ".join(f"{key}={value}"
+                                        for key, value in sorted(self.tags.items())),
+                "place_exporter": self.exporter}
+
 
 @dataclass(frozen=True)
 class Reservation:
