@@ -35,6 +35,7 @@ from bench_host import bench_host
 from private_rig import ROOT, private_sim_rig
 
 from hil.errors import ConfigError, RigFault
+from hil.report.signoff import decide, read_results
 from hil.rig.model import load_rig
 from hil.rig.parts import RigParts
 from hil.rig.providers.labgrid import LabgridClient, Snapshot, client_path, release_held
@@ -463,7 +464,8 @@ def test_the_conformance_suite_runs_on_the_place(lab: Lab, tmp_path: Path) -> No
     done = subprocess.run(
         [sys.executable, "-m", "pytest", *common, "--deselect", f"{CUT_DURING_FLASH}[lab-lg-suite]",
          "--hil-firmware", str(ROOT / "fixtures" / "images" / "nrf52832-1.0.0.bin"),
-         f"--junitxml={junit}", "-q", "-rfEs", "--no-header"],
+         f"--junitxml={junit}", f"--alluredir={tmp_path / 'allure'}", "-q", "-rfEs",
+         "--no-header"],
         cwd=ROOT, env=lab.env, capture_output=True, text=True, timeout=900, check=False)
     summary = done.stdout.strip().splitlines()[-1]
     assert done.returncode == 0, done.stdout[-4000:]
@@ -482,6 +484,12 @@ def test_the_conformance_suite_runs_on_the_place(lab: Lab, tmp_path: Path) -> No
     assert {case.get("classname", "").split(".")[1] for case in cases} == \
         {path.stem for path in (ROOT / "testcases").glob("test_*.py")}
     assert place_state(lab) == "free"
+    # The sign-off names the place every test ran on (a rig file's place: labelled once the
+    # place is acquired).
+    signoff = decide(read_results([tmp_path / "allure"]))
+    assert [use.as_json() for use in signoff.places] == [{
+        "board": "nrf52832", "rig": "lab-lg-suite", "place": PLACE, "tags": "board=nrf52832",
+        "exporter": f"{EXPORTER} (127.0.0.1)", "tests": len(cases)}]
 
 
 def test_the_example_rig_and_exporter_config_are_what_the_lab_needs() -> None:
