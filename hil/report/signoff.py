@@ -22,6 +22,10 @@ check broken and lists every finding. By default:
 4. no rig fault is left unexplained: a broken test is explained when a later attempt of the
    same test passed, or when a waiver (``--waive FILE``) names it with a reason.
 
+A test run on a labgrid place carries the place's name, tags and exporter (labels ``place``,
+``place_tags``, ``place_exporter``): the sign-off lists, per board, the places its tests ran on
+(``places_of``), in signoff.md, signoff.json and the HTML report's Environment widget.
+
 Skipped tests do not block GO; they are counted, and listed. Every text that reaches the
 summary goes through ``Redactor`` (``hil.report.redact``): secrets (access keys, tokens from the
 environment, signatures of OneNET Authorization values, in any of their encodings) never do.

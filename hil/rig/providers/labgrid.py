@@ -26,14 +26,28 @@ installs the same ``serial`` module as pyserial, which hil, pyocd and esptool (a
 3. ``labgrid-client -p + acquire`` (the place allocated to the token), then the place's
    resources: a ``NetworkSerialPort`` becomes the console (``rfc2217://host:port``, or
    ``socket://`` for ``protocol: raw``), a power port (``power.kind: labgrid``) is switched with
-   ``labgrid-client power``.
+   ``labgrid-client power``. The flasher, where the rig file names no probe or port:
+
+   - an SWD board's probe is the place's ``NetworkService`` named ``pyocd``: the ``pyocd
+     server`` on the bench host (``address``, ``port``), opened with pyocd's remote probe
+     client as ``remote:address:port``. labgrid has no resource of its own for pyocd's probe
+     server (its remote debuggers are USB devices used over SSH, ``NetworkUSBDebugger``); a
+     NetworkService is a TCP service at an address and port, which the exporter publishes
+     as configured and labgrid's client builds without complaint (an unknown class would
+     break ``labgrid-client power`` on the place);
+   - an ESP32's bootloader is reached through the place's serial port: in rfc2217 mode
+     (ser2net's ``telnet(rfc2217)``, labgrid's default) DTR and RTS reach the USB-UART and
+     esptool's resets work (``hil.drivers.esp``); a port exported as raw TCP carries no
+     lines and is refused at start, in one line.
 
    The console is opened only once the exporter's ser2net listens (``wait_listening``: the
    exporter publishes its port before it does).
 
 A run given ``--hil-place``/``--hil-place-tags`` and no rig file has its rig built from the
-matching places (``rig_from_places``: board and identity from their tags) and, at its first
-test, bound to the place it got (``bound_to_place``): each xdist worker its own place.
+matching places (``rig_from_places``: board and identity from their tags, the flasher where
+every place has one) and, at its first test, bound to the place it got (``bound_to_place``):
+each xdist worker its own place. Each test's Allure result records its place (``Place.facts``:
+name, tags, exporter), which ``hil report`` shows per board.
 
 Releasing is ``labgrid-client release`` and ``cancel-reservation`` (the place is free for the
 next one only then), then the guard is told it is done. With ``labgrid.hold: run`` (the default)
