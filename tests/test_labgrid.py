@@ -1,12 +1,14 @@
 """A rig that is a labgrid place, reached only through a real labgrid coordinator and exporter.
 
-The module starts, on loopback, a simulated nRF52832 bench (``hil sim up``), a real
-``labgrid-coordinator`` and a real ``labgrid-exporter`` (labgrid from PyPI, in dev.py's
-.venv-labgrid) that exports the board's console pty through ser2net (a ``RawSerialPort``) and a
-``NetworkPowerPort`` (labgrid's ``simplerest`` model) whose HTTP relay here switches the simulated
-bench supply. The place ``bench-lg`` (tags ``board=nrf52832``) holds both. hil reaches the board
-only through the place: reserved, acquired, its console over rfc2217, its power through
-``labgrid-client power``.
+The module starts, on loopback, a simulated nRF52832 bench host (``tests/bench_host.py``: the
+bench, and its SWD probe served by pyocd's remote probe server, as ``pyocd server`` serves a USB
+probe on a lab's bench host), a real ``labgrid-coordinator`` and a real ``labgrid-exporter``
+(labgrid from PyPI, in dev.py's .venv-labgrid) that exports the board's console pty through
+ser2net (a ``RawSerialPort``), a ``NetworkPowerPort`` (labgrid's ``simplerest`` model) whose HTTP
+relay here switches the simulated bench supply, and the probe server as a ``NetworkService``
+named ``pyocd``. The place ``bench-lg`` (tags ``board=nrf52832``) holds all three. hil reaches
+the board only through the place: reserved, acquired, its console over rfc2217, its power
+through ``labgrid-client power``, its SWD probe as ``remote:host:port``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from private_rig import ROOT, private_sim_rig, sim_up
+from bench_host import bench_host
+from private_rig import ROOT, private_sim_rig
 
 from hil.errors import ConfigError, RigFault
 from hil.rig.model import load_rig
@@ -111,6 +113,7 @@ class Lab:
     env: dict[str, str]
     relay: SupplyRelay
     tmp: Path
+    probe: str = ""           # host:port of the bench host's pyocd probe server
 
 
 def slow_ser2net(env: dict[str, str], tmp: Path, delay_s: float) -> dict[str, str]:
@@ -157,9 +160,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     env = {**sim.env, "LG_COORDINATOR": address}
     for name in ("LG_PLACE", "LG_TOKEN", "LG_ENV"):
         env.pop(name, None)
-    with sim_up(sim) as up:
+    with bench_host(sim.path, sim.env, "--probe-server") as up:
         relay = SupplyRelay(up.addresses["power"])
         console = os.path.realpath(up.addresses["console"])    # the exporter wants /dev/pts/N
+        probe_host, probe_port = up.addresses["probe"].rsplit(":", 1)
         (tmp / "exporter.yaml").write_text(textwrap.dedent(f"""\
             bench:
               RawSerialPort:
@@ -169,6 +173,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 model: simplerest
                 host: 'http://127.0.0.1:{relay.port}/power/{{value}}'
                 index: 0
+              pyocd:
+                cls: NetworkService
+                address: {probe_host}
+                port: {probe_port}
+                username: pyocd
             """))
         coordinator = started([str(bin_dir / "labgrid-coordinator"), "-l", address], cwd=tmp,
                               env=env, log=tmp / "coordinator.log")
@@ -180,7 +189,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                                 "-n", EXPORTER, str(tmp / "exporter.yaml")], cwd=tmp,
                                env=slow_ser2net(env, tmp, SER2NET_DELAY_S),
                                log=tmp / "exporter.log")
-            wait_for("the exporter's resources", lambda: len(lg.snapshot().resources) == 2)
+            wait_for("the exporter's resources", lambda: len(lg.snapshot().resources) == 3)
             lg.run("-p", PLACE, "create")
             lg.run("-p", PLACE, "add-match", f"{EXPORTER}/bench/*")
             lg.run("-p", PLACE, "set-tags", "board=nrf52832")
@@ -191,10 +200,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 "name": "lab-lg", "board": "nrf52832",
                 "identity": sim.document["identity"],
                 "labgrid": {"place": PLACE, "coordinator": address, "wait": 120},
+                "flasher": {"kind": "swd"},      # the place's probe: its pyocd server
                 "power": {"kind": "labgrid", "off_s": 0.5},
                 "rf": {"kind": "console"},
             }))
-            yield Lab(address, lg, rig_path, rigs_dir, env, relay, tmp)
+            yield Lab(address, lg, rig_path, rigs_dir, env, relay, tmp, up.addresses["probe"])
         finally:
             if exporter is not None:
                 stopped(exporter)
@@ -263,7 +273,7 @@ def read_line(process: subprocess.Popen[str], lab: Lab) -> str:
 
 
 # ------------------------------------------------------------------------------ the tests
-def test_the_board_is_reached_through_the_place_console_and_power(lab: Lab) -> None:
+def test_the_board_is_reached_through_the_place_console_power_and_probe(lab: Lab) -> None:
     rig = load_rig(lab.rig_path)
     with RigParts(rig) as parts:
         assert place_state(lab).startswith("acquired by ")
@@ -282,6 +292,14 @@ def test_the_board_is_reached_through_the_place_console_and_power(lab: Lab) -> N
         power.cycle()
         console.expect(r"^boot ", timeout=DEADLINE_S, since=mark)
         assert lab.relay.switched[-2:] == [False, True]
+        # The SWD probe is the place's pyocd server (its NetworkService "pyocd"): the rig
+        # names no probe. A reset through it is a new boot.
+        flasher = parts.flasher()
+        assert flasher is not None
+        assert flasher.name == f"SWD probe remote:{lab.probe} (nrf52832)"  # type: ignore[attr-defined]
+        mark = console.mark()
+        flasher.reset()
+        console.expect(r"^boot ", timeout=DEADLINE_S, since=mark)
         token = parts.provider.token
     # Held for the run (labgrid.hold: run): the next test's parts take it back at once.
     assert place_state(lab).startswith("acquired by ")
@@ -371,6 +389,9 @@ def test_a_killed_run_gives_its_place_back(lab: Lab, tmp_path: Path) -> None:
     assert any(line.startswith("lab-lg           console  ok") for line in lines), lines
     assert any(line.startswith("lab-lg           power    ok") and "is on" in line
                for line in lines), lines
+    assert any(line.startswith("lab-lg           flasher  ok") and
+               f"SWD probe remote:{lab.probe} (nrf52832) connected" in line
+               for line in lines), lines
     assert not lab.client.snapshot().reservations
 
 
@@ -417,34 +438,16 @@ def test_a_wrong_labgrid_section_is_one_line_naming_the_key(tmp_path: Path, sect
     assert "\n" not in text
 
 
-def test_conformance_cases_run_on_the_place(lab: Lab, tmp_path: Path) -> None:
-    """Conformance cases from a rig file naming only the place: the console through ser2net
-    and the coordinator, the firmware's hooks as its power and rf (as a board known only by its
-    serial port, tests/test_pty_board_suite.py). The happy path (a whole update) stands for the
-    suite here: the whole suite passed this way too (about two minutes; six with hold: test,
-    a reservation per case)."""
-    rig = yaml.safe_load(lab.rig_path.read_text())
-    rig.update(name="lab-lg-suite", power={"kind": "console"}, ota={"device_timeout": 1.0})
-    path = tmp_path / "lab-lg-suite.yaml"
-    path.write_text(yaml.safe_dump(rig), encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "testcases/test_detect.py::"
-         "test_happy_path_updates_to_the_target_and_the_next_detect_finds_no_task",
-         "--hil-rig", str(path), "-p", "no:cacheprovider", "-q", "-rs", "--no-header"],
-        cwd=ROOT, env=lab.env, capture_output=True, text=True, timeout=600, check=False)
-    summary = done.stdout.strip().splitlines()[-1]
-    assert done.returncode == 0, done.stdout[-4000:]
-    assert re.search(r"^1 passed in ", summary), summary
-    assert place_state(lab) == "free"
-
-
 def test_the_example_rig_and_exporter_config_are_what_the_lab_needs() -> None:
     rig = load_rig(ROOT / "rigs" / "labgrid" / "bench-07.yaml")
     assert rig.labgrid is not None
     assert rig.labgrid.filters == ("name=bench-07",)
     assert rig.power.kind == "labgrid"
+    assert rig.flasher.kind == "swd"
+    assert rig.flasher.probe is None          # the place's
     exported = yaml.safe_load((ROOT / "rigs" / "labgrid" / "exporter.yaml").read_text())
-    assert set(exported["bench-07"]) == {"USBSerialPort", "NetworkPowerPort"}
+    assert set(exported["bench-07"]) == {"USBSerialPort", "NetworkPowerPort", "pyocd"}
+    assert exported["bench-07"]["pyocd"]["cls"] == "NetworkService"
 
 
 def test_places_are_told_free_reserved_or_acquired_and_matched_by_name_or_tags() -> None:
@@ -490,3 +493,23 @@ def test_a_coordinator_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     assert str(caught.value) == (f"rig lab-x: labgrid: labgrid-client reserve name=bench-x "
                                  f"(coordinator {address}) failed: Server error: Error: Could "
                                  "not connect to coordinator")
+
+
+def test_a_remote_probe_whose_server_is_not_there_is_one_line() -> None:
+    """A place's probe server that does not answer (its `pyocd server` not started) is a rig
+    fault naming the address, as a USB probe not plugged in is."""
+    from hil.drivers.swd import SwdFlasher
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))      # bound, never listening: connections refused
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        with pytest.raises(RigFault) as caught:
+            SwdFlasher(probe=f"remote:{address}", target="nrf52832").open()
+    assert str(caught.value) == (
+        f"flasher: SWD probe remote:{address} (nrf52832): no pyocd server answers at {address} "
+        "(`pyocd server` on the probe's host): Connection refused")
+    with pytest.raises(RigFault) as caught:
+        SwdFlasher(probe="remote:bench-07", target="nrf52832").open()
+    assert str(caught.value) == ("flasher: SWD probe remote:bench-07: a remote probe is "
+                                 "remote:HOST:PORT (the host and port its `pyocd server` "
+                                 "listens on)")

@@ -9,8 +9,10 @@ protocol as the real one, so nothing above this layer knows which it drives.
 from __future__ import annotations
 
 import re
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -168,3 +170,14 @@ class RfProtocol(Driver, Protocol):
     def set_signal(self, level: int) -> None:
         """Make the board see this signal level (the value it reports at detect)."""
         ...
+
+
+@contextmanager
+def rfc2217_quiet() -> Iterator[None]:
+    """Around opening a pyserial port that may be ``rfc2217://``: pyserial 3.5's rfc2217 client
+    starts its reader with Thread.setDaemon() and setName(), deprecated since Python 3.10
+    (warnings hil's tests make errors)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"(setDaemon|setName)\(\) is deprecated",
+                                DeprecationWarning)
+        yield

@@ -11,6 +11,12 @@ wrote by MD5; with ``full=True`` the whole image is written, as ``esptool write-
 ``reset()`` pulses EN through RTS: the board leaves the bootloader and runs its application, so the
 next bootloader operation (``program()``, ``read_mac()``) connects again by itself.
 
+Over the network, ``rfc2217://host:port`` (a lab's ser2net in ``telnet(rfc2217)`` mode, a labgrid
+place's NetworkSerialPort) carries DTR and RTS to the USB-UART, so the same reset sequences work:
+their line changes are sent as they come rather than each after the server's answer
+(``_Rfc2217Lines``), and the port's read timeout stays local (``_Rfc2217Port``). A raw TCP port
+(``socket://``) carries no lines: the board cannot be reset into its bootloader through it.
+
 On most ESP32 boards the console and the bootloader share one USB serial bridge: the rig closes
 the console before it opens this flasher (``RigParts.release``), and this driver gives the port
 back on ``close()``.
@@ -52,8 +58,9 @@ from esptool.targets import CHIP_DEFS
 from esptool.util import FatalError
 from rich.errors import MarkupError
 from rich.text import Text
+from serial import rfc2217
 
-from hil.drivers.base import DriverBase, Progress
+from hil.drivers.base import DriverBase, Progress, rfc2217_quiet
 from hil.errors import ConfigError, RigFault
 
 log = logging.getLogger(__name__)
@@ -175,9 +182,16 @@ class EspFlasher(DriverBase):
     def open(self) -> None:
         if self._serial is not None:
             return
+        port: serial.SerialBase
         try:
-            port = serial.serial_for_url(self.port, do_not_open=True, exclusive=True)
-            port.open()
+            if self.port.lower().startswith("rfc2217://"):
+                # A lab's network serial port (ser2net's telnet(rfc2217)): it carries DTR/RTS.
+                port = _Rfc2217Port(None, exclusive=True)
+                port.port = self.port
+            else:
+                port = serial.serial_for_url(self.port, do_not_open=True, exclusive=True)
+            with rfc2217_quiet():
+                port.open()
         except (OSError, ValueError) as err:   # SerialException is an OSError
             raise RigFault(PART, f"{self.port}: cannot open: {err}") from err
         self._serial = port
@@ -302,7 +316,7 @@ class EspFlasher(DriverBase):
         # sampled IO0: it boots its application, and only another reset brings it round.
         def reset_and_sync() -> Any:
             with self._faults("resetting into the bootloader"):
-                ClassicReset(self._serial)()
+                ClassicReset(_unwaited_lines(self._serial))()
             return detect_chip(self._serial, baud=ROM_BAUD, connect_mode="no-reset",
                                connect_attempts=1)
 
@@ -397,6 +411,64 @@ class _RunsProgress:
         if overall > self._reported:
             self._reported = overall
             self._progress(overall, self._total)
+
+
+class _Rfc2217Port(rfc2217.Serial):
+    """pyserial's rfc2217 client with its read timeout kept here, where it is used: pyserial
+    sends the port's whole setting (baud rate, data bits, parity, stop bits, each awaiting its
+    acknowledgement, polled every 50 ms) to the server whenever the timeout changes, and
+    esptool changes it around each command: 0.3 s a command, a minute to compare and write
+    an image. The baud rate, which is the server's, still goes there."""
+
+    @property
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, timeout: float | None) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"not a valid timeout: {timeout!r}")
+        self._timeout = timeout
+
+
+class _Rfc2217Lines:
+    """An ``rfc2217://`` port as esptool's reset sequences set its DTR and RTS: each change
+    sent at once, in order, not after the server acknowledged the one before. pyserial's client
+    waits for each acknowledgement (polling every 50 ms; 100 ms each with ``ign_set_control``),
+    so the classic sequence's two changes that release EN with IO0 low would reach the board
+    50 ms or more apart, the chip out of reset with IO0 still high in between: it boots its
+    application. Sent back to back, they reach the USB-UART behind the server (ser2net's
+    ``telnet(rfc2217)``) as a local port's do, a moment apart; the sequence's own waits are
+    kept. The server's acknowledgements are read by pyserial's reader as usual."""
+
+    def __init__(self, port: Any) -> None:
+        self._port = port
+
+    def isOpen(self) -> bool:
+        return bool(self._port.is_open)
+
+    def open(self) -> None:
+        with rfc2217_quiet():
+            self._port.open()
+
+    @property
+    def dtr(self) -> bool:
+        return bool(self._port.dtr)
+
+    def setDTR(self, state: bool) -> None:
+        self._send("_dtr_state", state, rfc2217.SET_CONTROL_DTR_ON, rfc2217.SET_CONTROL_DTR_OFF)
+
+    def setRTS(self, state: bool) -> None:
+        self._send("_rts_state", state, rfc2217.SET_CONTROL_RTS_ON, rfc2217.SET_CONTROL_RTS_OFF)
+
+    def _send(self, attribute: str, state: bool, on: bytes, off: bytes) -> None:
+        setattr(self._port, attribute, state)      # what pyserial's dtr/rts properties read
+        self._port.rfc2217_send_subnegotiation(rfc2217.SET_CONTROL, on if state else off)
+
+
+def _unwaited_lines(port: Any) -> Any:
+    """``port`` as esptool's reset sequences should set its lines (``_Rfc2217Lines``)."""
+    return _Rfc2217Lines(port) if isinstance(port, rfc2217.Serial) else port
 
 
 def _has_file_descriptor(port: Any) -> bool:

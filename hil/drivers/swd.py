@@ -11,6 +11,8 @@ What ``open()`` checks, in this order, so the most useful message comes first:
    lacks a pack says how to get it even on a desk with nothing plugged in;
 2. the probe: enumerated without waiting (pyocd would otherwise wait forever for one), matched by
    its exact unique id; a missing one is reported with the ids that are connected;
+   a probe on another host, ``remote:HOST:PORT``, is pyocd's remote probe client to the
+   ``pyocd server`` there (a labgrid place's probe: hil.rig.providers.labgrid), not enumerated;
 3. the connection itself (probe open, SWD clock, target init).
 
 The session is opened in ``attach`` mode: opening the flasher does not stop the firmware under
@@ -42,6 +44,7 @@ from pyocd.core.helpers import ConnectHelper
 from pyocd.core.session import Session
 from pyocd.debug.svd import loader as svd_loader
 from pyocd.flash.file_programmer import FileProgrammer
+from pyocd.probe.aggregator import DebugProbeAggregator
 from pyocd.target import normalise_target_type_name
 from pyocd.target.builtin import BUILTIN_TARGETS
 from pyocd.target.pack.cmsis_pack import CmsisPack
@@ -98,7 +101,29 @@ def _connected_probes() -> list[tuple[str, str, Any]]:
     return found
 
 
+REMOTE = "remote:"      # pyocd's remote probe client: remote:host:port, a `pyocd server`
+
+
+def is_remote(unique_id: str) -> bool:
+    """``remote:host:port``: a probe served by ``pyocd server`` on another host (a lab's bench
+    host, a labgrid place's ``pyocd`` NetworkService), reached through pyocd's remote probe
+    client rather than found among the probes plugged in here."""
+    return unique_id.casefold().startswith(REMOTE)
+
+
+def _remote_probe(unique_id: str) -> Any:
+    """pyocd's remote probe client for ``remote:host:port`` (no I/O until it opens)."""
+    address = unique_id[len(REMOTE):]
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RigFault(PART, f"SWD probe {unique_id}: a remote probe is remote:HOST:PORT "
+                             "(the host and port its `pyocd server` listens on)")
+    return DebugProbeAggregator.get_probe_with_id(f"{REMOTE}{address}")
+
+
 def _find_probe(unique_id: str) -> Any:
+    if is_remote(unique_id):
+        return _remote_probe(unique_id)
     connected = _connected_probes()
     for probe_id, _, probe in connected:
         if probe_id.casefold() == unique_id.casefold():
@@ -123,7 +148,8 @@ def check_target_support(target: str, pack: Path | None = None,
                              f"it describes: {', '.join(sorted(parts)) or 'no device'}")
     if name in BUILTIN_TARGETS or name in _installed_pack_part_numbers():
         return
-    if probe is not None and _probe_brings_target(probe, name):
+    # A remote probe's server is not asked: it serves a probe, not its targets.
+    if probe is not None and not is_remote(probe) and _probe_brings_target(probe, name):
         return
     raise RigFault(PART, f"target {target} needs its CMSIS pack: `pyocd pack install {target}` "
                          "or name the .pack file in the rig (flasher.pack)")
@@ -251,6 +277,10 @@ class SwdFlasher(DriverBase):
         except _PROBE_ERRORS as err:
             if session is not None:
                 self._close_quietly(session)
+            if is_remote(self.probe) and isinstance(err, OSError):
+                raise RigFault(PART, f"{self.name}: no pyocd server answers at "
+                               f"{self.probe[len(REMOTE):]} (`pyocd server` on the probe's "
+                               f"host): {err.strerror or err}") from err
             raise RigFault(PART, f"{self.name}: cannot connect: {err}") from err
         self._session = session
         log.info("%s: connected", self.name)

@@ -726,10 +726,7 @@ def _on_place(config: pytest.Config, request: pytest.FixtureRequest, rig: Rig) -
     bound, place = bound_to_place(rig)
     request.node.user_properties.append(("hil_place", place.name))
     if reporting.alluredir(config):
-        import allure
-
-        # A label, not a parameter: the place does not make another test of it (its history).
-        allure.dynamic.label("place", place.name)   # type: ignore[no-untyped-call]
+        reporting.place_labels(place)
     if config.stash[OPTIONS].check_rigs:
         _checked(config, bound)     # once per process: its own place's parts
     told = config.stash.setdefault(TOLD_PLACES, set())
@@ -808,7 +805,7 @@ def rf(rig: Rig, rig_parts: RigParts) -> RfProtocol:
 
 
 @pytest.fixture
-def board(rig_parts: RigParts, hil_options: HilOptions) -> Board:
+def board(rig_parts: RigParts, hil_options: HilOptions, request: pytest.FixtureRequest) -> Board:
     """The board, back in its base state: the base image flashed (rigs with a flasher, when
     --hil-firmware is given; only the sectors that differ, all of it with --hil-full-restore),
     else the firmware's factory reset. A board that does not answer (a test left it hung) is
@@ -816,6 +813,11 @@ def board(rig_parts: RigParts, hil_options: HilOptions) -> Board:
     board = Board(rig_parts)
     board.revive()          # a board a test left hung is power-cycled, so this one can run
     board.restore_base(hil_options.firmware_for(board.rig), full=hil_options.full_restore)
+    # A rig file's labgrid place, known once acquired (a place-built rig's: in _on_place).
+    place = getattr(rig_parts.provider, "place", None)
+    if place is not None and reporting.alluredir(request.config) and board.rig.name not in \
+            request.config.stash.get(PLACE_RIGS, frozenset()):
+        reporting.place_labels(place)
     return board
 
 

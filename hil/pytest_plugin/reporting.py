@@ -121,6 +121,14 @@ def label(item: pytest.Item, rig: Rig, firmware: str, target: str) -> None:
                                  mode=allure.parameter_mode.HIDDEN)
 
 
+def place_labels(place: Any) -> None:
+    """The labgrid place the test ran on (``hil.rig.providers.labgrid.Place.facts``: its name,
+    tags and exporter), as labels, not parameters: the place does not make another test of it
+    (its history); ``hil report`` shows them per board."""
+    for name, value in place.facts().items():
+        allure.dynamic.label(name, value)
+
+
 # ---------------------------------------------------------------------------------- steps
 class AttemptClock:
     """An observer of ``OtaScenario.update``: when each attempt was over (its steps are written

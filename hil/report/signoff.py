@@ -22,6 +22,10 @@ check broken and lists every finding. By default:
 4. no rig fault is left unexplained: a broken test is explained when a later attempt of the
    same test passed, or when a waiver (``--waive FILE``) names it with a reason.
 
+A test run on a labgrid place carries the place's name, tags and exporter (labels ``place``,
+``place_tags``, ``place_exporter``): the sign-off lists, per board, the places its tests ran on
+(``places_of``), in signoff.md, signoff.json and the HTML report's Environment widget.
+
 Skipped tests do not block GO; they are counted, and listed. Every text that reaches the
 summary goes through ``Redactor`` (``hil.report.redact``): secrets (access keys, tokens from the
 environment, signatures of OneNET Authorization values, in any of their encodings) never do.
@@ -89,10 +93,16 @@ class Attempt:
     start: int
     stop: int
     source: Path           # the results directory it came from
+    # The labgrid place it ran on ("" for a rig of its own): the plugin's labels place,
+    # place_tags and place_exporter (hil.rig.providers.labgrid.Place.facts).
+    place: str = ""
+    place_tags: str = ""
+    place_exporter: str = ""
 
     @property
     def where(self) -> str:
-        return f"{self.board}/{self.phase}, rig {self.rig}"
+        on = f", place {self.place}" if self.place else ""
+        return f"{self.board}/{self.phase}, rig {self.rig}{on}"
 
 
 @dataclass(frozen=True)
@@ -261,6 +271,9 @@ def _attempt(path: Path, document: dict[str, Any], source: Path, redact: Redacto
         start=_int(document.get("start")),
         stop=_int(document.get("stop")),
         source=source,
+        place=redact(label.get("place", "")),
+        place_tags=redact(label.get("place_tags", "")),
+        place_exporter=redact(label.get("place_exporter", "")),
     )
 
 
@@ -613,6 +626,36 @@ class Row:
 
 
 @dataclass(frozen=True)
+class PlaceUse:
+    """A labgrid place a board's tests ran on, and how many of them (their last attempts)."""
+
+    board: str
+    rig: str
+    place: str
+    tags: str
+    exporter: str
+    tests: int
+
+    def line(self) -> str:
+        """``bench-07 (board=nrf52832, dev_id=527776562; exporter bench-host-3): 59 tests``."""
+        tags = f"{self.tags}; " if self.tags else ""
+        return f"{self.place} ({tags}exporter {self.exporter or 'unknown'}): {self.tests} " \
+               f"test{'s' if self.tests != 1 else ''}, rig {self.rig}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"board": self.board, "rig": self.rig, "place": self.place, "tags": self.tags,
+                "exporter": self.exporter, "tests": self.tests}
+
+
+def places_of(finals: Iterable[Attempt]) -> tuple[PlaceUse, ...]:
+    """The places the tests ran on, by board (a run on several places: a line each)."""
+    counts: Counter[tuple[str, str, str, str, str]] = Counter(
+        (run.board, run.rig, run.place, run.place_tags, run.place_exporter)
+        for run in finals if run.place)
+    return tuple(PlaceUse(*key, tests=count) for key, count in sorted(counts.items()))
+
+
+@dataclass(frozen=True)
 class SignOff:
     go: bool
     decided_by: str                     # the check that decided NO-GO, or "every check"
@@ -639,6 +682,7 @@ class SignOff:
     waivers: tuple[Waiver, ...] = field(default=())
     # The rest of the results' environment.properties (rigs, service, tool versions), joined.
     other_environment: tuple[tuple[str, str], ...] = field(default=())
+    places: tuple[PlaceUse, ...] = field(default=())    # the labgrid places tests ran on
 
     def coverage_line(self) -> str:
         """``coverage: esp32 56/56, gd32 56/56, nrf52832 56/56``."""
@@ -672,6 +716,7 @@ class SignOff:
             "hosts": self.hosts,
             "hil_version": self.hil_version,
             "coverage": [board.as_json() for board in self.coverage],
+            "places": [place.as_json() for place in self.places],
             "waivers": [waiver.model_dump() for waiver in self.waivers],
             "results": list(self.directories),
             "tests": self.tests,
@@ -710,6 +755,13 @@ class SignOff:
             lines += [f"| {_md(board.board)} | {board.ran} | {board.expected} | "
                       f"{board.waived} | {len(board.gaps) - board.waived} |"
                       for board in self.coverage]
+        if self.places:
+            lines += ["", "## Places (labgrid)", "",
+                      "| board | place | tags | exporter | tests | rig |",
+                      "|---|---|---|---|---:|---|"]
+            lines += [f"| {_md(use.board)} | {_md(use.place)} | {_md(use.tags)} | "
+                      f"{_md(use.exporter)} | {use.tests} | {_md(use.rig)} |"
+                      for use in self.places]
         lines += ["", "## Board x phase", "",
                   "| board | phase | " + " | ".join(COLUMNS) + " |",
                   "|---|---|" + "---:|" * len(COLUMNS)]
@@ -759,6 +811,10 @@ class SignOff:
                        "base md5": self.base_md5, "expectation profile": self.profile,
                        "date": self.date, "host": self.hosts, "hil version": self.hil_version,
                        **{f"rule {number}": says for number, says in enumerate(self.rule, 1)}})
+        places: dict[str, list[str]] = defaultdict(list)
+        for use in self.places:
+            places[use.board].append(use.line())
+        values.update({f"places {board}": " / ".join(lines) for board, lines in places.items()})
         values.update({f"waiver {number}": waiver.describe()
                        for number, waiver in enumerate(self.waivers, 1)})
         values.update(self.other_environment)
@@ -841,6 +897,7 @@ def decide(results: Results, waivers: Sequence[Waiver] = (),
             (key, _joined(env.properties.get(key) for env in environments))
             for key in dict.fromkeys(key for env in environments for key in env.properties)
             if key not in _SIGNED_PROPERTIES),
+        places=places_of(finals),
     )
 
 

@@ -72,8 +72,13 @@ def check_rig(rig: Rig) -> list[PartCheck]:
         def flasher() -> str:
             spec = rig.flasher
             if spec.kind == "swd":
-                from hil.drivers.swd import list_probes
+                from hil.drivers.swd import is_remote, list_probes
 
+                if rig.labgrid is not None or (spec.probe and is_remote(spec.probe)):
+                    # A probe on another host (a place's pyocd server): connected to, as
+                    # it is not listed here.
+                    swd = parts.flasher()
+                    return f"{getattr(swd, 'name', 'the SWD probe')} connected"
                 probes = [probe_id for probe_id, _ in list_probes()]
                 if spec.probe not in probes:
                     raise RigFault("flasher", f"SWD probe {spec.probe} not found; probes "

@@ -180,7 +180,9 @@ class SwdFlasher(BaseModel):
     model_config = STRICT
 
     kind: Literal["swd"]
-    probe: Annotated[str, Field(min_length=1)]   # the probe's unique id (pyocd list)
+    # The probe's unique id (pyocd list), or remote:HOST:PORT (a `pyocd server`); a labgrid
+    # place's rig leaves it out: its probe is the place's (hil.rig.providers.labgrid).
+    probe: Annotated[str, Field(min_length=1)] | None = None
     target: str | None = None                    # pyocd target; default from the board
     pack: Path | None = None                     # a CMSIS pack for targets pyocd lacks
     frequency: Annotated[int, Field(gt=0, strict=True)] = 4_000_000
@@ -686,17 +688,17 @@ class Rig(BaseModel):
             if self.power.kind == "labgrid":
                 raise ValueError("power.kind: labgrid is a labgrid place's power port; give "
                                  "labgrid: {place: NAME}")
+            if self.flasher.kind == "swd" and self.flasher.probe is None:
+                raise ValueError("flasher.probe: Field required")
             return self
         if local:
             raise ValueError(f"console.{local[0]}: a labgrid place's console is its "
                              "NetworkSerialPort; leave the console's address out")
         if self.sim is not None:
             raise ValueError("labgrid: a simulated rig runs on this host (sim:), not on a place")
-        if self.flasher.kind == "esp":
-            # esptool resets into the bootloader through DTR/RTS, which ser2net's port does not
-            # pass; an SWD probe is as the rig file says (pyocd's remote:host:port included).
-            raise ValueError("flasher.kind: esp through a labgrid place's serial port is not "
-                             "supported yet (flasher.kind: swd or none)")
+        # An SWD probe is the place's pyocd server unless flasher.probe names one; an ESP32's
+        # bootloader is reached through the place's serial port (rfc2217 carries DTR/RTS; a
+        # raw port, which does not, is refused once the place is known).
         return self
 
     @model_validator(mode="after")

@@ -138,26 +138,7 @@ class RigParts:
         provided = self.provider.flasher()
         if provided is not None:
             return provided
-        spec, family = self.rig.flasher, self.rig.family
-        if spec.kind == "swd":
-            from hil.drivers.swd import SwdFlasher
-
-            # Pack-based targets are named by their part number (gd32f103c8); builtin by family.
-            target = spec.target or (self.rig.part_number if family.needs_pack
-                                     else family.pyocd_target)
-            assert target is not None
-            # A raw .bin has no address: it is the application, so it goes to the app slot.
-            return SwdFlasher(probe=spec.probe, target=target, pack=spec.pack,
-                              frequency=spec.frequency, base_address=family.app_address)
-        if spec.kind == "esp":
-            from hil.drivers.esp import EspFlasher
-
-            port = spec.port or self.rig.console.port or self.rig.console.url
-            if port is None:
-                raise RigFault("flasher", "the console is found by USB serial number: give "
-                               "flasher.port for the ESP32 bootloader", self.rig.name)
-            return EspFlasher(port=port, baudrate=spec.baudrate, app_offset=family.app_offset)
-        raise AssertionError(f"no flasher of kind {spec.kind}")
+        return build_flasher(self.rig)
 
     def _build_power(self) -> Any:
         provided = self.provider.power()
@@ -212,3 +193,31 @@ class RigParts:
         from hil.drivers.hooks import ConsoleHookRf
 
         return ConsoleHookRf(self.console(), command=self.contract.commands["signal"])
+
+
+def build_flasher(rig: Rig, *, probe: str | None = None, port: str | None = None
+                  ) -> FlasherProtocol:
+    """The flasher ``rig.flasher`` describes (not opened). ``probe`` (an SWD probe's id) and
+    ``port`` (the ESP32 bootloader's serial port) stand in where a provider found them (a
+    labgrid place's pyocd server, its network serial port)."""
+    spec, family = rig.flasher, rig.family
+    if spec.kind == "swd":
+        from hil.drivers.swd import SwdFlasher
+
+        # Pack-based targets are named by their part number (gd32f103c8); builtin by family.
+        target = spec.target or (rig.part_number if family.needs_pack else family.pyocd_target)
+        probe = probe or spec.probe
+        assert target is not None      # the rig model checks it
+        assert probe is not None       # the rig model's, or the place's
+        # A raw .bin has no address: it is the application, so it goes to the app slot.
+        return SwdFlasher(probe=probe, target=target, pack=spec.pack,
+                          frequency=spec.frequency, base_address=family.app_address)
+    if spec.kind == "esp":
+        from hil.drivers.esp import EspFlasher
+
+        port = port or spec.port or rig.console.port or rig.console.url
+        if port is None:
+            raise RigFault("flasher", "the console is found by USB serial number: give "
+                           "flasher.port for the ESP32 bootloader", rig.name)
+        return EspFlasher(port=port, baudrate=spec.baudrate, app_offset=family.app_offset)
+    raise AssertionError(f"no flasher of kind {spec.kind}")

@@ -26,14 +26,28 @@ installs the same ``serial`` module as pyserial, which hil, pyocd and esptool (a
 3. ``labgrid-client -p + acquire`` (the place allocated to the token), then the place's
    resources: a ``NetworkSerialPort`` becomes the console (``rfc2217://host:port``, or
    ``socket://`` for ``protocol: raw``), a power port (``power.kind: labgrid``) is switched with
-   ``labgrid-client power``.
+   ``labgrid-client power``. The flasher, where the rig file names no probe or port:
+
+   - an SWD board's probe is the place's ``NetworkService`` named ``pyocd``: the ``pyocd
+     server`` on the bench host (``address``, ``port``), opened with pyocd's remote probe
+     client as ``remote:address:port``. labgrid has no resource of its own for pyocd's probe
+     server (its remote debuggers are USB devices used over SSH, ``NetworkUSBDebugger``); a
+     NetworkService is a TCP service at an address and port, which the exporter publishes
+     as configured and labgrid's client builds without complaint (an unknown class would
+     break ``labgrid-client power`` on the place);
+   - an ESP32's bootloader is reached through the place's serial port: in rfc2217 mode
+     (ser2net's ``telnet(rfc2217)``, labgrid's default) DTR and RTS reach the USB-UART and
+     esptool's resets work (``hil.drivers.esp``); a port exported as raw TCP carries no
+     lines and is refused at start, in one line.
 
    The console is opened only once the exporter's ser2net listens (``wait_listening``: the
    exporter publishes its port before it does).
 
 A run given ``--hil-place``/``--hil-place-tags`` and no rig file has its rig built from the
-matching places (``rig_from_places``: board and identity from their tags) and, at its first
-test, bound to the place it got (``bound_to_place``): each xdist worker its own place.
+matching places (``rig_from_places``: board and identity from their tags, the flasher where
+every place has one) and, at its first test, bound to the place it got (``bound_to_place``):
+each xdist worker its own place. Each test's Allure result records its place (``Place.facts``:
+name, tags, exporter), which ``hil report`` shows per board.
 
 Releasing is ``labgrid-client release`` and ``cancel-reservation`` (the place is free for the
 next one only then), then the guard is told it is done. With ``labgrid.hold: run`` (the default)
@@ -60,14 +74,14 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from hil.boards import BOARDS, FlasherKind
 from hil.configfile import validate
-from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol
+from hil.drivers.base import ConsoleProtocol, FlasherProtocol, PowerProtocol, rfc2217_quiet
 from hil.drivers.switched import SwitchedPower, said
 from hil.errors import ConfigError, RigFault
 from hil.rig.model import Identity, Labgrid, LabgridPower, Rig
@@ -177,6 +191,29 @@ class Place:
     resources: tuple[Resource, ...]  # those it holds while acquired
     # Those its matches name, acquired or not: what the place will hold once acquired.
     matched: tuple[Resource, ...] = ()
+
+    @property
+    def exporter(self) -> str:
+        """Where its resources are: the exporters' names (labgrid's name for a bench host,
+        its host name by default), each with the address its serial port is served at when
+        that differs (``bench-host-3 (10.0.0.7)``)."""
+        hosts: dict[str, str] = {}
+        for resource in self.resources or self.matched:
+            host = str(resource.params.get("host") or "") \
+                if resource.cls == "NetworkSerialPort" else ""
+            if host and host != resource.path[0]:
+                hosts[resource.path[0]] = f"{resource.path[0]} ({host})"
+            else:
+                hosts.setdefault(resource.path[0], resource.path[0])
+        return ", ".join(hosts[name] for name in sorted(hosts)) or "unknown"
+
+    def facts(self) -> dict[str, str]:
+        """What a test's report records of the place it ran on (Allure labels; ``hil report``
+        shows them): its name, its tags, its exporter."""
+        return {"place": self.name,
+                "place_tags": ", ".join(f"{key}={value}"
+                                        for key, value in sorted(self.tags.items())),
+                "place_exporter": self.exporter}
 
 
 @dataclass(frozen=True)
@@ -538,7 +575,16 @@ class LabgridProvider:
         if self.rig.power.kind == "labgrid" and self._power_port(place) is None:
             raise RigFault("power", f"place {place.name} has no power port "
                            "(power.kind: labgrid)")
-        self._serial_port(place)
+        serial_port = self._serial_port(place)
+        flasher = self.rig.flasher
+        if flasher.kind == "swd" and flasher.probe is None and probe_service(place.resources) \
+                is None:
+            raise RigFault("flasher", f"place {place.name} has no {PROBE_SERVICE!r} "
+                           "NetworkService (its SWD probe's `pyocd server`: address, port)")
+        if flasher.kind == "esp" and flasher.port is None and not carries_lines(serial_port):
+            raise RigFault("flasher", f"place {place.name}'s serial port is raw TCP, which "
+                           "carries no DTR/RTS for the ESP32's bootloader: export it in "
+                           "rfc2217 mode (NetworkSerialPort protocol: rfc2217)")
 
     # ------------------------------------------------------------------ the parts
     def _serial_port(self, place: Place) -> Resource:
@@ -566,11 +612,7 @@ class LabgridProvider:
                 # pyserial's rfc2217 client refuses a write timeout (NotImplementedError); its
                 # writes go to a TCP socket, which ser2net drains.
                 self.write_timeout = None    # type: ignore[assignment]
-                # pyserial 3.5's rfc2217 client starts its reader with Thread.setDaemon() and
-                # setName(), deprecated since Python 3.10: warnings hil's tests make errors.
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", r"(setDaemon|setName)\(\) is deprecated",
-                                            DeprecationWarning)
+                with rfc2217_quiet():
                     super().open()
 
         port = self._serial_port(self._place())
@@ -579,7 +621,19 @@ class LabgridProvider:
                               ok_pattern=spec.ok, err_pattern=spec.err, log_path=log_path)
 
     def flasher(self) -> FlasherProtocol | None:
-        return None         # as the rig file says (an SWD probe; pyocd's remote:host:port)
+        """The place's: its SWD probe through its pyocd server, an ESP32's bootloader through
+        its serial port (RFC 2217 carries DTR/RTS); as the rig file says where it names the
+        probe or port."""
+        from hil.rig.parts import build_flasher
+
+        spec = self.rig.flasher
+        if spec.kind == "swd" and spec.probe is None:
+            service = probe_service(self._place().resources)
+            assert service is not None          # checked at start
+            return build_flasher(self.rig, probe=probe_url(service))
+        if spec.kind == "esp" and spec.port is None:
+            return build_flasher(self.rig, port=console_url(self._serial_port(self._place())))
+        return None
 
     def power(self) -> PowerProtocol | None:
         if not isinstance(self.rig.power, LabgridPower):
@@ -591,6 +645,33 @@ class LabgridProvider:
 
     def point_at(self, url: str) -> bool:
         return False        # the board is told through its shell, as on a local bench
+
+
+# The NetworkService that is a place's SWD probe: the `pyocd server` on its exporter's host
+# (labgrid has no resource for pyocd's remote probe server; a NetworkService is a TCP service
+# at an address and port, published by the exporter as configured).
+PROBE_SERVICE = "pyocd"
+
+
+def probe_service(resources: Sequence[Resource]) -> Resource | None:
+    """A place's SWD probe server: its NetworkService named ``pyocd``."""
+    return next((r for r in resources
+                 if r.cls == "NetworkService" and r.path[-1] == PROBE_SERVICE), None)
+
+
+def probe_url(resource: Resource) -> str:
+    """The ``pyocd`` NetworkService as pyocd's remote probe id, ``remote:host:port``."""
+    address, port = resource.params.get("address"), resource.params.get("port")
+    if not address or not port:
+        raise RigFault("flasher", f"{'/'.join(resource.path)} names no address and port of "
+                       "its pyocd server")
+    return f"remote:{address}:{port}"
+
+
+def carries_lines(resource: Resource) -> bool:
+    """Whether a NetworkSerialPort carries DTR/RTS: rfc2217 (ser2net's default) does, raw
+    TCP does not."""
+    return str(resource.params.get("protocol", "rfc2217")) != "raw"
 
 
 def power_port(resources: Sequence[Resource]) -> Resource | None:
@@ -637,6 +718,15 @@ def rig_from_places(spec: Labgrid, snapshot: Snapshot, option: str) -> Rig:
     # A place without a power port makes the run's power the firmware's hook: the capabilities
     # (what tests may need) are the run's, whichever place a worker gets.
     powered = all(power_port(place.matched) is not None for place in places)
+    # A flasher when every place has one: an SWD board's pyocd server, an ESP32's serial port
+    # in rfc2217 mode (the ESP32's bootloader is reached through it).
+    flasher = BOARDS[boards[0]].flasher
+    if flasher is FlasherKind.SWD:
+        flashable = all(probe_service(place.matched) is not None for place in places)
+    else:
+        flashable = flasher is FlasherKind.ESP and all(
+            carries_lines(port) for place in places for port in place.matched
+            if port.cls == "NetworkSerialPort")
     name = spec.place or "lab-" + "-".join(value for _, value in sorted(spec.tags.items()))
     document = {
         "name": name, "board": boards[0],
@@ -644,6 +734,7 @@ def rig_from_places(spec: Labgrid, snapshot: Snapshot, option: str) -> Rig:
         "labgrid": spec.model_dump(exclude_defaults=True),
         "power": {"kind": "labgrid"} if powered else {"kind": "console"},
         "rf": {"kind": "console"},
+        "flasher": {"kind": flasher.value} if flashable else {"kind": "none"},
     }
     return validate(Rig, document, option)
 
