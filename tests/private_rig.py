@@ -1,6 +1,6 @@
 """A private copy of a simulated rig for tests that run pytest or ``hil sim up`` in another
 process: its own name, state directory and probe under ``tmp_path`` (so it never meets the
-default rigs' /tmp/hil-sim state or leases), and the environment with a fresh access key.
+default rigs' state under $HIL_SIM_ROOT or leases), and the environment with a fresh access key.
 
     rig = private_sim_rig(tmp_path)               # rig.path, rig.document, rig.env
     with sim_up(rig) as up:                        # the bench in a `hil sim up` process

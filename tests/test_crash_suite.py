@@ -27,7 +27,7 @@ def crashing_rig(board: str, tmp_path: Path) -> Path:
     """The shipped simulated rig of ``board`` with the defect on, its state, probe and name its
     own (the shipped rigs' may be in use by another test)."""
     text = (ROOT / "rigs" / f"sim-{board}.yaml").read_text()
-    text = text.replace(f"/tmp/hil-sim/sim-{board}", str(tmp_path / board))
+    text = text.replace(f"${{HIL_SIM_ROOT}}/sim-{board}", str(tmp_path / board))
     text = text.replace(f"hilsim-{board}", f"hilsim-crash-{tmp_path.name}-{board}")
     text = text.replace(f"name: sim-{board}", f"name: crash-{board}")
     text = text.replace("http_timeout: 1.0}", "http_timeout: 1.0, defects: [crashes-mid-download]}")

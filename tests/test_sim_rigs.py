@@ -9,6 +9,7 @@ import pytest
 
 from hil.onenet.codes import TaskState
 from hil.onenet.tasks import Package
+from hil.rig.model import SIM_ROOT_VARIABLE, load_rig
 from hil.sim.images import build_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ def test_with_no_rig_selected_the_plugin_runs_on_the_simulated_rigs(pytester, tm
         text = (ROOT / "rigs" / f"sim-{board}.yaml").read_text()
         # The same rigs, their state in this test's directory.
         rigs.joinpath(f"sim-{board}.yaml").write_text(
-            text.replace("/tmp/hil-sim/", f"{tmp_path}/"))
+            text.replace("${HIL_SIM_ROOT}/", f"{tmp_path}/"))
     rigs.joinpath("lab-x.yaml").write_text("not: a simulated rig, not selected by default\n")
     pytester.makepyfile(test_x="""
         def test_version(rig, board):
@@ -75,3 +76,35 @@ def test_with_no_rig_selected_the_plugin_runs_on_the_simulated_rigs(pytester, tm
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*test_version?sim-gd32? PASSED*",
                                  "*test_version?sim-nrf52832? PASSED*"])
+
+
+def test_two_checkouts_never_share_a_simulated_board(tmp_path, monkeypatch):
+    """The simulated rigs keep their boards under ${HIL_SIM_ROOT}: one directory per rigs
+    directory (a checkout), the same for every command of that checkout, or the variable's
+    value when set. Two checkouts' suites at once on one machine once shared a simulated ESP32's
+    files, and a test of one met what the other's firmware model had left there."""
+    monkeypatch.delenv(SIM_ROOT_VARIABLE, raising=False)
+    checkouts = []
+    for name in ("one", "two"):
+        rigs = tmp_path / name / "rigs"
+        rigs.mkdir(parents=True)
+        for board in ("esp32", "nrf52832"):
+            (rigs / f"sim-{board}.yaml").write_text(
+                (ROOT / "rigs" / f"sim-{board}.yaml").read_text())
+        checkouts.append({board: load_rig(rigs / f"sim-{board}.yaml")
+                          for board in ("esp32", "nrf52832")})
+    one, two = checkouts
+    assert one["esp32"].sim_state_dir != two["esp32"].sim_state_dir
+    for rigs in checkouts:
+        root = rigs["esp32"].sim_state_dir.parent
+        assert root == rigs["nrf52832"].sim_state_dir.parent
+        assert rigs["esp32"].console.url == f"hilsim://{root}/sim-esp32"
+        assert rigs["nrf52832"].console.port == f"{root}/sim-nrf52832/console"
+        assert str(rigs["esp32"].power.url) == f"{root}/sim-esp32/supply"
+    # Read again, a checkout's rig finds the same board; the variable puts them where it says.
+    again = load_rig(tmp_path / "one" / "rigs" / "sim-esp32.yaml")
+    assert again.sim_state_dir == one["esp32"].sim_state_dir
+    monkeypatch.setenv(SIM_ROOT_VARIABLE, str(tmp_path / "shared"))
+    for name in ("one", "two"):
+        rig = load_rig(tmp_path / name / "rigs" / "sim-esp32.yaml")
+        assert rig.sim_state_dir == tmp_path / "shared" / "sim-esp32"

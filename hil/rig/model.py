@@ -36,7 +36,9 @@ test runs. ``console`` as a power or rf kind means the firmware's ``test`` hooks
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
 import re
 import shlex
 import tempfile
@@ -55,7 +57,7 @@ from pydantic import (
 )
 
 from hil.boards import BOARDS, BoardFamily, FlasherKind
-from hil.configfile import STRICT, load_model
+from hil.configfile import STRICT, read_yaml, validate
 from hil.drivers.contract import COMMANDS, EVENTS
 from hil.onenet.codes import is_valid_version
 
@@ -564,6 +566,34 @@ class Ota(BaseModel):
 
 SIM_ROOT = Path(tempfile.gettempdir()) / "hil-sim"
 PROCESS_ROOT = Path(tempfile.gettempdir()) / "hil-proc"
+# Written in a rig file's values, ``${HIL_SIM_ROOT}`` is where its simulated board keeps its
+# state (``sim_root``): rigs/sim-*.yaml put their boards' flash, settings, ptys and instruments
+# there.
+SIM_ROOT_VARIABLE = "HIL_SIM_ROOT"
+
+
+def sim_root(rigs_dir: Path) -> Path:
+    """Where the simulated rigs of the rig files in ``rigs_dir`` keep their boards: the
+    ``$HIL_SIM_ROOT`` directory when it is set, else one of their own under SIM_ROOT, named
+    after ``rigs_dir``. Every command of one checkout finds the same boards (``hil console``
+    beside a running suite), and two checkouts on one machine (two CI jobs on a shared runner,
+    two branches under test) never share a board's flash and settings: a simulated ESP32 is
+    one chip per process over its state directory's files, and a test of one checkout met what
+    another checkout's firmware model had left there."""
+    given = os.environ.get(SIM_ROOT_VARIABLE)
+    if given:
+        return Path(given)
+    return SIM_ROOT / hashlib.sha256(str(rigs_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def _with_sim_root(value: Any, root: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(f"${{{SIM_ROOT_VARIABLE}}}", root)
+    if isinstance(value, dict):
+        return {key: _with_sim_root(item, root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_sim_root(item, root) for item in value]
+    return value
 
 
 class Sim(BaseModel):
@@ -808,7 +838,8 @@ class Rig(BaseModel):
 
 
 def load_rig(path: Path) -> Rig:
-    return load_model(Rig, path, "rig file")
+    document = read_yaml(path, what="rig file")
+    return validate(Rig, _with_sim_root(document, str(sim_root(path.parent))), str(path))
 
 
 def rig_of_test(test_id: str, names: Iterable[str]) -> str | None:
