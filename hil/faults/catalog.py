@@ -64,7 +64,7 @@ class Where(enum.StrEnum):
 
 
 def event_text(event: Event) -> str:
-    """The event as the board printed it (``ota phase=flash bytes=66088``)."""
+    """The event as the board printed it (``ota phase=flash bytes=66192``)."""
     return " ".join([event.tag, *(f"{key}={value}" for key, value in event.fields.items())])
 
 

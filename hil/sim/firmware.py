@@ -100,9 +100,10 @@ from hil.onenet.codes import (
     meets_threshold,
 )
 from hil.onenet.messages import DetectAnswer
+from hil.sim import mcuboot
 from hil.sim.defects import Defect
 from hil.sim.flash import FlashTiming, FlashWriteError, SimFlash
-from hil.sim.images import image_span, image_version
+from hil.sim.images import fails_self_test, image_span, image_version
 from hil.sim.layout import Layout, Slot, layout_of
 from hil.sim.symbols import NullWrite
 
@@ -121,17 +122,19 @@ INSTALL_TIME_SCALE = 0.5
 # by the simulated supply's MEAS:CURR?): of the order of a Cortex-M with a cellular or Wi-Fi radio.
 DRAW_MA = {"off": 0.0, "idle": 12.0, "boot": 30.0, "radio": 85.0, "cpu": 20.0, "flash": 45.0}
 _PROGRESS_STEPS = 4              # the installer's I: progress lines per copy
+SELF_TEST_S = 0.2                # how long a new image's self-test runs before it confirms
 
 # MCUboot's image trailer magic (bootutil's boot_img_magic), the last 16 bytes of a slot whose
 # image is to be installed: what ``boot_request_upgrade`` writes and the bootloader looks for.
-BOOT_MAGIC = bytes.fromhex("77c295f360d2ef7f3215d8368be5b6f9")
+BOOT_MAGIC = mcuboot.BOOT_MAGIC
 
 
 def install_request_at(layout: Layout, flash: SimFlash) -> int:
     """The sector the install request (the trailer magic) is written to: the secondary slot's
-    last (a bench's bad-sector fault marks it, ``hil.faults.catalog``)."""
+    last (a bench's bad-sector fault marks it, ``hil.faults.catalog``); on the MCUboot boards
+    the unit holding its trailer, the same sector."""
     slot = layout.secondary
-    return slot.address + slot.size - flash.sector_size
+    return slot.address + slot.size - max(flash.sector_size, layout.trailer)
 
 
 # Token check answers after which a device ends the attempt without a report (ONENET.md).
@@ -230,8 +233,29 @@ class Nvs:
             self.path.unlink(missing_ok=True)
 
 
-def slot_digest(flash: SimFlash, slot: Slot) -> str:
-    return hashlib.sha256(flash.read(slot.address, slot.size)).hexdigest()
+def slot_digest(flash: SimFlash, slot: Slot, trailer: int = 0) -> str:
+    """The digest of what a slot holds, its MCUboot trailer (``trailer`` bytes at its end,
+    changed by a confirm or a swap's bookkeeping) excluded."""
+    return hashlib.sha256(flash.read(slot.address, slot.size - trailer)).hexdigest()
+
+
+class _BootIo:
+    """What MCUboot (``hil.sim.mcuboot``) gets from the firmware model during one boot."""
+
+    def __init__(self, firmware: Firmware, generation: int) -> None:
+        self._firmware, self._generation = firmware, generation
+
+    def flash(self, chip: str) -> SimFlash:
+        return self._firmware.platform.flash(chip)
+
+    def say(self, line: str) -> None:
+        self._firmware._say(self._generation, line)
+
+    def wait(self, seconds: float) -> None:
+        self._firmware._sleep(self._generation, seconds)
+
+    def draw(self, activity: str) -> None:
+        self._firmware._draw(self._generation, activity)
 
 
 class Firmware:
@@ -430,6 +454,8 @@ class Firmware:
             self.version = version
         self._say(generation, f"boot version={version}")
         self._draw(generation, "idle")
+        if not self._self_test(generation, primary):
+            return
         self._serve_shell(generation)      # what the host typed while the board booted
         self._finish_install(generation, primary)
         if self.shipped:
@@ -440,8 +466,8 @@ class Firmware:
         ota = self.nvs.load().get("ota")
         if not isinstance(ota, dict):
             return
-        if ota.get("running") not in (None, slot_digest(primary, self.layout.primary)) \
-                and not self._booted_package(ota):
+        running = slot_digest(primary, self.layout.primary, self.layout.trailer)
+        if ota.get("running") not in (None, running) and not self._booted_package(ota):
             # Someone flashed another image: this attempt belongs to a firmware that is gone.
             self.nvs.update(ota=None)
             return
@@ -475,10 +501,40 @@ class Firmware:
             self._say(generation, f"E: ota: cannot resolve {self.host}; no update check")
         return resolved
 
+    def _self_test(self, generation: int, primary: SimFlash) -> bool:
+        """An MCUboot board's image, once booted, runs its self-test and then confirms itself
+        (``boot_set_confirmed``: a tested image becomes permanent). A build made to fail its
+        self-test resets before confirming, and the bootloader reverts it. False when the
+        image reset."""
+        if self.layout.scratch is None:
+            return True                     # the ESP32: no test/confirm modelled
+        trailer = mcuboot.trailers(self.layout)[0]
+        image = primary.read(self.layout.primary.address, self.layout.image_room)
+        if Defect.CONFIRMS_BEFORE_SELF_TEST in self.defects:
+            self._confirm(generation, primary, trailer)
+        if fails_self_test(self.board, image):
+            self._sleep(generation, SELF_TEST_S)
+            self._say(generation, "E: app: self-test failed; resetting before the image is "
+                      "confirmed")
+            self.platform.reset()
+            return False
+        self._confirm(generation, primary, trailer)
+        return True
+
+    def _confirm(self, generation: int, primary: SimFlash, trailer: mcuboot.Trailer) -> None:
+        self._alive(generation)
+        if mcuboot.set_confirmed(primary, trailer):
+            self._say(generation, "I: app: image confirmed")
+
     def _bootloader(self, generation: int) -> None:
-        """MCUboot (overwrite-only) or the ESP32's bootloader: install a pending image."""
+        """MCUboot (swap using scratch, ``hil.sim.mcuboot``) or the ESP32's bootloader
+        (overwrite-only): install a pending image, resume a cut swap, revert an unconfirmed
+        one."""
         self._say(generation, "I: bootloader: starting" if self.layout.boot_region
                   else "I (31) boot: ESP-IDF bootloader")
+        if self.layout.scratch is not None:
+            mcuboot.Bootloader(self.layout, _BootIo(self, generation), self.defects).run()
+            return
         ota = self.nvs.load().get("ota")
         if not isinstance(ota, dict) or ota.get("stage") != "install":
             return
@@ -629,6 +685,7 @@ class Firmware:
         flash.erase(slot.address, slot.size)
         flash.program(slot.address, image[:slot.size])
         flash.flush()
+        mcuboot.erase_boot_state(self.layout, self.platform.flash)   # nothing pending
         self._say(generation, "OK")
         self.platform.reset()
 
@@ -706,7 +763,7 @@ class Firmware:
     def _run_task(self, generation: int, http: requests.Session, server: str,
                   task: DetectAnswer, power: int, signal: int) -> bool:
         primary = self.platform.flash(self.layout.primary.chip)
-        running = slot_digest(primary, self.layout.primary)
+        running = slot_digest(primary, self.layout.primary, self.layout.trailer)
         saved = self.nvs.load().get("ota")
         resumed = isinstance(saved, dict) and saved.get("token") == task.token \
             and saved.get("md5") == task.md5 and saved.get("size") == task.size \
@@ -882,23 +939,27 @@ class Firmware:
             span = image_span(self.board, data)
         except ValueError:
             return
-        room = self.layout.primary.size
+        room = self.layout.image_room
         if span >= room and Defect.INSTALLS_OVERSIZED not in self.defects:
             self._say(generation, f"ota phase=verify image=too-large bytes={span} slot={room}")
             raise _Failed(ResultCode.UPGRADE_MEMORY_OVERFLOW)
 
     def _request_install(self, generation: int) -> None:
         """Step 7: the trailer magic written at the secondary slot's end and read back (206
-        when the write fails or did not take)."""
+        when the write fails or did not take): MCUboot's ``boot_request_upgrade`` for a test
+        upgrade on the MCUboot boards (the new image must confirm itself)."""
         flash = self.platform.flash(self.layout.secondary.chip)
         at = install_request_at(self.layout, flash)
         magic_at = at + flash.sector_size - len(BOOT_MAGIC)
         self._alive(generation)
         try:
-            flash.erase(at, flash.sector_size)
-            flash.program(magic_at, BOOT_MAGIC)
-            flash.flush()
-            written = flash.read(magic_at, len(BOOT_MAGIC)) == BOOT_MAGIC
+            if self.layout.scratch is not None:
+                written = mcuboot.request_upgrade(flash, mcuboot.trailers(self.layout)[1])
+            else:
+                flash.erase(at, flash.sector_size)
+                flash.program(magic_at, BOOT_MAGIC)
+                flash.flush()
+                written = flash.read(magic_at, len(BOOT_MAGIC)) == BOOT_MAGIC
             why = "it reads back otherwise"
         except FlashWriteError as error:
             written, why = False, str(error)
