@@ -370,8 +370,6 @@ class Bootloader:
                         "the primary slot as it is")
             return
         done = self._done_steps() if resumed else 0
-        if kind is SwapType.REVERT:
-            self.io.say(f"I: bootloader: reverting: swapping the slots back ({size} bytes)")
         self.io.draw("flash")
         shown = done * 4 // (units * STATE_COUNT)
         announced = kind is SwapType.REVERT
