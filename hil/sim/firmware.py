@@ -125,7 +125,8 @@ _PROGRESS_STEPS = 4              # the installer's I: progress lines per copy
 SELF_TEST_S = 0.2                # how long a new image's self-test runs before it confirms
 
 # MCUboot's image trailer magic (bootutil's boot_img_magic), the last 16 bytes of a slot whose
-# image is to be installed: what ``boot_request_upgrade`` writes and the bootloader looks for.
+# image is to be installed: what ``boot_request_upgrade`` writes and the bootloader looks for
+# (the ESP32's copying bootloader uses it too).
 BOOT_MAGIC = mcuboot.BOOT_MAGIC
 
 

@@ -56,7 +56,8 @@ from hil.sim.flash import FlashTiming, SimFlash
 from hil.sim.images import check_signature, mcuboot_span, public_key_der, read_mcuboot
 from hil.sim.layout import Layout, Slot
 
-BOOT_MAGIC = bytes.fromhex("77c295f360d2ef7f3215d8368be5b6f9")   # bootutil's boot_img_magic
+# bootutil's boot_img_magic for BOOT_MAX_ALIGN 8 (imgtool's boot_magic for --max-align 8).
+BOOT_MAGIC = bytes.fromhex("77c295f360d2ef7f3552500f2cb67980")
 MAGIC_SIZE = 16
 MAX_ALIGN = 8                    # BOOT_MAX_ALIGN: each flag's field
 STATUS_MAX_ENTRIES = 128         # BOOT_STATUS_MAX_ENTRIES (imgtool's --max-sectors default)
