@@ -500,10 +500,11 @@ def test_the_authorization_is_hils_to_the_byte(onenet, board, package):
 
 
 # ------------------------------------------------------------------------------ the suite
-# A skip names what would run it: the firmware hook, or (a flash write that fails) a simulated
-# board's flash, for which the console contract has no hook.
+# A skip names what would run it: the firmware hook, or (a flash write that fails; a bootloader
+# that tests, verifies and reverts images) a simulated board's flash or bootloader, for which the
+# console contract has no hook and the host build no part.
 HOOK_SKIP = re.compile(r"^rig host-agent has no shell: fault .+ needs ((.+ or )?the firmware hook "
-                       r"`|a simulated board's flash)")
+                       r"`|a simulated board's (flash|bootloader))")
 
 
 @pytest.mark.slow

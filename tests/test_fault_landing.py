@@ -115,11 +115,12 @@ def a_landed_power_cut_came_between_the_write_start_and_the_next_boot(
     reports = [line for line in lines if line["phase"] == "report"]
     assert [r["result"] for r in reports] == [101, 201]
     assert reports[0]["at"] < hit["at"] < reports[1]["at"]
-    # The board's own narration: the write announced, cut, announced again, then the boot.
+    # The board's own narration: the write announced, cut, the swap resumed and the write
+    # announced again, then the boot.
     [console] = records.glob("*test_a_cut_while_the_image_is_written*.console.log")
     log = console.read_text()
     first = log.index("ota phase=flash bytes=66192")
-    again = log.index("I: bootloader: the last copy was cut short", first)
+    again = log.index("I: bootloader: resuming the interrupted test swap", first)
     # (the log starts with the board's restore to its base image: read from the first write)
     assert "boot version" not in log[first:again]
     assert log.index("ota phase=flash bytes=66192", again) \

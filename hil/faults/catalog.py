@@ -321,10 +321,11 @@ def _mcuboot_package(injection: Injection, fault: str, version: str, **build: An
 
     rig = injection.rig
     if injection.board.parts.bench is None:
-        raise Unsupported(f"fault {fault}: rig {rig.name} is no simulated board: the fault "
-                          "needs a simulated board's MCUboot (test/confirm/revert, signature "
-                          "check, downgrade prevention) and the images hil builds for it "
-                          "(sim-nrf52832, sim-gd32)")
+        where = f"rig {rig.name} has no shell: fault {fault}" if injection.board.shell_less \
+            else f"fault {fault}: rig {rig.name} is no simulated board; it"
+        raise Unsupported(f"{where} needs a simulated board's bootloader (MCUboot with test/"
+                          "confirm/revert, signature check and downgrade prevention) and the "
+                          "images hil builds for it (sim-nrf52832, sim-gd32)")
     if rig.board == "esp32":
         raise Unsupported(f"fault {fault}: the simulated ESP32 has no {_ESP32_LACKS[fault]}; "
                           "it runs on the MCUboot boards (sim-nrf52832, sim-gd32)")
@@ -357,10 +358,14 @@ def _fails_self_test(injection: Injection, params: Params) -> None:
     target = injection.target
 
     def check(fault: InjectedFault) -> str | None:
-        del fault
+        if injection.board.shell_less:
+            # Its boots are the versions the service heard, and the failing build resets
+            # before it says anything: a reboot after the download is what shows.
+            return _booted_after(injection, "and ran the build that fails its self-test")(fault)
         if not any(event.tag == "boot" and event.fields.get("version") == target
                    for event in injection.trace):
             return f"the board never booted the build that fails its self-test ({target})"
+        del fault
         return None
     injection.landing(check)
 
