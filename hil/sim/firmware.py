@@ -33,30 +33,43 @@ One OTA attempt (``ota check``), as ONENET.md has real devices do it:
    from is 203 ("upgrade failed: memory overflow"; MCUboot's ``boot_check_header_valid`` and
    ESP-IDF's image loader refuse it, so the board does not ask for an install that cannot be);
 7. flash: the battery is checked again (202 below the task's threshold), the image is marked for
-   installation (MCUboot's image trailer magic written at the end of the secondary slot, read back:
-   a write that fails, a bad sector, is 206 "upgrade failed: unknown", and the board goes on
-   running its old image), the board reboots; the bootloader copies a valid image from the
-   secondary slot over the primary (MCUboot's overwrite-only upgrade) and starts the primary. The
-   copy takes the time the part takes to erase and program (``Layout.install_timing``, scaled by
-   ``INSTALL_TIME_SCALE``): the bootloader prints ``ota phase=flash bytes=N`` as it starts it
-   (before its first erase) and its progress as ``I:`` lines. It records the copy in progress
-   before its first erase and clears it after the last write (MCUboot keeps it in the image
-   trailer): a power cut mid-copy leaves half an image in the primary slot, and the next boot
-   copies the intact secondary slot again from the start. It installs only an image whose trailer
-   asks for it, and erases the trailer once the copy is over. The trailer's sector is not package
-   storage: the free space is the secondary slot less that sector;
-8. after the boot, 201 if the image the board booted carries the target version, 204 otherwise
-   (not installed, or installed but of another version).
+   installation, read back: a write that fails, a bad sector, is 206 "upgrade failed: unknown",
+   and the board goes on running its old image; then the board reboots.
+   - nRF52832, GD32: MCUboot (``hil.sim.mcuboot``, swap using scratch). The mark is a *test*
+     upgrade (``boot_request_upgrade``: the trailer magic at the secondary slot's end,
+     ``image_ok`` unset). The bootloader validates the secondary image (its hash, its ED25519
+     signature with the key it was built with, its size, its version not older than the
+     running one: ``MCUBOOT_DOWNGRADE_PREVENTION``), refusing it (erased, the old image boots)
+     or swapping the slots unit by unit with its progress in the primary slot's trailer, so that
+     a power cut mid-swap resumes at the next boot and ends with one complete image in each
+     slot. It prints ``ota phase=flash bytes=N`` as its first write into the primary slot
+     begins, and its progress as ``I:`` lines; the writes take the parts' erase and program
+     times (``Layout.install_timing``, scaled by ``mcuboot.SWAP_TIME_SCALE``). The new image,
+     once booted, runs its self-test and confirms itself (``image_ok``); a build whose
+     self-test fails (``images.build_image(fails_self_test=True)``) resets before it confirms,
+     and the next boot swaps the old image back (a revert), which then reports.
+   - ESP32: the bootloader copies a valid image from the secondary slot over the primary
+     (overwrite-only, the trailer magic at the secondary slot's end asks for it) with the
+     part's timing (``INSTALL_TIME_SCALE``), announcing ``ota phase=flash bytes=N`` before its
+     first erase; it records the copy in progress (settings) so a cut copy is done again from
+     the start, and erases the request once the copy is over. ESP-IDF's otadata rollback is
+     not modelled: the ESP32 neither tests nor reverts nor checks signatures or versions.
+   The trailer's sector is not package storage: the free space is the secondary slot less it;
+8. after the boot (and the new image's confirm), 201 if the image the board booted carries the
+   target version, 204 otherwise (not installed: refused by the bootloader or reverted; or
+   installed but of another version).
 
 Every step is narrated on the console as contract events (``ota phase=...``, ``boot
 version=V``, ``ota end`` once the attempt is over, after the post-boot report when there was one).
 
 Persistence: ``<state_dir>/nvs.json`` is the firmware's settings partition (the OTA server, the
 attempt in progress), written atomically after each change; the flash files are the board's.
-The attempt in progress is bound to the image that started it (a digest of the primary slot): a
-board reflashed with another image since forgets it instead of resuming someone else's update.
+The attempt in progress is bound to the image that started it (a digest of the primary slot,
+its MCUboot trailer excluded): a board reflashed with another image since forgets it instead
+of resuming someone else's update.
 One reflashed with the very same image resumes, as real settings partitions survive a reflash;
-a new task (a new token) or ``test factory`` starts afresh. Fault-hook values (``test power``,
+a new task (a new token) or ``test factory`` starts afresh (it erases MCUboot's trailers too:
+nothing pending, nothing to revert). Fault-hook values (``test power``,
 ``signal``, ``space``) live in RAM and are gone after a reset.
 
 Defects (``Defect``), off by default and chosen per board, make the firmware misbehave the way

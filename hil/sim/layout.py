@@ -44,7 +44,8 @@ class Layout:
     install_timing: FlashTiming  # the primary slot's flash: how long the install's writes take
     # MCUboot's swap (None: the ESP32, whose bootloader copies). The scratch area holds one
     # swap unit; ``write_size`` is the flash's program unit, which sizes the trailer's status
-    # entries (imgtool's ``--align``); ``scratch_timing`` the scratch/secondary flash's times.
+    # entries (imgtool's ``--align``); ``secondary_timing`` the secondary and scratch flash's
+    # times.
     scratch: Slot | None = None
     swap_unit: int = 0x1000
     write_size: int = 4
