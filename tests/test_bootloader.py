@@ -11,6 +11,7 @@ import pytest
 from imgtool import image as imgtool_image
 from imgtool.version import decode_version
 
+from hil.faults.catalog import older_version
 from hil.sim import mcuboot
 from hil.sim.defects import Defect
 from hil.sim.flash import SimFlash
@@ -225,3 +226,11 @@ def test_a_restore_erases_the_boot_state(tmp_path):
     primary = io.flash(layout.primary.chip)
     assert not mcuboot.pending_test(primary, mcuboot.trailers(layout)[0])
     assert mcuboot.Bootloader(layout, io).run() is mcuboot.SwapType.NONE
+
+
+@pytest.mark.parametrize(("version", "older"), [
+    ("1.0.0", "0.9.0"), ("1.2.0", "1.1.0"), ("1.2.3", "1.2.2"), ("2.0.1+7", "2.0.0"),
+    ("0.0.0", None), ("v5.3.1-dirty", None)])
+def test_the_downgrade_fault_offers_a_version_below_the_base(version, older):
+    assert older_version(version) == older
+

@@ -379,8 +379,8 @@ def _wrong_key(injection: Injection, params: Params) -> None:
 
 
 def older_version(version: str) -> str | None:
-    """A version just below ``version`` (MAJOR.MINOR.REVISION): the revision, else the minor,
-    else the major one less; None below 0.0.1."""
+    """A version below ``version`` (MAJOR.MINOR.REVISION): the revision one less, else the
+    minor, else the major one less with minor 9 (1.0.0 gives 0.9.0); None below 0.0.1."""
     parts = version.split("+")[0].split(".")
     if len(parts) != 3 or not all(part.isdigit() for part in parts):
         return None
@@ -389,7 +389,7 @@ def older_version(version: str) -> str | None:
         return f"{major}.{minor}.{revision - 1}"
     if minor:
         return f"{major}.{minor - 1}.0"
-    return f"{major - 1}.0.0" if major else None
+    return f"{major - 1}.9.0" if major else None
 
 
 def _downgrade(injection: Injection, params: Params) -> None:
