@@ -85,9 +85,10 @@ def test_the_suite_passes_on_the_shipped_rigs_and_every_board_is_covered(tmp_pat
     coverage = {board["board"]: board for board in document["coverage"]}
     assert sorted(coverage) == list(BOARDS), report.stdout
     for board, covered in coverage.items():
-        gaps = esp32_gaps if board == "esp32" else set()
-        # A scenario's id is "<module>/<test>[<parameters>]" ("boot/test_a_new_image...").
-        assert {re.split(r"[/:]", gap["scenario"].partition("[")[0])[-1]
+        gaps = {name.removeprefix("test_") for name in esp32_gaps} if board == "esp32" \
+            else set()
+        # A scenario's id is "<phase>/<test less its test_ prefix>[<parameters>]".
+        assert {gap["scenario"].partition("[")[0].rpartition("/")[2]
                 for gap in covered["missing"]} == gaps, (board, covered["missing"])
         assert covered["ran"] + len(gaps) == covered["expected"] == alone[0].expected, \
             (board, covered)
