@@ -515,7 +515,8 @@ def cmd_sim_image(args: argparse.Namespace) -> int:
 
     prog = "hil sim image"
     try:
-        image = build_image(args.board, args.version, payload_size=args.size)
+        image = build_image(args.board, args.version, payload_size=args.size, key=args.key,
+                            fails_self_test=args.fails_self_test)
     except ValueError as error:
         _fail(prog, str(error))
     try:
@@ -905,6 +906,12 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
     image.add_argument("--size", type=_non_negative, metavar="BYTES",
                        help="payload bytes (default 64 KiB; 16 KiB on gd32)")
+    image.add_argument("--key", default="root", choices=["root", "other"],
+                       help="MCUboot: the imgtool key it is signed with (root: the one the "
+                       "simulated MCUboot trusts; default)")
+    image.add_argument("--fails-self-test", action="store_true",
+                       help="MCUboot: a build whose self-test fails (it resets before it "
+                       "confirms itself, and is reverted)")
     image.set_defaults(run=cmd_sim_image)
     up = sim_commands.add_parser("up", parents=[rigs_dir],
                                  help="run a simulated rig's bench until stopped")

@@ -60,13 +60,13 @@ def test_each_phase_is_a_step_with_its_requests_and_the_fault_on_the_step_it_hit
     result = by_name["test_a_failing_request_once_is_retried_and_the_update_finishes"]
     titles = [step["name"] for step in _steps(result["steps"])]
     assert titles[0] == "attempt 1: ota check"
-    assert titles[1:4] == ["version report", "detect: errno=0 target=1.1.0 size=66088",
+    assert titles[1:4] == ["version report", "detect: errno=0 target=1.1.0 size=66192",
                            "token check: errno=0"]
     download = next(t for t in titles if t.startswith("download:"))
     assert "[fault: stall 2s]" in download
     assert "1 retried" in download
     assert [t for t in titles if t.startswith(("report:", "verify", "flash", "reboot"))] == [
-        "report: result=101 errno=0", "verify: md5=ok", "flash: bytes=66088",
+        "report: result=101 errno=0", "verify: md5=ok", "flash: bytes=66192",
         "reboot: boot version=1.1.0", "report: result=201 errno=0"]
     detect = next(s for s in _steps(result["steps"]) if s["name"].startswith("detect"))
     [attached] = detect["attachments"]

@@ -110,19 +110,20 @@ def a_landed_power_cut_came_between_the_write_start_and_the_next_boot(
     [hit] = [line for line in lines if line.get("kind") == "fault-hit"]
     assert hit["fault"] == "power-cut during=flash"
     assert hit["phase"] == "flash"
-    assert hit["event"] == "ota phase=flash bytes=66088"
+    assert hit["event"] == "ota phase=flash bytes=66192"
     # Between the 101 (the download over) and the 201 (the board booted the target after it).
     reports = [line for line in lines if line["phase"] == "report"]
     assert [r["result"] for r in reports] == [101, 201]
     assert reports[0]["at"] < hit["at"] < reports[1]["at"]
-    # The board's own narration: the write announced, cut, announced again, then the boot.
+    # The board's own narration: the write announced, cut, the swap resumed and the write
+    # announced again, then the boot.
     [console] = records.glob("*test_a_cut_while_the_image_is_written*.console.log")
     log = console.read_text()
-    first = log.index("ota phase=flash bytes=66088")
-    again = log.index("I: bootloader: the last copy was cut short", first)
+    first = log.index("ota phase=flash bytes=66192")
+    again = log.index("I: bootloader: resuming the interrupted test swap", first)
     # (the log starts with the board's restore to its base image: read from the first write)
     assert "boot version" not in log[first:again]
-    assert log.index("ota phase=flash bytes=66088", again) \
+    assert log.index("ota phase=flash bytes=66192", again) \
         < log.index("boot version=1.1.0", again)
 
 
@@ -178,7 +179,7 @@ def _boot(version: str) -> Event:
 
 @pytest.mark.parametrize(("after", "landed"), [
     # the installer starts the interrupted copy over, then boots the target: landed
-    (["ota phase=flash bytes=66088", "boot"], True),
+    (["ota phase=flash bytes=66192", "boot"], True),
     # the board boots its old image (the install did not take) or stays silent: landed
     (["boot-old"], True),
     ([], True),
@@ -186,7 +187,7 @@ def _boot(version: str) -> Event:
     (["boot", "ota phase=report result=201 errno=0", "boot"], False),
 ])
 def test_a_cut_lands_only_between_the_write_start_and_the_boot_of_the_target(after, landed):
-    board = _Board("ota phase=verify md5=ok", "ota phase=flash bytes=66088")
+    board = _Board("ota phase=verify md5=ok", "ota phase=flash bytes=66192")
     fault = InjectedFault("power-cut during=flash", "rig", fired=[len(board.trace)])
     for line in after:
         board.trace.append(_boot("1.1.0") if line == "boot" else _boot("1.0.0")

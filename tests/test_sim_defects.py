@@ -28,7 +28,7 @@ from hil.sim.defects import Defect
 from hil.sim.firmware import install_request_at
 from hil.sim.images import SLOT_SIZE, build_image, claim_span
 
-PACKAGE_SIZE = 66088                   # a default nrf52832 1.1.0 image: 17 chunks of 4096
+PACKAGE_SIZE = 66192                   # a default nrf52832 1.1.0 image: 17 chunks of 4096
 CHUNK = 4096
 
 
@@ -320,6 +320,40 @@ def bad_install_sector(setup: SimSetup, sim: SimBoard) -> Outcome:
         flash.mark_good(at)
 
 
+def self_test_fails(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The package is a 1.1.0 build whose self-test fails. A board left booting it over and
+    over (never reverted) is stopped by cutting its power once it booted it three times."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0", image=build_image(sim.rig.board, "1.1.0", fails_self_test=True))
+    console = sim.board.console
+    start = len(console.lines())
+    sim.board.start_update()
+
+    def printed() -> list[str]:
+        return [line.text for line in console.lines()[start:] if not line.sent]
+
+    wait_for(lambda: "ota end" in printed() or printed().count("boot version=1.1.0") >= 3, 60)
+    ended = "ota end" in printed()
+    if not ended:
+        supply(sim).output(False)
+    events = [line for line in printed() if line.startswith(("ota phase=", "boot "))]
+    return observe(setup, sim, events, ended=ended, version=ended)
+
+
+def signed_with_another_key(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The package is a 1.1.0 build signed with an imgtool key the bootloader does not trust."""
+    on_download(setup, None)
+    setup.task(sim, "1.1.0", image=build_image(sim.rig.board, "1.1.0", key="other"))
+    return observe(setup, sim, setup.update(sim))
+
+
+def older_package(setup: SimSetup, sim: SimBoard) -> Outcome:
+    """The task offers 0.9.0, a validly signed build older than the running 1.0.0."""
+    on_download(setup, None)
+    setup.task(sim, "0.9.0")
+    return observe(setup, sim, setup.update(sim))
+
+
 # ------------------------------------------------------------------------------ expectations
 @dataclass(frozen=True)
 class Expect:
@@ -446,10 +480,11 @@ def downloads_on_low_battery(good: Outcome, bad: Outcome) -> None:
 
 
 def installs_atomically(good: Outcome, bad: Outcome) -> None:
-    # Both were cut while copying; the good bootloader copies again from the start, the
-    # defective one boots half an image, which fails its image check.
-    assert "I: bootloader: the last copy was cut short; copying the secondary slot again" \
-        in good.console
+    # Both were cut while swapping; the good bootloader resumes the swap where its trailer's
+    # status says it stopped, the defective one (no record) starts a swap of the half-swapped
+    # slots, refuses the secondary image it finds there and boots half an image, which fails
+    # its image check.
+    assert "I: bootloader: resuming the interrupted test swap" in good.console
     assert good.events.count(f"ota phase=flash bytes={PACKAGE_SIZE}") == 2
     assert bad.events.count(f"ota phase=flash bytes={PACKAGE_SIZE}") == 1
     assert any(line.startswith("E: no bootable image in the primary slot")
@@ -503,11 +538,13 @@ def checks_the_header(good: Outcome, bad: Outcome) -> None:
 
 def checks_the_write(good: Outcome, bad: Outcome) -> None:
     # Both fail to write the install request; the good board stops and says so, the defective
-    # one reboots, and its bootloader finds no request and boots the old image.
+    # one reboots, and its bootloader finds no request (MCUboot: swap type none) and boots the
+    # old image.
     assert index_of(good.console, "E: ota: the install request was not written") >= 0
     assert index_of(good.console, "I: ota: rebooting to install") == -1
-    assert index_of(bad.console, "I: ota: rebooting to install") >= 0
-    assert index_of(bad.console, "E: bootloader: no install request") >= 0
+    reboot = index_of(bad.console, "I: ota: rebooting to install")
+    assert reboot >= 0
+    assert index_of(bad.console[reboot:], "I: bootloader: swap type: none") >= 0
 
 
 def crashes(good: Outcome, bad: Outcome) -> None:
@@ -520,6 +557,27 @@ def crashes(good: Outcome, bad: Outcome) -> None:
     assert bad.crash.fault_address == 0
     assert [word.partition(":")[0] for word in bad.crash.words] == \
         ["FORCED", "PRECISERR", "BFARVALID"]
+
+
+def reverts(good: Outcome, bad: Outcome) -> None:
+    # Both boot the failing build; the good one is reverted (its bootloader swaps the old image
+    # back) and reports; the defective one boots the failing build again and again.
+    assert good.events.count("boot version=1.1.0") == 1, good.events
+    assert index_of(good.console, "I: bootloader: swap type: revert") >= 0
+    assert good.events[-1] == "ota phase=report result=204 errno=0"
+    assert bad.events.count("boot version=1.1.0") >= 3, bad.events
+    assert index_of(bad.console, "I: bootloader: swap type: revert") == -1
+
+
+def checks_the_signature(good: Outcome, bad: Outcome) -> None:
+    assert index_of(good.console, "E: bootloader: secondary slot image rejected: the image is "
+                    "signed with a key this bootloader does not know") >= 0
+    assert "boot version=1.1.0" in bad.console
+
+
+def prevents_downgrades(good: Outcome, bad: Outcome) -> None:
+    assert any("(downgrade prevention)" in line for line in good.console), good.console
+    assert "boot version=0.9.0" in bad.console
 
 
 UPGRADED = Expect([101, 201], version="1.1.0", state="succeeded")
@@ -596,6 +654,20 @@ DEFECT_SCENARIOS: dict[Defect, Case] = {
     Defect.IGNORES_FLASH_ERRORS: Case(
         bad_install_sector, good=Expect([101, 206], state="failed"),
         defective=Expect([101, 204], state="failed"), evidence=checks_the_write),
+    Defect.CONFIRMS_BEFORE_SELF_TEST: Case(
+        # The defective board never reports: the task waits in "upgrading" for ever.
+        self_test_fails, good=Expect([101, 204], state="failed"),
+        defective=Expect([101], version=None, state="upgrading", ended=False), evidence=reverts),
+    Defect.NO_REVERT: Case(
+        self_test_fails, good=Expect([101, 204], state="failed"),
+        defective=Expect([101], version=None, state="upgrading", ended=False), evidence=reverts),
+    Defect.ACCEPTS_UNSIGNED: Case(
+        signed_with_another_key, good=Expect([101, 204], state="failed"),
+        defective=UPGRADED, evidence=checks_the_signature),
+    Defect.ACCEPTS_DOWNGRADE: Case(
+        older_package, good=Expect([101, 204], state="failed"),
+        defective=Expect([101, 201], version="0.9.0", state="succeeded"),
+        evidence=prevents_downgrades),
 }
 
 

@@ -33,7 +33,7 @@ def test_a_whole_update_through_the_proxy(setup):
     sim = setup.board()
     setup.task(sim, "1.1.0")
     events = setup.update(sim)
-    assert events[0] == "ota phase=detect errno=0 target=1.1.0 size=66088"
+    assert events[0] == "ota phase=detect errno=0 target=1.1.0 size=66192"
     assert setup.codes(sim) == [101, 201]
     assert sim.board.version() == "1.1.0"
 

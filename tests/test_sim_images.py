@@ -218,6 +218,21 @@ def test_cli_writes_an_image(board: str, tmp_path: Path,
     assert "version 1.0.0+5" in capsys.readouterr().out
 
 
+def test_cli_writes_a_build_the_simulated_mcuboot_refuses_or_reverts(tmp_path: Path) -> None:
+    from hil.sim.images import check_signature, fails_self_test, public_key_der
+
+    other, failing = tmp_path / "other.bin", tmp_path / "failing.bin"
+    assert main(["sim", "image", "--board", "gd32", "--version", "1.1.0", "--key", "other",
+                 "-o", str(other)]) == 0
+    assert main(["sim", "image", "--board", "gd32", "--version", "1.1.0", "--fails-self-test",
+                 "-o", str(failing)]) == 0
+    with pytest.raises(ValueError, match="a key this bootloader does not know"):
+        check_signature(other.read_bytes(), public_key_der("root"))
+    check_signature(failing.read_bytes(), public_key_der("root"))
+    assert fails_self_test("gd32", failing.read_bytes())
+    assert not fails_self_test("gd32", other.read_bytes())
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--board", "stm32", "--version", "1.0.0"], "argument --board: invalid choice: 'stm32'"),
     (["--board", "gd32", "--version", "1.1"], "version '1.1' is not an MCUboot version"),
@@ -228,6 +243,10 @@ def test_cli_writes_an_image(board: str, tmp_path: Path,
     (["--board", "gd32", "--version", "1.0.0", "-o", "/nonexistent/dir/x.bin"],
      "-o: cannot write /nonexistent/dir/x.bin"),
     (["--version", "1.0.0"], "the following arguments are required: --board"),
+    (["--board", "esp32", "--version", "1.0.0", "--key", "other"],
+     "the simulated ESP32's images are not signed"),
+    (["--board", "gd32", "--version", "1.0.0", "--key", "mine"],
+     "argument --key: invalid choice: 'mine'"),
 ])
 def test_cli_bad_arguments(argv: list[str], message: str, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:

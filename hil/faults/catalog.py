@@ -64,7 +64,7 @@ class Where(enum.StrEnum):
 
 
 def event_text(event: Event) -> str:
-    """The event as the board printed it (``ota phase=flash bytes=66088``)."""
+    """The event as the board printed it (``ota phase=flash bytes=66192``)."""
     return " ".join([event.tag, *(f"{key}={value}" for key, value in event.fields.items())])
 
 
@@ -303,6 +303,116 @@ def _oversized_image(injection: Injection, params: Params) -> None:
     _task(package=Package(data, f"oversized-{package.filename}"))(injection, {})
 
 
+# What each bootloader fault needs that the simulated ESP32 lacks (it boots through a copying
+# bootloader, hil.sim.firmware; ESP-IDF's otadata rollback, secure boot and anti-rollback are
+# not modelled).
+_ESP32_LACKS = {
+    "fails-self-test": "rollback (ESP-IDF's otadata with ESP_OTA_IMG_PENDING_VERIFY)",
+    "wrong-key": "image signatures (ESP-IDF's secure boot)",
+    "downgrade": "downgrade prevention (ESP-IDF's anti-rollback secure_version)",
+}
+
+
+def _mcuboot_package(injection: Injection, fault: str, version: str, **build: Any) -> Package:
+    """A build of ``version`` for the rig's simulated MCUboot board, made as ``build`` asks
+    (``hil.sim.images.build_image``): only hil's own images can be rebuilt so (signed with its
+    imgtool keys); a scenario skips elsewhere, naming what it needs."""
+    from hil.sim.images import build_image
+
+    rig = injection.rig
+    if injection.board.parts.bench is None:
+        where = f"rig {rig.name} has no shell: fault {fault}" if injection.board.shell_less \
+            else f"fault {fault}: rig {rig.name} is no simulated board; it"
+        raise Unsupported(f"{where} needs a simulated board's bootloader (MCUboot with test/"
+                          "confirm/revert, signature check and downgrade prevention) and the "
+                          "images hil builds for it (sim-nrf52832, sim-gd32)")
+    if rig.board == "esp32":
+        raise Unsupported(f"fault {fault}: the simulated ESP32 has no {_ESP32_LACKS[fault]}; "
+                          "it runs on the MCUboot boards (sim-nrf52832, sim-gd32)")
+    try:
+        data = build_image(rig.board, version, **build)
+    except ValueError as error:
+        raise Unsupported(f"fault {fault}: cannot build a {rig.board} image of version "
+                          f"{version}: {error}") from None
+    return Package(data, f"{fault}-{version}.bin")
+
+
+def _booted_after(injection: Injection, what: str) -> Landing:
+    """Lands when the board booted again after the fault was injected: it ran the package
+    through its bootloader (``what`` says what that proves)."""
+    def check(fault: InjectedFault) -> str | None:
+        del fault
+        if not any(event.tag == "boot" for event in injection.trace):
+            return f"the board never rebooted to install the package ({what})"
+        return None
+    return check
+
+
+def _fails_self_test(injection: Injection, params: Params) -> None:
+    """The task delivers a build of the target version whose self-test fails: it boots, resets
+    before confirming itself, and a bootloader that tests upgrades reverts it. Lands when the
+    board booted that build."""
+    package = _mcuboot_package(injection, "fails-self-test", injection.target,
+                               fails_self_test=True)
+    _task(package=package)(injection, {})
+    target = injection.target
+
+    def check(fault: InjectedFault) -> str | None:
+        if injection.board.shell_less:
+            # Its boots are the versions the service heard, and the failing build resets
+            # before it says anything: a reboot after the download is what shows.
+            return _booted_after(injection, "and ran the build that fails its self-test")(fault)
+        if not any(event.tag == "boot" and event.fields.get("version") == target
+                   for event in injection.trace):
+            return f"the board never booted the build that fails its self-test ({target})"
+        del fault
+        return None
+    injection.landing(check)
+
+
+def _wrong_key(injection: Injection, params: Params) -> None:
+    """The task delivers a build of the target version signed with an imgtool key the board's
+    MCUboot does not trust (``hil.sim.images.SIGNING_KEYS``)."""
+    package = _mcuboot_package(injection, "wrong-key", injection.target, key="other")
+    _task(package=package)(injection, {})
+    injection.landing(_booted_after(injection, "its bootloader checks the signature"))
+
+
+def older_version(version: str) -> str | None:
+    """A version below ``version`` (MAJOR.MINOR.REVISION): the revision one less, else the
+    minor, else the major one less with minor 9 (1.0.0 gives 0.9.0); None below 0.0.1."""
+    parts = version.split("+")[0].split(".")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return None
+    major, minor, revision = (int(part) for part in parts)
+    if revision:
+        return f"{major}.{minor}.{revision - 1}"
+    if minor:
+        return f"{major}.{minor - 1}.0"
+    return f"{major - 1}.9.0" if major else None
+
+
+def _downgrade(injection: Injection, params: Params) -> None:
+    """The task offers a signed build older than the version the board runs (its base build),
+    as its target: an operator's mistake, or an old build replayed."""
+    from hil.sim.images import image_version
+
+    base = injection.base_package
+    if base is None:
+        raise Unsupported("fault downgrade: no base build (--hil-firmware) to be older than")
+    try:
+        running = image_version(injection.rig.board, base.data)
+    except (KeyError, ValueError) as error:
+        raise Unsupported(f"fault downgrade: the base build's version cannot be read "
+                          f"({error})") from None
+    older = older_version(running)
+    if older is None:
+        raise Unsupported(f"fault downgrade: no version is older than the base's {running}")
+    package = _mcuboot_package(injection, "downgrade", older)
+    _task(package=package, target=older)(injection, {})
+    injection.landing(_booted_after(injection, "its bootloader compares the versions"))
+
+
 # ---------------------------------------------------------------------------------- rig
 def _low_power(injection: Injection, params: Params) -> None:
     """The battery below the task's threshold: before the update (the board's detect carries
@@ -486,6 +596,12 @@ CATALOG: dict[str, FaultSpec] = {spec.name: spec for spec in (
               _wrong_version, needs=("mock",)),
     FaultSpec("oversized-image", _S, "the package's image says it is larger than the slot",
               _oversized_image, needs=("mock",)),
+    FaultSpec("fails-self-test", _S, "the package is a build of the target that fails its "
+              "self-test (resets before confirming itself)", _fails_self_test, needs=("mock",)),
+    FaultSpec("wrong-key", _S, "the package is signed with a key the bootloader does not trust",
+              _wrong_key, needs=("mock",)),
+    FaultSpec("downgrade", _S, "the task's package is older than the version the board runs",
+              _downgrade, needs=("mock",)),
     FaultSpec("token-expired", _S, "the task's token expires (at token check, or mid-download)",
               _operator("expire-token", Endpoint.TOKEN_CHECK), needs=("mock",),
               params=("during", "at"), during=("token", "download")),

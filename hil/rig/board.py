@@ -300,6 +300,10 @@ class Board:
         flasher = self.parts.flasher()
         assert flasher is not None
         flasher.program(firmware, progress=progress, full=full)
+        if self.parts.bench is not None:
+            # MCUboot's trailers too (nothing pending, nothing to revert), while the flashed
+            # board is held stopped; a lab board's rig erases them with its flasher.
+            self.parts.bench.erase_boot_state()
         if self.rig.flasher.kind != "esp":
             since = console.mark()
             flasher.reset()
@@ -373,6 +377,7 @@ class Board:
         generation = 0
         if bench is not None:
             bench.erase_settings()    # while the flashed board is held stopped
+            bench.erase_boot_state()  # MCUboot's trailers: nothing pending, nothing to revert
             # Counted from here, not from before the flash: esptool's connect may boot the
             # application on the way (a reset whose boot-mode strap it missed on a loaded
             # host, then retried), and that boot, done at once offline, would be taken for

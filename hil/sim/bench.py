@@ -298,6 +298,15 @@ class SimBench:
         if self.firmware is not None:
             self.firmware.nvs.erase()
 
+    def erase_boot_state(self) -> None:
+        """The bootloader's state erased (MCUboot's trailers in both slots and its scratch
+        area), as a full chip erase would: after a restore nothing is pending or to be
+        reverted, and the base image boots as flashed. Only what is not erased already is
+        erased (a restore after a test that changed nothing writes nothing)."""
+        from hil.sim.mcuboot import erase_boot_state
+
+        erase_boot_state(self.layout, self.flash)
+
     def __enter__(self) -> SimBench:
         return self.start()
 

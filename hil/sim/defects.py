@@ -49,6 +49,19 @@ class Defect(enum.StrEnum):
     # (whose default handler spins, the board dead until reset), a StoreProhibited panic on the
     # ESP32 (printed on its console, then a reboot). hil must report a firmware crash.
     CRASHES_MID_DOWNLOAD = "crashes-mid-download"
+    # The new image confirms itself (MCUboot's image_ok) as soon as it boots, before its
+    # self-test: an image whose self-test fails is never reverted; it resets and boots again,
+    # a boot loop where a conforming board runs its old image and reports the failure.
+    CONFIRMS_BEFORE_SELF_TEST = "confirms-before-self-test"
+    # The bootloader never reverts (every upgrade taken as permanent, as an overwrite-only
+    # build does): an image that resets before confirming boots again, a boot loop.
+    NO_REVERT = "no-revert"
+    # The bootloader skips the signature check: an image signed with a key it does not know
+    # is installed (201 where a conforming board runs its old image and says so).
+    ACCEPTS_UNSIGNED = "accepts-unsigned"
+    # The bootloader built without downgrade prevention: a package older than the running
+    # image is installed.
+    ACCEPTS_DOWNGRADE = "accepts-downgrade"
 
     @classmethod
     def parse(cls, names: Iterable[str]) -> frozenset[Defect]:

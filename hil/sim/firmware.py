@@ -33,30 +33,43 @@ One OTA attempt (``ota check``), as ONENET.md has real devices do it:
    from is 203 ("upgrade failed: memory overflow"; MCUboot's ``boot_check_header_valid`` and
    ESP-IDF's image loader refuse it, so the board does not ask for an install that cannot be);
 7. flash: the battery is checked again (202 below the task's threshold), the image is marked for
-   installation (MCUboot's image trailer magic written at the end of the secondary slot, read back:
-   a write that fails, a bad sector, is 206 "upgrade failed: unknown", and the board goes on
-   running its old image), the board reboots; the bootloader copies a valid image from the
-   secondary slot over the primary (MCUboot's overwrite-only upgrade) and starts the primary. The
-   copy takes the time the part takes to erase and program (``Layout.install_timing``, scaled by
-   ``INSTALL_TIME_SCALE``): the bootloader prints ``ota phase=flash bytes=N`` as it starts it
-   (before its first erase) and its progress as ``I:`` lines. It records the copy in progress
-   before its first erase and clears it after the last write (MCUboot keeps it in the image
-   trailer): a power cut mid-copy leaves half an image in the primary slot, and the next boot
-   copies the intact secondary slot again from the start. It installs only an image whose trailer
-   asks for it, and erases the trailer once the copy is over. The trailer's sector is not package
-   storage: the free space is the secondary slot less that sector;
-8. after the boot, 201 if the image the board booted carries the target version, 204 otherwise
-   (not installed, or installed but of another version).
+   installation, read back: a write that fails, a bad sector, is 206 "upgrade failed: unknown",
+   and the board goes on running its old image; then the board reboots.
+   - nRF52832, GD32: MCUboot (``hil.sim.mcuboot``, swap using scratch). The mark is a *test*
+     upgrade (``boot_request_upgrade``: the trailer magic at the secondary slot's end,
+     ``image_ok`` unset). The bootloader validates the secondary image (its hash, its ED25519
+     signature with the key it was built with, its size, its version not older than the
+     running one: ``MCUBOOT_DOWNGRADE_PREVENTION``), refusing it (erased, the old image boots)
+     or swapping the slots unit by unit with its progress in the primary slot's trailer, so that
+     a power cut mid-swap resumes at the next boot and ends with one complete image in each
+     slot. It prints ``ota phase=flash bytes=N`` as its first write into the primary slot
+     begins, and its progress as ``I:`` lines; the writes take the parts' erase and program
+     times (``Layout.install_timing``, scaled by ``mcuboot.SWAP_TIME_SCALE``). The new image,
+     once booted, runs its self-test and confirms itself (``image_ok``); a build whose
+     self-test fails (``images.build_image(fails_self_test=True)``) resets before it confirms,
+     and the next boot swaps the old image back (a revert), which then reports.
+   - ESP32: the bootloader copies a valid image from the secondary slot over the primary
+     (overwrite-only, the trailer magic at the secondary slot's end asks for it) with the
+     part's timing (``INSTALL_TIME_SCALE``), announcing ``ota phase=flash bytes=N`` before its
+     first erase; it records the copy in progress (settings) so a cut copy is done again from
+     the start, and erases the request once the copy is over. ESP-IDF's otadata rollback is
+     not modelled: the ESP32 neither tests nor reverts nor checks signatures or versions.
+   The trailer's sector is not package storage: the free space is the secondary slot less it;
+8. after the boot (and the new image's confirm), 201 if the image the board booted carries the
+   target version, 204 otherwise (not installed: refused by the bootloader or reverted; or
+   installed but of another version).
 
 Every step is narrated on the console as contract events (``ota phase=...``, ``boot
 version=V``, ``ota end`` once the attempt is over, after the post-boot report when there was one).
 
 Persistence: ``<state_dir>/nvs.json`` is the firmware's settings partition (the OTA server, the
 attempt in progress), written atomically after each change; the flash files are the board's.
-The attempt in progress is bound to the image that started it (a digest of the primary slot): a
-board reflashed with another image since forgets it instead of resuming someone else's update.
+The attempt in progress is bound to the image that started it (a digest of the primary slot,
+its MCUboot trailer excluded): a board reflashed with another image since forgets it instead
+of resuming someone else's update.
 One reflashed with the very same image resumes, as real settings partitions survive a reflash;
-a new task (a new token) or ``test factory`` starts afresh. Fault-hook values (``test power``,
+a new task (a new token) or ``test factory`` starts afresh (it erases MCUboot's trailers too:
+nothing pending, nothing to revert). Fault-hook values (``test power``,
 ``signal``, ``space``) live in RAM and are gone after a reset.
 
 Defects (``Defect``), off by default and chosen per board, make the firmware misbehave the way
@@ -100,9 +113,10 @@ from hil.onenet.codes import (
     meets_threshold,
 )
 from hil.onenet.messages import DetectAnswer
+from hil.sim import mcuboot
 from hil.sim.defects import Defect
 from hil.sim.flash import FlashTiming, FlashWriteError, SimFlash
-from hil.sim.images import image_span, image_version
+from hil.sim.images import fails_self_test, image_span, image_version
 from hil.sim.layout import Layout, Slot, layout_of
 from hil.sim.symbols import NullWrite
 
@@ -121,17 +135,20 @@ INSTALL_TIME_SCALE = 0.5
 # by the simulated supply's MEAS:CURR?): of the order of a Cortex-M with a cellular or Wi-Fi radio.
 DRAW_MA = {"off": 0.0, "idle": 12.0, "boot": 30.0, "radio": 85.0, "cpu": 20.0, "flash": 45.0}
 _PROGRESS_STEPS = 4              # the installer's I: progress lines per copy
+SELF_TEST_S = 0.2                # how long a new image's self-test runs before it confirms
 
 # MCUboot's image trailer magic (bootutil's boot_img_magic), the last 16 bytes of a slot whose
-# image is to be installed: what ``boot_request_upgrade`` writes and the bootloader looks for.
-BOOT_MAGIC = bytes.fromhex("77c295f360d2ef7f3215d8368be5b6f9")
+# image is to be installed: what ``boot_request_upgrade`` writes and the bootloader looks for
+# (the ESP32's copying bootloader uses it too).
+BOOT_MAGIC = mcuboot.BOOT_MAGIC
 
 
 def install_request_at(layout: Layout, flash: SimFlash) -> int:
     """The sector the install request (the trailer magic) is written to: the secondary slot's
-    last (a bench's bad-sector fault marks it, ``hil.faults.catalog``)."""
+    last (a bench's bad-sector fault marks it, ``hil.faults.catalog``); on the MCUboot boards
+    the unit holding its trailer, the same sector."""
     slot = layout.secondary
-    return slot.address + slot.size - flash.sector_size
+    return slot.address + slot.size - max(flash.sector_size, layout.trailer)
 
 
 # Token check answers after which a device ends the attempt without a report (ONENET.md).
@@ -230,8 +247,29 @@ class Nvs:
             self.path.unlink(missing_ok=True)
 
 
-def slot_digest(flash: SimFlash, slot: Slot) -> str:
-    return hashlib.sha256(flash.read(slot.address, slot.size)).hexdigest()
+def slot_digest(flash: SimFlash, slot: Slot, trailer: int = 0) -> str:
+    """The digest of what a slot holds, its MCUboot trailer (``trailer`` bytes at its end,
+    changed by a confirm or a swap's bookkeeping) excluded."""
+    return hashlib.sha256(flash.read(slot.address, slot.size - trailer)).hexdigest()
+
+
+class _BootIo:
+    """What MCUboot (``hil.sim.mcuboot``) gets from the firmware model during one boot."""
+
+    def __init__(self, firmware: Firmware, generation: int) -> None:
+        self._firmware, self._generation = firmware, generation
+
+    def flash(self, chip: str) -> SimFlash:
+        return self._firmware.platform.flash(chip)
+
+    def say(self, line: str) -> None:
+        self._firmware._say(self._generation, line)
+
+    def wait(self, seconds: float) -> None:
+        self._firmware._sleep(self._generation, seconds)
+
+    def draw(self, activity: str) -> None:
+        self._firmware._draw(self._generation, activity)
 
 
 class Firmware:
@@ -430,6 +468,8 @@ class Firmware:
             self.version = version
         self._say(generation, f"boot version={version}")
         self._draw(generation, "idle")
+        if not self._self_test(generation, primary):
+            return
         self._serve_shell(generation)      # what the host typed while the board booted
         self._finish_install(generation, primary)
         if self.shipped:
@@ -440,8 +480,8 @@ class Firmware:
         ota = self.nvs.load().get("ota")
         if not isinstance(ota, dict):
             return
-        if ota.get("running") not in (None, slot_digest(primary, self.layout.primary)) \
-                and not self._booted_package(ota):
+        running = slot_digest(primary, self.layout.primary, self.layout.trailer)
+        if ota.get("running") not in (None, running) and not self._booted_package(ota):
             # Someone flashed another image: this attempt belongs to a firmware that is gone.
             self.nvs.update(ota=None)
             return
@@ -475,10 +515,40 @@ class Firmware:
             self._say(generation, f"E: ota: cannot resolve {self.host}; no update check")
         return resolved
 
+    def _self_test(self, generation: int, primary: SimFlash) -> bool:
+        """An MCUboot board's image, once booted, runs its self-test and then confirms itself
+        (``boot_set_confirmed``: a tested image becomes permanent). A build made to fail its
+        self-test resets before confirming, and the bootloader reverts it. False when the
+        image reset."""
+        if self.layout.scratch is None:
+            return True                     # the ESP32: no test/confirm modelled
+        trailer = mcuboot.trailers(self.layout)[0]
+        image = primary.read(self.layout.primary.address, self.layout.image_room)
+        if Defect.CONFIRMS_BEFORE_SELF_TEST in self.defects:
+            self._confirm(generation, primary, trailer)
+        if fails_self_test(self.board, image):
+            self._sleep(generation, SELF_TEST_S)
+            self._say(generation, "E: app: self-test failed; resetting before the image is "
+                      "confirmed")
+            self.platform.reset()
+            return False
+        self._confirm(generation, primary, trailer)
+        return True
+
+    def _confirm(self, generation: int, primary: SimFlash, trailer: mcuboot.Trailer) -> None:
+        self._alive(generation)
+        if mcuboot.set_confirmed(primary, trailer):
+            self._say(generation, "I: app: image confirmed")
+
     def _bootloader(self, generation: int) -> None:
-        """MCUboot (overwrite-only) or the ESP32's bootloader: install a pending image."""
+        """MCUboot (swap using scratch, ``hil.sim.mcuboot``) or the ESP32's bootloader
+        (overwrite-only): install a pending image, resume a cut swap, revert an unconfirmed
+        one."""
         self._say(generation, "I: bootloader: starting" if self.layout.boot_region
                   else "I (31) boot: ESP-IDF bootloader")
+        if self.layout.scratch is not None:
+            mcuboot.Bootloader(self.layout, _BootIo(self, generation), self.defects).run()
+            return
         ota = self.nvs.load().get("ota")
         if not isinstance(ota, dict) or ota.get("stage") != "install":
             return
@@ -629,6 +699,7 @@ class Firmware:
         flash.erase(slot.address, slot.size)
         flash.program(slot.address, image[:slot.size])
         flash.flush()
+        mcuboot.erase_boot_state(self.layout, self.platform.flash)   # nothing pending
         self._say(generation, "OK")
         self.platform.reset()
 
@@ -706,7 +777,7 @@ class Firmware:
     def _run_task(self, generation: int, http: requests.Session, server: str,
                   task: DetectAnswer, power: int, signal: int) -> bool:
         primary = self.platform.flash(self.layout.primary.chip)
-        running = slot_digest(primary, self.layout.primary)
+        running = slot_digest(primary, self.layout.primary, self.layout.trailer)
         saved = self.nvs.load().get("ota")
         resumed = isinstance(saved, dict) and saved.get("token") == task.token \
             and saved.get("md5") == task.md5 and saved.get("size") == task.size \
@@ -882,23 +953,27 @@ class Firmware:
             span = image_span(self.board, data)
         except ValueError:
             return
-        room = self.layout.primary.size
+        room = self.layout.image_room
         if span >= room and Defect.INSTALLS_OVERSIZED not in self.defects:
             self._say(generation, f"ota phase=verify image=too-large bytes={span} slot={room}")
             raise _Failed(ResultCode.UPGRADE_MEMORY_OVERFLOW)
 
     def _request_install(self, generation: int) -> None:
         """Step 7: the trailer magic written at the secondary slot's end and read back (206
-        when the write fails or did not take)."""
+        when the write fails or did not take): MCUboot's ``boot_request_upgrade`` for a test
+        upgrade on the MCUboot boards (the new image must confirm itself)."""
         flash = self.platform.flash(self.layout.secondary.chip)
         at = install_request_at(self.layout, flash)
         magic_at = at + flash.sector_size - len(BOOT_MAGIC)
         self._alive(generation)
         try:
-            flash.erase(at, flash.sector_size)
-            flash.program(magic_at, BOOT_MAGIC)
-            flash.flush()
-            written = flash.read(magic_at, len(BOOT_MAGIC)) == BOOT_MAGIC
+            if self.layout.scratch is not None:
+                written = mcuboot.request_upgrade(flash, mcuboot.trailers(self.layout)[1])
+            else:
+                flash.erase(at, flash.sector_size)
+                flash.program(magic_at, BOOT_MAGIC)
+                flash.flush()
+                written = flash.read(magic_at, len(BOOT_MAGIC)) == BOOT_MAGIC
             why = "it reads back otherwise"
         except FlashWriteError as error:
             written, why = False, str(error)

@@ -8,7 +8,13 @@ version inside the image where the bootloader and the OTA client read it.
   DRAM segments, the checksum byte and the SHA-256 of all of it. ``esptool image-info`` reads it.
 - **nrf52832**, **gd32**: an MCUboot image, written by imgtool's ``Image``: a 0x200-byte header
   holding the version (major.minor.revision+build), the payload (a Cortex-M vector table, then
-  code-like bytes), and the TLV area with the SHA256 TLV; unsigned. ``imgtool verify`` accepts it.
+  code-like bytes), and the TLV area with the SHA256 TLV, the KEYHASH TLV and an ED25519
+  signature of the hash made with an imgtool key (``signing_key``: ``root``, the key the
+  simulated boards' MCUboot is built with, by default; ``other``, a key it does not trust).
+  ``imgtool verify -k`` accepts it with the key's public half. A build made to fail its
+  self-test (``fails_self_test``) carries a protected custom TLV (``SELF_TEST_TLV``) that the
+  simulated firmware reads at boot: covered by the hash and the signature, it is the build's,
+  not something a transfer can add.
 
 Payloads are pseudo-random but deterministic: the same (board, version, size) gives the same
 bytes, so a test image is rebuilt, not stored, and a misplaced byte always changes its hash.
@@ -24,12 +30,16 @@ says it is larger than its slot), leaving the rest of the bytes as they are.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import re
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from esptool.bin_image import ELFSection, ESP32FirmwareImage
 from esptool.targets import ESP32ROM
@@ -58,6 +68,16 @@ DEFAULT_PAYLOAD_SIZE = {"esp32": 64 * 1024, "nrf52832": 64 * 1024, "gd32": 16 * 
 # Top of RAM, the initial stack pointer in a Cortex-M vector table.
 STACK_TOP = {"nrf52832": 0x20010000, "gd32": 0x20005000}
 MIN_PAYLOAD = 256
+
+# The imgtool keys the simulated MCUboot images are signed with: ed25519, each derived from its
+# name (the same key on every machine, none stored). ``root`` is the key the simulated boards'
+# MCUboot trusts (built into the base build's bootloader); ``other`` a key it does not.
+ROOT_KEY = "root"
+SIGNING_KEYS = (ROOT_KEY, "other")
+# A protected custom TLV (imgtool's custom TLV range starts at 0xa0) marking a build whose
+# self-test fails: the simulated firmware resets before confirming such an image.
+SELF_TEST_TLV = 0xA0
+SELF_TEST_FAILS = b"self-test:fail"
 
 _MCUBOOT_VERSION = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:\+([1-9]\d*))?")
 _ESP_VERSION = re.compile(r"[!-~]{1,31}")      # printable ASCII, no spaces; NUL-terminated in 32
@@ -93,19 +113,48 @@ def _check_size(board: str, size: int) -> None:
                          f"{SLOT_SIZE[board]:#x}-byte slot")
 
 
+# ---------------------------------------------------------------------------------- keys
+@functools.cache
+def signing_key(name: str) -> Any:
+    """The imgtool key (``imgtool.keys.Ed25519``) named ``name`` (``SIGNING_KEYS``)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from imgtool.keys import Ed25519
+
+    if name not in SIGNING_KEYS:
+        raise ValueError(f"unknown signing key {name!r}; known: {', '.join(SIGNING_KEYS)}")
+    seed = hashlib.sha256(f"hil-sim mcuboot signing key {name}".encode()).digest()
+    return Ed25519(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
+
+
+def public_key_der(name: str) -> bytes:
+    """The public half of ``signing_key(name)`` as MCUboot embeds it (SubjectPublicKeyInfo
+    DER; its SHA-256 is what an image's KEYHASH TLV holds)."""
+    der: bytes = signing_key(name).get_public_bytes()
+    return der
+
+
 # ---------------------------------------------------------------------------------- build
 def build_image(board: str, version: str, *, payload_size: int | None = None,
-                seed: int | str | bytes | None = None) -> bytes:
+                seed: int | str | bytes | None = None, key: str = ROOT_KEY,
+                fails_self_test: bool = False) -> bytes:
     """An application image for ``board`` carrying ``version``, with ``payload_size`` bytes of
     code (None: ``DEFAULT_PAYLOAD_SIZE[board]``). Deterministic for (board, version, size)
-    unless ``seed`` is given. ValueError for an unknown board, a version the format cannot
-    hold (naming it), or a payload size that is not a multiple of 4 or does not fit the slot."""
+    unless ``seed`` is given. An MCUboot image is signed with the imgtool key named ``key``
+    (``signing_key``) and, ``fails_self_test``, marked as a build whose self-test fails (the
+    simulated firmware resets before it confirms itself); the ESP32's image takes neither.
+    ValueError for an unknown board, a version the format cannot hold (naming it), a payload
+    size that is not a multiple of 4 or does not fit the slot, or an unknown key."""
     _check_board(board)
     size = DEFAULT_PAYLOAD_SIZE[board] if payload_size is None else payload_size
     _check_size(board, size)
     stream = _stream(_seed(board, version, size, seed), size)
-    image = _build_esp32(version, stream) if board == "esp32" else \
-        _build_mcuboot(board, version, stream)
+    if board == "esp32":
+        if fails_self_test or key != ROOT_KEY:
+            raise ValueError("the simulated ESP32's images are not signed and carry no "
+                             "self-test marker (only the MCUboot boards' are)")
+        image = _build_esp32(version, stream)
+    else:
+        image = _build_mcuboot(board, version, stream, signing_key(key), fails_self_test)
     if len(image) > SLOT_SIZE[board]:
         raise ValueError(f"a {len(image)}-byte image does not fit {board}'s "
                          f"{SLOT_SIZE[board]:#x}-byte slot; give a smaller payload size")
@@ -151,7 +200,8 @@ def _mcuboot_version(version: str) -> tuple[int, int, int, int]:
     return major, minor, revision, build
 
 
-def _build_mcuboot(board: str, version: str, stream: bytes) -> bytes:
+def _build_mcuboot(board: str, version: str, stream: bytes, key: Any,
+                   fails_self_test: bool) -> bytes:
     import click
     from imgtool import image as imgtool_image
     from imgtool.version import decode_version
@@ -167,8 +217,11 @@ def _build_mcuboot(board: str, version: str, stream: bytes) -> bytes:
         source, target = Path(tmp, "app.bin"), Path(tmp, "app.signed.bin")
         source.write_bytes(code)
         image.load(str(source))
+        custom = {SELF_TEST_TLV: SELF_TEST_FAILS} if fails_self_test else None
         try:
-            image.create(None, "hash", None)
+            # imgtool says "sign the digest" on stdout: not the caller's output.
+            with contextlib.redirect_stdout(io.StringIO()):
+                image.create(key, "hash", None, custom_tlvs=custom)
         except click.ClickException as error:       # imgtool's way of saying no
             raise ValueError(f"payload size {len(code)} does not fit {board}'s "
                              f"{SLOT_SIZE[board]:#x}-byte slot: {error}") from None
@@ -222,7 +275,26 @@ _MCUBOOT_HEADER = struct.Struct("<IIHHIIBBHII")
 _TLV_HEADER = struct.Struct("<HH")      # magic, total size (info) / type, length (entries)
 
 
-def _mcuboot_version_of(data: bytes) -> str:
+@dataclass(frozen=True)
+class McubootImage:
+    """What MCUboot reads of an image: its version, the hash it checked, and its TLVs
+    (protected and not) by type."""
+
+    version: tuple[int, int, int, int]        # major, minor, revision, build
+    digest: bytes                             # the SHA256 TLV, checked against the image
+    signed_part: bytes                        # what the hash covers (header, payload, prot. TLVs)
+    tlvs: dict[int, bytes]
+
+    @property
+    def version_text(self) -> str:
+        major, minor, revision, build = self.version
+        return f"{major}.{minor}.{revision}" + (f"+{build}" if build else "")
+
+
+def read_mcuboot(data: bytes) -> McubootImage:
+    """Parse and check an MCUboot image as bootutil does before it trusts one: the header's
+    magic, the TLV areas, the SHA256 TLV against the hashed part. ValueError saying what is
+    wrong."""
     from imgtool.image import (
         IMAGE_MAGIC,
         TLV_INFO_MAGIC,
@@ -232,14 +304,20 @@ def _mcuboot_version_of(data: bytes) -> str:
 
     if len(data) < _MCUBOOT_HEADER.size:
         raise ValueError(f"not an MCUboot image: {len(data)} bytes, shorter than the header")
-    magic, _, header_size, _, image_size, _, major, minor, revision, build, _ = \
+    magic, _, header_size, protected, image_size, _, major, minor, revision, build, _ = \
         _MCUBOOT_HEADER.unpack_from(data)
     if magic != IMAGE_MAGIC:
         raise ValueError(f"not an MCUboot image: magic {magic:#010x}, expected {IMAGE_MAGIC:#010x}")
+    tlvs: dict[int, bytes] = {}
     offset = header_size + image_size
     hashed_end = offset
     if len(data) >= offset + 4 and _TLV_HEADER.unpack_from(data, offset)[0] == TLV_PROT_INFO_MAGIC:
-        offset += _TLV_HEADER.unpack_from(data, offset)[1]
+        total = _TLV_HEADER.unpack_from(data, offset)[1]
+        if len(data) < offset + total:
+            raise ValueError(f"MCUboot image truncated: {len(data)} bytes, its protected TLVs "
+                             f"end at {offset + total:#x}")
+        _read_tlvs(data, offset + 4, offset + total, tlvs)
+        offset += total
         hashed_end = offset
     if len(data) < offset + 4:
         raise ValueError(f"MCUboot image truncated: {len(data)} bytes, the TLV area starts at "
@@ -248,19 +326,64 @@ def _mcuboot_version_of(data: bytes) -> str:
     if tlv_magic != TLV_INFO_MAGIC:
         raise ValueError(f"MCUboot image has no TLV area at {offset:#x}: magic {tlv_magic:#06x}, "
                          f"expected {TLV_INFO_MAGIC:#06x}")
-    end, offset = offset + total, offset + 4
+    end = offset + total
     if len(data) < end:
         raise ValueError(f"MCUboot image truncated: {len(data)} bytes, its TLVs end at {end:#x}")
+    _read_tlvs(data, offset + 4, end, tlvs)
+    stored = tlvs.get(TLV_VALUES["SHA256"])
+    if stored is None:
+        raise ValueError("MCUboot image has no SHA256 TLV")
+    if hashlib.sha256(data[:hashed_end]).digest() != stored:
+        raise ValueError("MCUboot image SHA256 does not match its contents")
+    del protected
+    return McubootImage((major, minor, revision, build), stored, data[:hashed_end], tlvs)
+
+
+def _read_tlvs(data: bytes, offset: int, end: int, into: dict[int, bytes]) -> None:
     while offset + 4 <= end:
         kind, length = _TLV_HEADER.unpack_from(data, offset)
-        kind &= 0xFF                    # imgtool packs type as a byte, then a pad byte
-        if kind == TLV_VALUES["SHA256"]:
-            stored = data[offset + 4: offset + 4 + length]
-            if hashlib.sha256(data[:hashed_end]).digest() != stored:
-                raise ValueError("MCUboot image SHA256 does not match its contents")
-            return f"{major}.{minor}.{revision}" + (f"+{build}" if build else "")
+        into[kind] = data[offset + 4: offset + 4 + length]
         offset += 4 + length
-    raise ValueError("MCUboot image has no SHA256 TLV")
+
+
+def _mcuboot_version_of(data: bytes) -> str:
+    return read_mcuboot(data).version_text
+
+
+def check_signature(data: bytes, trusted: bytes) -> None:
+    """MCUboot's signature check (``bootutil_img_validate`` with one ED25519 key built in): the
+    image's KEYHASH TLV names ``trusted`` (its public key, DER) and its ED25519 TLV is that
+    key's signature of the image's SHA-256. ValueError saying what is missing or wrong."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+    from imgtool.image import TLV_VALUES
+
+    image = read_mcuboot(data)
+    keyhash = image.tlvs.get(TLV_VALUES["KEYHASH"])
+    signature = image.tlvs.get(TLV_VALUES["ED25519"])
+    if keyhash is None or signature is None:
+        raise ValueError("the image is not signed (no KEYHASH and ED25519 TLVs)")
+    if keyhash != hashlib.sha256(trusted).digest():
+        raise ValueError(f"the image is signed with a key this bootloader does not know "
+                         f"(KEYHASH {keyhash[:4].hex()}...)")
+    key = load_der_public_key(trusted)
+    assert isinstance(key, Ed25519PublicKey)
+    try:
+        key.verify(signature, image.digest)
+    except InvalidSignature:
+        raise ValueError("the image's ED25519 signature does not verify") from None
+
+
+def fails_self_test(board: str, data: bytes) -> bool:
+    """Whether the image was built to fail its self-test (``build_image(fails_self_test=
+    True)``): its protected TLVs carry the marker. False for an image that cannot be read."""
+    if board == "esp32":
+        return False
+    try:
+        return read_mcuboot(data).tlvs.get(SELF_TEST_TLV) == SELF_TEST_FAILS
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------- span
@@ -297,6 +420,11 @@ def image_span(board: str, data: bytes) -> int:
             last = offsets[-1]
             end = last + _ESP32_SEGMENT.size + _ESP32_SEGMENT.unpack_from(data, last)[1]
         return (end + 16) // 16 * 16 + 32     # checksum in the last byte of a 16-byte block
+    return mcuboot_span(data)
+
+
+def mcuboot_span(data: bytes) -> int:
+    """``image_span`` of an MCUboot image: ``ih_hdr_size + ih_img_size``."""
     if len(data) < _MCUBOOT_HEADER.size:
         raise ValueError(f"not an MCUboot image: {len(data)} bytes, shorter than the header")
     magic, _, header_size, _, image_size, *_ = _MCUBOOT_HEADER.unpack_from(data)

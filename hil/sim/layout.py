@@ -1,17 +1,22 @@
 """Where the simulated boards keep their images: the flash layout their firmware and bootloader use.
 
 Each board has a primary slot (the image the bootloader starts) and a secondary slot (where an OTA
-download goes); the bootloader installs a downloaded image by copying it over the primary slot
-(MCUboot's overwrite-only upgrade), so the primary slot always holds what runs and flashing a base
-image there with a debugger or esptool is all a restore needs.
+download goes). On the nRF52832 and the GD32 MCUboot swaps the two slots through a scratch area
+(``hil.sim.mcuboot``): the primary slot always holds what runs, the secondary the other image, and
+each slot ends in MCUboot's image trailer (``trailer`` bytes: one swap unit, which the swap leaves
+in place). On the ESP32 the bootloader copies the secondary slot over the primary. Flashing a base
+image into the primary slot and erasing the trailers (``SimBench.erase_boot_state``) is all a
+restore needs.
 
 - **esp32**: 4 MiB SPI flash; the application at 0x10000 (where esptool flashes it) and a second
   1 MiB slot behind it, as ESP-IDF's two-OTA partition table places ``ota_0``/``ota_1``.
-- **nrf52832**: 512 KiB internal flash; MCUboot's 48 KiB, then two 200 KiB slots (Zephyr's
-  nrf52dk layout).
+- **nrf52832**: 512 KiB internal flash; MCUboot's 48 KiB, then two 200 KiB slots and the 40 KiB
+  scratch area at 0x70000 (Zephyr's nrf52dk layout); swapped in 4 KiB units (the NVMC page).
 - **gd32**: GD32F103C8, 64 KiB internal flash: MCUboot's 32 KiB, then one 32 KiB primary slot;
   the secondary slot sits on the board's external SPI NOR (``spi_flash.bin``), as GD32F103
-  designs without room for two slots do.
+  designs without room for two slots do, and the scratch area right behind it on the same NOR
+  (0x8000, one 4 KiB sector): the internal flash has no room left, and the NOR's 4 KiB sector
+  is the swap unit (four of the FMC's 1 KiB pages).
 """
 
 from __future__ import annotations
@@ -37,6 +42,25 @@ class Layout:
     secondary: Slot
     boot_region: Slot | None     # where the bootloader lives (None: in ROM, the ESP32's case)
     install_timing: FlashTiming  # the primary slot's flash: how long the install's writes take
+    # MCUboot's swap (None: the ESP32, whose bootloader copies). The scratch area holds one
+    # swap unit; ``write_size`` is the flash's program unit, which sizes the trailer's status
+    # entries (imgtool's ``--align``); ``secondary_timing`` the secondary and scratch flash's
+    # times.
+    scratch: Slot | None = None
+    swap_unit: int = 0x1000
+    write_size: int = 4
+    secondary_timing: FlashTiming | None = None
+
+    @property
+    def trailer(self) -> int:
+        """The bytes at each slot's end that hold MCUboot's trailer: one swap unit (0 on the
+        ESP32)."""
+        return self.swap_unit if self.scratch is not None else 0
+
+    @property
+    def image_room(self) -> int:
+        """The most an image may fill of the primary slot (its trailer excluded)."""
+        return self.primary.size - self.trailer
 
 
 # Typical erase and program times of the parts that hold each board's primary slot:
@@ -53,14 +77,19 @@ class Layout:
 NRF52832_NVMC = FlashTiming(page=0x1000, erase_s=0.085, word=4, program_s=41e-6)
 GD32F103_FMC = FlashTiming(page=0x400, erase_s=0.030, word=2, program_s=52.5e-6)
 ESP32_SPI_NOR = FlashTiming(page=0x1000, erase_s=0.045, word=256, program_s=0.7e-3)
+# The GD32 board's external NOR is of the same class (4 KiB sectors, 256-byte pages).
 
 LAYOUTS: dict[str, Layout] = {
     "esp32": Layout(primary=Slot(0x10000, 0x100000), secondary=Slot(0x110000, 0x100000),
                     boot_region=None, install_timing=ESP32_SPI_NOR),
     "nrf52832": Layout(primary=Slot(0xC000, 0x32000), secondary=Slot(0x3E000, 0x32000),
-                       boot_region=Slot(0x0, 0xC000), install_timing=NRF52832_NVMC),
+                       boot_region=Slot(0x0, 0xC000), install_timing=NRF52832_NVMC,
+                       scratch=Slot(0x70000, 0xA000), swap_unit=0x1000, write_size=4,
+                       secondary_timing=NRF52832_NVMC),
     "gd32": Layout(primary=Slot(0x08008000, 0x8000), secondary=Slot(0x0, 0x8000, chip="spi"),
-                   boot_region=Slot(0x08000000, 0x8000), install_timing=GD32F103_FMC),
+                   boot_region=Slot(0x08000000, 0x8000), install_timing=GD32F103_FMC,
+                   scratch=Slot(0x8000, 0x1000, chip="spi"), swap_unit=0x1000, write_size=2,
+                   secondary_timing=ESP32_SPI_NOR),
 }
 
 SPI_FLASH_SIZE = 0x100000       # the GD32 board's external NOR (1 MiB)
