@@ -3,6 +3,7 @@ shipped mode, and an attempt read at the service alone, on a simulated shipped n
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,3 +280,36 @@ def test_a_board_without_a_boot_line_is_read_at_the_service_before_any_update(tm
         nothing_typed(quiet)
     finally:
         quiet.close()
+
+
+def test_the_reports_label_never_resets_a_board_whose_log_names_no_boot_line(tmp_path):
+    """With --alluredir each test's report is labelled with the firmware the board runs. A
+    shell-less board whose log names no boot line (the shipped ESP32) can only be asked by a
+    reset, and the check it makes at boot, on the network already, began an attempt of its own
+    while the test was still creating its task and arming its faults: on a loaded host it used
+    them up, and the test's own attempt found errno 11 at detect. The label is the version the
+    restore flashed; the board's first attempt is the test's."""
+    import subprocess
+    import sys
+
+    from private_rig import private_sim_rig
+
+    rig = private_sim_rig(tmp_path, "sim-esp32-shipped")
+    records = tmp_path / "timelines"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "testcases/test_detect.py", "-k", "happy_path",
+         "--hil-rig", str(rig.path), f"--alluredir={tmp_path / 'results'}",
+         "--hil-timeline-dir", str(records), "-p", "no:cacheprovider", "-q"],
+        cwd=ROOT, env=rig.env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    [timeline] = records.glob("*happy_path*.timeline.jsonl")
+    exchanges = [json.loads(line) for line in timeline.read_text().splitlines()]
+    exchanges = [e for e in exchanges if "kind" not in e]          # not the fault hits
+    first_download = next(i for i, e in enumerate(exchanges) if e["phase"] == "download")
+    before = exchanges[:first_download]
+    assert [e.get("errno") for e in before if e["phase"] == "detect"] == [0], \
+        [(e["phase"], e.get("errno")) for e in before]
+    [result] = [json.loads(path.read_text())
+                for path in (tmp_path / "results").glob("*-result.json")]
+    assert {"name": "firmware", "value": "'1.0.0'"} in [
+        {"name": p["name"], "value": p["value"]} for p in result["parameters"]]

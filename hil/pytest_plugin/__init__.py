@@ -1023,7 +1023,12 @@ def ota(rig: Rig, board: Board, gateway: Gateway, hil_options: HilOptions,
                            base_package=hil_options.base_package(rig),
                            dns=request.getfixturevalue("ota_dns"), elf=hil_options.elf_for(rig))
     if reporting.alluredir(request.config):
-        reporting.label(request.node, rig, firmware=board.version(), target=target)
+        # What the restore left running. Asking a shell-less board whose log names no boot
+        # line would reset it: its check at boot, on the network already, began an attempt
+        # of its own that met the task and faults this test was still arming (the test's own
+        # attempt then found errno 11 at detect).
+        running = board.restored_version if board.shell_less else None
+        reporting.label(request.node, rig, firmware=running or board.version(), target=target)
         clock = request.node.stash[reporting.CLOCK] = reporting.AttemptClock()
         scenario.observers.append(clock)
     return scenario

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hil.boards.images import UnknownImage, read_image
 from hil.drivers.base import ConsoleProtocol, Progress
 from hil.drivers.contract import Event, parse_event
 from hil.drivers.hooks import ConsoleHookSpace
@@ -45,6 +46,9 @@ class Board:
         self.parts = parts
         self.rig = parts.rig
         self.contract = parts.contract
+        # The version the last restore left running: its boot line's, else (a shell-less board
+        # whose log names none) the version inside the image it flashed. None: no restore yet.
+        self.restored_version: str | None = None
 
     @property
     def console(self) -> ConsoleProtocol:
@@ -287,8 +291,15 @@ class Board:
         real board's base image must clear its OTA state itself, or the rig's flasher erase
         the whole chip). Returns its boot line's version, or None when only the service can
         tell (its log has none)."""
+        self.restored_version = None
         if self.shell_less:
             return self._restore_shell_less(firmware, progress, full=full)
+        version = self._restore_with_shell(firmware, progress, full=full)
+        self.restored_version = version
+        return version
+
+    def _restore_with_shell(self, firmware: Path | None, progress: Progress | None, *,
+                            full: bool) -> str:
         if firmware is None or self.rig.flasher.kind == "none":
             self._factory_reset()
             return self.version()
@@ -395,6 +406,7 @@ class Board:
         if bench is not None and not bench.wait_boot_done(generation, BOOT_TIMEOUT_S):
             raise RigFault("flasher", f"the simulated board did not finish booting within "
                            f"{BOOT_TIMEOUT_S:g} s of its restore", self.rig.name)
+        self.restored_version = version or _image_version(firmware)
         return version
 
     def _settled_mark(self) -> int:
@@ -409,3 +421,11 @@ class Board:
             now = self.console.mark()
             mark, steady = now, (steady + 1 if now == mark else 0)
         return mark
+
+
+def _image_version(path: Path) -> str | None:
+    """The version inside the firmware image at ``path`` (None: a format that has none)."""
+    try:
+        return read_image(path.read_bytes()).version
+    except (OSError, UnknownImage):
+        return None
