@@ -120,6 +120,9 @@ def split_answer(data: bytes) -> tuple[str, dict[str, str], bytes]:
 
 
 def last(gateway: Gateway) -> Exchange:
+    """The last exchange recorded, once what the client already has is recorded (the record
+    follows the answer: a 504 once read off too soon on a loaded host was not there yet)."""
+    assert gateway.wait_recorded(TIMEOUT)
     return gateway.timeline.exchanges()[-1]
 
 
