@@ -47,17 +47,17 @@ SECTOR = 4096
 
 class BenchlessBoard:
     """The ``Platform`` the firmware runs on, minus the bench: flashes that cover just the
-    layout's two slots (files in ``state_dir``), a console kept as lines, a reset that reboots
-    the firmware at once, a full battery and a good signal."""
+    layout's two slots and MCUboot's scratch area (files in ``state_dir``), a console kept as
+    lines, a reset that reboots the firmware at once, a full battery and a good signal."""
 
     def __init__(self, board: str, state_dir: Path, base_image: bytes) -> None:
         self.board = board
         layout = layout_of(board)
         self.layout = layout
         state_dir.mkdir(parents=True)
+        areas = [area for area in (layout.primary, layout.secondary, layout.scratch) if area]
         self._flashes = {chip: _flash_over(state_dir / f"{chip}.bin",
-                                           [s for s in (layout.primary, layout.secondary)
-                                            if s.chip == chip])
+                                           [area for area in areas if area.chip == chip])
                          for chip in {layout.primary.chip, layout.secondary.chip}}
         primary = self._flashes[layout.primary.chip]
         primary.program(layout.primary.address, base_image)
@@ -137,8 +137,8 @@ class Device:
         self.package = build_image(self.board_name, TARGET, payload_size=PAYLOAD + 4 * index,
                                    seed=f"load-{self.dev_id}")
         self.md5 = hashlib.md5(self.package).hexdigest()
-        self.board = BenchlessBoard(self.board_name, root / self.dev_id,
-                                    base_images[self.board_name])
+        self.base = base_images[self.board_name]
+        self.board = BenchlessBoard(self.board_name, root / self.dev_id, self.base)
         self.firmware = Firmware(self.board, root / self.dev_id,
                                  DeviceIdentity(mock.product_id, self.dev_id, key),
                                  http_timeout=HTTP_TIMEOUT_S)
@@ -243,11 +243,12 @@ def test_two_hundred_devices_update_at_once_without_crosstalk(
         assert mock.timeline.reported_codes(device.dev_id) == [101, 201], device.dev_id
         assert gateway.timeline.reported_codes(device.dev_id) == [101, 201], device.dev_id
         assert device.firmware.version == TARGET, device.dev_id   # booted the new image
-        # What the device downloaded is its own package, and the bootloader installed it.
+        # The bootloader installed the device's own package, and MCUboot's swap left the image
+        # it ran before in the secondary slot (to revert to, had the new one not confirmed).
         layout = device.board.layout
-        assert hashlib.md5(device.board.read_slot(layout.secondary, len(device.package))
-                           ).hexdigest() == device.md5, device.dev_id
         assert device.board.read_slot(layout.primary, len(device.package)) == device.package
+        assert device.board.read_slot(layout.secondary, len(device.base)) == device.base, \
+            device.dev_id
 
     by_dev_id = {device.dev_id: device for device in devices}
     for timeline in (mock.timeline, gateway.timeline):
