@@ -32,8 +32,9 @@ bytes, so a test image is rebuilt, not stored, and a misplaced byte always chang
 
 ``image_span`` is how many bytes an image's header says it fills, as a bootloader reads it before
 it trusts the image (MCUboot's header size plus image size; ESP-IDF's segments walked from
-their headers, without the Secure Boot V2 padding and signature sector that follow them); ``claim_span`` rewrites a header to say another length (a package whose image
-says it is larger than its slot), leaving the rest of the bytes as they are.
+their headers, without the Secure Boot V2 padding and signature sector that follow them);
+``claim_span`` rewrites a header to say another length (a package whose image says it is larger
+than its slot), leaving the rest of the bytes as they are.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from esptool.bin_image import ELFSection, ESP32FirmwareImage
@@ -177,7 +178,8 @@ def esp32_signing_key(name: str) -> RSAPrivateKey:
         raise ValueError(f"unknown signing key {name!r}; known: {', '.join(SIGNING_KEYS)}")
     pem = resources.files("hil.sim").joinpath("keys", f"esp32-secure-boot-{name}.pem")
     key = load_pem_private_key(pem.read_bytes(), password=None)
-    assert isinstance(key, RSAPrivateKey) and key.key_size == 3072
+    assert isinstance(key, RSAPrivateKey)
+    assert key.key_size == 3072
     return key
 
 
@@ -268,8 +270,8 @@ def _sign_esp32(image: bytes, key: RSAPrivateKey) -> bytes:
     deterministic PSS salt (espsecure's is random) so a build is reproducible: padded with 0xFF
     to a sector, then the signature sector. espsecure's own code lays out the block (from a
     pre-calculated signature, which it verifies first)."""
-    from espsecure import generate_signature_block_using_pre_calculated_signature
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from espsecure import generate_signature_block_using_pre_calculated_signature
 
     padded = image + b"\xff" * (-len(image) % SBV2_SECTOR)
     digest = hashlib.sha256(padded).digest()
@@ -412,7 +414,7 @@ def check_esp32_signature(data: bytes, trusted_digest: bytes) -> None:
     block = data[padded:padded + SBV2_BLOCK.size]
     if len(block) < SBV2_BLOCK.size or block[0] != SBV2_MAGIC:
         raise ValueError(f"the image is not signed (no signature block at {padded:#x})")
-    magic, version, digest, n, e, _, _, signature, crc = SBV2_BLOCK.unpack(block)
+    _, version, digest, n, e, _, _, signature, crc = SBV2_BLOCK.unpack(block)
     if version != SBV2_VERSION_RSA:
         raise ValueError(f"the signature block at {padded:#x} is version {version:#04x}, not "
                          f"RSA-3072's {SBV2_VERSION_RSA:#04x}")
