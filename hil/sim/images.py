@@ -293,7 +293,7 @@ def _rsa_pss_sign(key: RSAPrivateKey, digest: bytes, salt: bytes) -> bytes:
     """RSASSA-PSS (RFC 8017 9.1.1 EMSA-PSS-ENCODE, SHA-256, MGF1-SHA-256) of a SHA-256
     ``digest`` with the given ``salt``: what cryptography's ``sign`` does with a random salt."""
     numbers = key.private_numbers()
-    n, d = numbers.public_numbers.n, numbers.d
+    n = numbers.public_numbers.n
     em_bits = n.bit_length() - 1
     em_len = (em_bits + 7) // 8
     h = hashlib.sha256(b"\0" * 8 + digest + salt).digest()
@@ -301,7 +301,10 @@ def _rsa_pss_sign(key: RSAPrivateKey, digest: bytes, salt: bytes) -> bytes:
     masked = bytearray(a ^ b for a, b in zip(db, _mgf1(h, len(db)), strict=True))
     masked[0] &= 0xFF >> (8 * em_len - em_bits)
     em = int.from_bytes(bytes(masked) + h + b"\xbc", "big")
-    return pow(em, d, n).to_bytes((n.bit_length() + 7) // 8, "big")
+    # m^d mod n by the CRT (RFC 8017 5.1.2): a quarter of the time of pow(em, d, n).
+    m1, m2 = pow(em, numbers.dmp1, numbers.p), pow(em, numbers.dmq1, numbers.q)
+    signature = m2 + numbers.q * (numbers.iqmp * (m1 - m2) % numbers.p)
+    return signature.to_bytes((n.bit_length() + 7) // 8, "big")
 
 
 def _mcuboot_version(version: str) -> tuple[int, int, int, int]:
