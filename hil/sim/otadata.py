@@ -1,6 +1,7 @@
-"""ESP-IDF's OTA data partition (``otadata``), the choices its bootloader and app make with it
-(the entries' functions are sans-IO; ``Bootloader`` reads and writes the flash), as ESP-IDF's ``bootloader_utility.c`` and
-``esp_ota_ops.c`` make them with app rollback (``CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE``).
+"""ESP-IDF's OTA data partition (``otadata``) and the choices its bootloader and app make with it,
+as ESP-IDF's ``bootloader_utility.c`` and ``esp_ota_ops.c`` make them with app rollback
+(``CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE``): the entries' functions are sans-IO, ``Bootloader``
+reads and writes the flash.
 
 The partition is two 4 KiB sectors, each starting with one ``esp_ota_select_entry_t``
 (``ota_seq`` u32, ``seq_label[20]``, ``ota_state`` u32, ``crc`` u32: CRC-32 of ``ota_seq`` seeded
@@ -19,6 +20,7 @@ boots again (the rollback).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -217,12 +219,21 @@ class Bootloader:
                 if blank:       # set_actual_ota_seq: the first boot of a blank otadata
                     write_entry(self.otadata, self.partition, 0,
                                 Entry.make(index + 1, State.VALID))
+                    self._burn(slot)
                 self.io.say(f"I (45) boot: Loaded app from partition at offset "
                             f"{slot.address:#x}")
                 return index
             self.io.say(f"E (45) boot: ota_{index} at {slot.address:#x}: {why}")
         self.io.say("E (46) boot: No bootable app partitions in the partition table")
         return None
+
+    def _burn(self, slot: Slot) -> None:
+        """``update_anti_rollback``: the booted app's secure_version burnt into the eFuse."""
+        from hil.sim.images import esp32_secure_version
+
+        data = self.io.flash(slot.chip).read(slot.address, slot.size)
+        with contextlib.suppress(ValueError):
+            burn_secure_version(self.state_dir, esp32_secure_version(data))
 
     @staticmethod
     def _newest(entries: tuple[Entry, Entry]) -> int | None:
