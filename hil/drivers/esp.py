@@ -60,6 +60,7 @@ from rich.errors import MarkupError
 from rich.text import Text
 from serial import rfc2217
 
+from hil.boards.otadata import settled_on_first_slot
 from hil.drivers.base import DriverBase, Progress, rfc2217_quiet
 from hil.errors import ConfigError, RigFault
 
@@ -263,15 +264,15 @@ class EspFlasher(DriverBase):
         self._erase_otadata(esp)
 
     def _erase_otadata(self, esp: Any, *, full: bool = False) -> None:
-        """The OTA data partition erased unless the chip's MD5 of it says it is blank
-        (``full``: erased whatever it holds)."""
+        """The OTA data partition erased, unless what it holds boots ``ota_0`` with nothing
+        pending, as a blank one does (``hil.boards.otadata.settled_on_first_slot``: the state
+        an unchanged base leaves after its first boot). ``full``: erased whatever it holds."""
         if self.otadata is None:
             return
         offset, size = self.otadata
         where = f"the OTA data partition at {offset:#x}"
         with _esptool_output(), self._faults(f"erasing {where}"):
-            if not full and esp.flash_md5sum(offset, size) == \
-                    hashlib.md5(b"\xff" * size, usedforsecurity=False).hexdigest():
+            if not full and settled_on_first_slot(bytes(esp.read_flash(offset, size))):
                 return
             esp.erase_region(offset, size)
         log.info("%s: erased %s", self.port, where)

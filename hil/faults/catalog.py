@@ -496,9 +496,10 @@ def _cut_mid_write(injection: Injection) -> Landing:
 
 def _bad_sector(injection: Injection, params: Params) -> None:
     """The sector a simulated board writes its install request to (MCUboot's image trailer, its
-    secondary slot's last; the ESP32's otadata sector its switch writes) goes bad: every erase and program of it fails. Lands when the
-    board tried to write it. It does not outlive the test: a simulated bench, its flash with it,
-    lives for one test, and the landing check makes the sector good again all the same."""
+    secondary slot's last; the ESP32's otadata sector its switch writes) goes bad: every erase
+    and program of it fails. Lands when the board tried to write it. It does not outlive the
+    test: a simulated bench, its flash with it, lives for one test, and the landing check makes
+    the sector good again all the same."""
     rig, bench = injection.rig, injection.board.parts.bench
     if bench is None:
         if injection.board.shell_less:

@@ -1,21 +1,6 @@
-"""ESP-IDF's OTA data partition (``otadata``) and the choices its bootloader and app make with it,
-as ESP-IDF's ``bootloader_utility.c`` and ``esp_ota_ops.c`` make them with app rollback
-(``CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE``): the entries' functions are sans-IO, ``Bootloader``
-reads and writes the flash.
-
-The partition is two 4 KiB sectors, each starting with one ``esp_ota_select_entry_t``
-(``ota_seq`` u32, ``seq_label[20]``, ``ota_state`` u32, ``crc`` u32: CRC-32 of ``ota_seq`` seeded
-with 0xFFFFFFFF, as otatool checks it). An entry is valid when its ``ota_seq`` is not 0xFFFFFFFF
-and its CRC matches; the valid entry with the highest ``ota_seq`` whose state is neither INVALID
-nor ABORTED selects the app slot ``(ota_seq - 1) % slots``. Both blank: ``ota_0`` (no factory
-partition in the simulated board's table), and the bootloader then writes ``ota_seq`` 1 into
-the first sector (``set_actual_ota_seq``).
-
-A switch (``esp_ota_set_boot_partition``) writes the next ``ota_seq`` pointing at the new slot
-into the sector the active entry is not in, state NEW. The bootloader turns NEW into
-PENDING_VERIFY and boots it; finding PENDING_VERIFY at a boot means the app reset before it
-confirmed itself (``esp_ota_mark_app_valid_cancel_rollback``): ABORTED, and the previous entry
-boots again (the rollback).
+"""The simulated ESP32's side of ESP-IDF's OTA data partition (its format and the choices made
+with it: ``hil.boards.otadata``): the eFuse that anti-rollback burns, reading and writing the
+entries in flash, and the second-stage bootloader that picks and checks the slot to boot.
 """
 
 from __future__ import annotations
@@ -23,97 +8,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
-import zlib
-from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from typing import Protocol
 
+from hil.boards.otadata import (
+    ENTRY,
+    SECTOR,
+    SIZE,
+    Entry,
+    State,
+    active,
+    pending_sector,
+    read,
+    switch_to,
+)
 from hil.sim.defects import Defect
 from hil.sim.flash import SimFlash
 from hil.sim.layout import Layout, Slot
 
-ENTRY = struct.Struct("<I20sII")       # ota_seq, seq_label, ota_state, crc
-SECTOR = 0x1000
-SIZE = 2 * SECTOR
-BLANK_SEQ = 0xFFFFFFFF
-
-
-class State(IntEnum):
-    """``esp_ota_img_states_t``."""
-
-    NEW = 0x0
-    PENDING_VERIFY = 0x1
-    VALID = 0x2
-    INVALID = 0x3
-    ABORTED = 0x4
-    UNDEFINED = 0xFFFFFFFF
-
-
-def entry_crc(seq: int) -> int:
-    """``bootloader_common_ota_select_crc``: ``esp_rom_crc32_le(UINT32_MAX, &ota_seq, 4)``."""
-    return zlib.crc32(struct.pack("<I", seq), 0xFFFFFFFF) & 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class Entry:
-    seq: int
-    state: int
-    crc: int
-
-    @classmethod
-    def read(cls, data: bytes) -> Entry:
-        seq, _, state, crc = ENTRY.unpack_from(data)
-        return cls(seq, state, crc)
-
-    @classmethod
-    def make(cls, seq: int, state: State) -> Entry:
-        return cls(seq, int(state), entry_crc(seq))
-
-    def pack(self) -> bytes:
-        return ENTRY.pack(self.seq, b"\xff" * 20, self.state, self.crc)
-
-    @property
-    def valid(self) -> bool:
-        return self.seq != BLANK_SEQ and self.crc == entry_crc(self.seq)
-
-    @property
-    def selectable(self) -> bool:
-        return self.valid and self.state not in (State.INVALID, State.ABORTED)
-
-    def slot(self, slots: int) -> int:
-        return (self.seq - 1) % slots
-
-
-def read(partition: bytes) -> tuple[Entry, Entry]:
-    """The two entries of the partition's bytes (``SIZE`` of them)."""
-    return Entry.read(partition[:ENTRY.size]), Entry.read(partition[SECTOR:SECTOR + ENTRY.size])
-
-
-def active(entries: tuple[Entry, Entry]) -> int | None:
-    """``bootloader_common_get_active_otadata``: which sector's entry selects the slot (the
-    selectable one with the highest ``ota_seq``), None when neither does."""
-    chosen = [index for index, entry in enumerate(entries) if entry.selectable]
-    return max(chosen, key=lambda index: entries[index].seq) if chosen else None
-
-
-def switch_to(entries: tuple[Entry, Entry], slot: int, slots: int) -> tuple[int, Entry]:
-    """``esp_ota_set_boot_partition(ota_<slot>)``: the sector to write and the entry it gets
-    (the next ``ota_seq`` that selects ``slot``, state NEW)."""
-    current = active(entries)
-    if current is None:
-        return 0, Entry.make(slot + 1, State.NEW)
-    seq, rounds = entries[current].seq, 0
-    while seq > (slot + 1) % slots + rounds * slots:
-        rounds += 1
-    return current ^ 1, Entry.make((slot + 1) % slots + rounds * slots, State.NEW)
-
-
-def pending_sector(entries: tuple[Entry, Entry]) -> int:
-    """The sector a switch made now would write (where a bad sector makes it fail)."""
-    current = active(entries)
-    return 0 if current is None else current ^ 1
+__all__ = ["ENTRY", "SECTOR", "SIZE", "Bootloader", "Entry", "State", "active",
+           "burn_secure_version", "confirm", "efuse_secure_version", "pending_sector",
+           "read_entries", "switch_to", "write_entry"]
 
 
 # ---------------------------------------------------------------------------------- eFuse
