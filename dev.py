@@ -3,7 +3,6 @@
 
     python3 dev.py run  [hil suite options]  set up, then the main job: the conformance suite on
                                              the simulated rigs, its Allure report and sign-off
-                                             (with no options: fixtures/sim-waivers.yaml waived)
     python3 dev.py test [pytest options]     set up, then run the tests (on 3 xdist workers)
     python3 dev.py lint                      set up, then ruff and mypy
     python3 dev.py hil ...                   set up, then any hil command
@@ -36,7 +35,6 @@ STAMP = VENV / ".hil-setup"
 #   playwright-core: drives Debian's chromium in the report's page test (no browser of its own)
 NPM_TOOLS = {"allure-commandline": "2.46.1", "playwright-core": "1.65.1"}
 NPM_PREFIX = ROOT / ".allure"
-SIM_WAIVERS = ROOT / "fixtures" / "sim-waivers.yaml"   # what the simulated rigs do not run
 NPM_STAMP = NPM_PREFIX / ".hil-setup"
 # labgrid (coordinator, exporter, client) in a virtualenv of its own, from pyproject.toml's
 # `labgrid` extra: its pyserial fork must not replace hil's pyserial (hil.rig.providers.labgrid).
@@ -118,10 +116,7 @@ def main(argv: list[str]) -> int:
         return 0
     os.chdir(ROOT)
     if command == "run":
-        # The default run is the simulated rigs': what they knowingly do not run is waived by
-        # name, in the open (the sign-off lists each waiver). Options given are the user's.
-        waivers = ["--waive", str(SIM_WAIVERS)] if not rest else []
-        return subprocess.call([BIN / "hil", "suite", *waivers, *rest])
+        return subprocess.call([BIN / "hil", "suite", *rest])
     if command == "hil":
         return subprocess.call([BIN / "hil", *rest])
     if command == "test":

@@ -511,21 +511,28 @@ def _terminal(rig: Rig, address: str) -> None:
 def cmd_sim_image(args: argparse.Namespace) -> int:
     # Imported here: esptool and imgtool are only needed for images.
     from hil.boards import BOARDS
-    from hil.sim.images import build_image, image_version
+    from hil.sim.images import build_image, esp32_secure_version, image_version
 
     prog = "hil sim image"
     try:
+        if args.secure_version is not None and args.board != "esp32":
+            raise ValueError(f"--secure-version: only the ESP32's images carry a secure "
+                             f"version (anti-rollback), not {args.board}'s")
         image = build_image(args.board, args.version, payload_size=args.size, key=args.key,
-                            fails_self_test=args.fails_self_test)
+                            fails_self_test=args.fails_self_test,
+                            secure_version=args.secure_version)
     except ValueError as error:
         _fail(prog, str(error))
     try:
         args.output.write_bytes(image)
     except OSError as error:
         _fail(prog, f"-o: cannot write {args.output}: {error.strerror}")
+    secure = (f", secure version {esp32_secure_version(image)}" if args.board == "esp32"
+              else "")
+    failing = ", fails its self-test" if args.fails_self_test else ""
     print(f"wrote {args.output}: {args.board} image, version "
-          f"{image_version(args.board, image)}, {len(image)} bytes, "
-          f"for {BOARDS[args.board].app_address:#x}")
+          f"{image_version(args.board, image)}{secure}, signed with {args.key}{failing}, "
+          f"{len(image)} bytes, for {BOARDS[args.board].app_address:#x}")
     return 0
 
 
@@ -907,11 +914,15 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--size", type=_non_negative, metavar="BYTES",
                        help="payload bytes (default 64 KiB; 16 KiB on gd32)")
     image.add_argument("--key", default="root", choices=["root", "other"],
-                       help="MCUboot: the imgtool key it is signed with (root: the one the "
-                       "simulated MCUboot trusts; default)")
+                       help="the key it is signed with (MCUboot: imgtool ED25519; ESP32: "
+                       "Secure Boot V2 RSA-3072). root: the one the simulated bootloader "
+                       "trusts; default")
     image.add_argument("--fails-self-test", action="store_true",
-                       help="MCUboot: a build whose self-test fails (it resets before it "
-                       "confirms itself, and is reverted)")
+                       help="a build whose self-test fails (it resets before it confirms "
+                       "itself, and is reverted)")
+    image.add_argument("--secure-version", type=_non_negative, metavar="N",
+                       help="ESP32: esp_app_desc_t.secure_version, the anti-rollback version "
+                       "(default 1)")
     image.set_defaults(run=cmd_sim_image)
     up = sim_commands.add_parser("up", parents=[rigs_dir],
                                  help="run a simulated rig's bench until stopped")

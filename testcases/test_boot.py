@@ -2,10 +2,10 @@
 self-test passed, or the bootloader reverts it), and the bootloader installs only what it
 trusts: an image signed with its key, of a version not older than the one running.
 
-On the simulated nRF52832 and GD32 (MCUboot, swap using scratch: ``hil.sim.mcuboot``). The
-simulated ESP32 models none of it (ESP-IDF's otadata rollback, secure boot, anti-rollback) and
-a host build has no bootloader: the faults skip there, naming what they need. A power cut
-while the image is swapped in is ``test_flash``'s power-cut scenario."""
+On the simulated nRF52832 and GD32 (MCUboot, swap using scratch: ``hil.sim.mcuboot``) and the
+simulated ESP32 (ESP-IDF's otadata with app rollback, Secure Boot V2, anti-rollback:
+``hil.sim.otadata``). A host build has no bootloader: the faults skip there, naming what they
+need. A power cut while the image is installed is ``test_flash``'s power-cut scenario."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ def test_a_new_image_failing_its_self_test_is_reverted_and_reported_101_then_204
 
 @pytest.mark.phase("flash")
 def test_an_image_signed_with_another_key_is_refused_and_reported_101_then_204(ota):
-    # The package is whole and its md5 right, but its MCUboot signature is made with a key the
-    # bootloader does not trust: it must not be installed; the old image runs and says so.
+    # The package is whole and its md5 right, but its signature (MCUboot's ED25519 TLV, ESP-IDF's
+    # Secure Boot V2 block) is made with a key the bootloader does not trust: it must not be
+    # installed; the old image runs and says so.
     ota.inject("wrong-key")
     ota.update()
     ota.expect("bad-signature")
@@ -48,7 +49,8 @@ def test_an_image_signed_with_another_key_is_refused_and_reported_101_then_204(o
 @pytest.mark.phase("flash")
 def test_a_package_older_than_the_running_version_is_refused_and_reported_101_then_204(ota):
     # The task offers a validly signed build older than the base the board runs: downgrade
-    # prevention refuses it at the swap; the old image runs and reports the version mismatch.
+    # prevention refuses it (MCUboot's at the swap; ESP-IDF's anti-rollback by the build's lower
+    # secure_version, at boot); the old image runs and reports the version mismatch.
     ota.inject("downgrade")
     attempt = ota.update()
     ota.expect("downgrade-refused")

@@ -52,8 +52,9 @@ def test_low_power_before_the_flash_is_reported_101_then_202(ota):
 def test_a_power_cut_while_flashing_still_ends_in_201(ota):
     # The cut comes once the board has announced its write (ota phase=flash bytes=N) and
     # before it booted again: the plugin makes the test an ERROR otherwise. A board must then
-    # finish the install from its intact copy (MCUboot copies the secondary slot again) and
-    # boot the target, or boot the old image and say so; a half-written image is neither.
+    # finish the install from its intact copy (MCUboot resumes its swap, an ESP32 makes its
+    # otadata switch again) and boot the target, or boot the old image and say so; a
+    # half-written image is neither.
     ota.inject("power-cut", during="flash")
     ota.update()
     ota.expect("success", repeats_allowed=True)

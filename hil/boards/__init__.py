@@ -38,6 +38,9 @@ class BoardFamily:
     # part of the family hil knows (``chips``), end exclusive.
     flash_range: tuple[int, int] | None = None
     ram_range: tuple[int, int] | None = None
+    # ESP-IDF's OTA data partition (offset, size), which a restore erases: the two-OTA table's
+    # default place (hil.sim.otadata).
+    otadata: tuple[int, int] | None = None
 
     @property
     def manuf(self) -> str:
@@ -60,7 +63,7 @@ BOARDS: dict[str, BoardFamily] = {
     "esp32": BoardFamily(Chip.ESP32, FlasherKind.ESP, "esp32-wroom-32",
                          ("esp32-wroom-32", "esp32-wrover", "esp32"), None, False,
                          0x0, 0x10000, "Espressif ESP32 (serial ROM bootloader, esptool)",
-                         image_format="esp-app", esp_chip="esp32"),
+                         image_format="esp-app", esp_chip="esp32", otadata=(0xD000, 0x2000)),
     "nrf52832": BoardFamily(Chip.NRF52832, FlasherKind.SWD, "nrf52832_xxaa",
                             ("nrf52832_xxaa", "nrf52832_xxab"), "nrf52832", False,
                             0x0, 0xC000, "Nordic nRF52832 (SWD, pyocd builtin target)",

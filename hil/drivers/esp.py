@@ -60,6 +60,7 @@ from rich.errors import MarkupError
 from rich.text import Text
 from serial import rfc2217
 
+from hil.boards.otadata import settled_on_first_slot
 from hil.drivers.base import DriverBase, Progress, rfc2217_quiet
 from hil.errors import ConfigError, RigFault
 
@@ -158,11 +159,14 @@ class EspFlasher(DriverBase):
     ``port`` is a device path or a pyserial URL; ``baudrate`` the rate used after the stub is
     loaded; ``app_offset`` where ``program()`` writes the application image; ``chip`` the esptool
     chip name the board must be; ``connect_attempts`` how many reset-and-sync rounds esptool tries
-    before giving up (about 0.75 s each without an answer).
+    before giving up (about 0.75 s each without an answer); ``otadata`` the OTA data partition
+    (offset, size) that ``program()`` erases, so that the bootloader boots what it wrote and not
+    the slot an earlier update switched to (None: a partition table without one).
     """
 
     def __init__(self, port: str, baudrate: int = 460800, app_offset: int = 0x10000,
-                 chip: str = "esp32", connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS) -> None:
+                 chip: str = "esp32", connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS,
+                 otadata: tuple[int, int] | None = None) -> None:
         if chip not in CHIP_DEFS:
             raise ConfigError("flasher.chip", f"esptool knows no chip {chip!r}; "
                                               f"it knows: {', '.join(CHIP_DEFS)}")
@@ -174,6 +178,7 @@ class EspFlasher(DriverBase):
         self.app_offset = app_offset
         self.chip = chip
         self.connect_attempts = connect_attempts
+        self.otadata = otadata
         self.chip_name: str = str(CHIP_DEFS[chip].CHIP_NAME)   # "ESP32", as esptool reports it
         self._serial: Any = None   # the open pyserial port; ours, lent to esptool
         self._esp: Any = None      # esptool's loader while the board is in its bootloader
@@ -207,7 +212,10 @@ class EspFlasher(DriverBase):
     def program(self, image: Path, *, progress: Progress | None = None,
                 full: bool = False) -> None:
         """Put ``image`` (an application .bin) at ``app_offset``, writing only the 4 KiB
-        sectors that do not hold it already; esptool verifies what it writes by MD5.
+        sectors that do not hold it already; esptool verifies what it writes by MD5. Then the
+        OTA data partition is erased (when it is not blank already): after an update the
+        bootloader starts the slot the update switched to, and only a blank otadata makes it
+        start ``ota_0``, the image just written, as a fresh board would.
 
         The chip hashes its flash itself (SPI_FLASH_MD5, which the ROM and the stub both
         answer): the image's whole span first (nothing differs: nothing is written), then each
@@ -232,6 +240,7 @@ class EspFlasher(DriverBase):
             with _esptool_output(progress), self._faults(f"writing {where}"):
                 write_flash(esp, [(self.app_offset, str(image))])
             log.info("%s: wrote %s at %#x (all of it)", self.port, image, self.app_offset)
+            self._erase_otadata(esp, full=True)
             return
         wanted = _sector_padded(image.read_bytes())
         with _esptool_output(), self._faults(f"comparing the flash with {where}"):
@@ -242,6 +251,7 @@ class EspFlasher(DriverBase):
                      self.app_offset)
             if progress is not None:
                 progress(0, 0)           # done: nothing was to be sent
+            self._erase_otadata(esp)
             return
         regions = [(self.app_offset + start, wanted[start:start + size]) for start, size in runs]
         with _esptool_output(_RunsProgress(progress, [size for _, size in runs])
@@ -251,6 +261,21 @@ class EspFlasher(DriverBase):
         written = sum(size for _, size in runs)
         log.info("%s: wrote %s at %#x: %d of %d sectors differed", self.port, image,
                  self.app_offset, written // SECTOR, len(wanted) // SECTOR)
+        self._erase_otadata(esp)
+
+    def _erase_otadata(self, esp: Any, *, full: bool = False) -> None:
+        """The OTA data partition erased, unless what it holds boots ``ota_0`` with nothing
+        pending, as a blank one does (``hil.boards.otadata.settled_on_first_slot``: the state
+        an unchanged base leaves after its first boot). ``full``: erased whatever it holds."""
+        if self.otadata is None:
+            return
+        offset, size = self.otadata
+        where = f"the OTA data partition at {offset:#x}"
+        with _esptool_output(), self._faults(f"erasing {where}"):
+            if not full and settled_on_first_slot(bytes(esp.read_flash(offset, size))):
+                return
+            esp.erase_region(offset, size)
+        log.info("%s: erased %s", self.port, where)
 
     def reset(self) -> None:
         """Hard reset through RTS (EN): the board boots its application."""

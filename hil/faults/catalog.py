@@ -303,32 +303,20 @@ def _oversized_image(injection: Injection, params: Params) -> None:
     _task(package=Package(data, f"oversized-{package.filename}"))(injection, {})
 
 
-# What each bootloader fault needs that the simulated ESP32 lacks (it boots through a copying
-# bootloader, hil.sim.firmware; ESP-IDF's otadata rollback, secure boot and anti-rollback are
-# not modelled).
-_ESP32_LACKS = {
-    "fails-self-test": "rollback (ESP-IDF's otadata with ESP_OTA_IMG_PENDING_VERIFY)",
-    "wrong-key": "image signatures (ESP-IDF's secure boot)",
-    "downgrade": "downgrade prevention (ESP-IDF's anti-rollback secure_version)",
-}
-
-
-def _mcuboot_package(injection: Injection, fault: str, version: str, **build: Any) -> Package:
-    """A build of ``version`` for the rig's simulated MCUboot board, made as ``build`` asks
+def _boot_package(injection: Injection, fault: str, version: str, **build: Any) -> Package:
+    """A build of ``version`` for the rig's simulated board, made as ``build`` asks
     (``hil.sim.images.build_image``): only hil's own images can be rebuilt so (signed with its
-    imgtool keys); a scenario skips elsewhere, naming what it needs."""
+    keys: imgtool's for MCUboot, Secure Boot V2's for the ESP32); a scenario skips elsewhere,
+    naming what it needs."""
     from hil.sim.images import build_image
 
     rig = injection.rig
     if injection.board.parts.bench is None:
         where = f"rig {rig.name} has no shell: fault {fault}" if injection.board.shell_less \
             else f"fault {fault}: rig {rig.name} is no simulated board; it"
-        raise Unsupported(f"{where} needs a simulated board's bootloader (MCUboot with test/"
-                          "confirm/revert, signature check and downgrade prevention) and the "
-                          "images hil builds for it (sim-nrf52832, sim-gd32)")
-    if rig.board == "esp32":
-        raise Unsupported(f"fault {fault}: the simulated ESP32 has no {_ESP32_LACKS[fault]}; "
-                          "it runs on the MCUboot boards (sim-nrf52832, sim-gd32)")
+        raise Unsupported(f"{where} needs a simulated board's bootloader (MCUboot or ESP-IDF's, "
+                          "with test/confirm/revert, signature check and downgrade prevention) "
+                          "and the images hil builds for it (sim-esp32, sim-nrf52832, sim-gd32)")
     try:
         data = build_image(rig.board, version, **build)
     except ValueError as error:
@@ -352,7 +340,7 @@ def _fails_self_test(injection: Injection, params: Params) -> None:
     """The task delivers a build of the target version whose self-test fails: it boots, resets
     before confirming itself, and a bootloader that tests upgrades reverts it. Lands when the
     board booted that build."""
-    package = _mcuboot_package(injection, "fails-self-test", injection.target,
+    package = _boot_package(injection, "fails-self-test", injection.target,
                                fails_self_test=True)
     _task(package=package)(injection, {})
     target = injection.target
@@ -372,8 +360,9 @@ def _fails_self_test(injection: Injection, params: Params) -> None:
 
 def _wrong_key(injection: Injection, params: Params) -> None:
     """The task delivers a build of the target version signed with an imgtool key the board's
-    MCUboot does not trust (``hil.sim.images.SIGNING_KEYS``)."""
-    package = _mcuboot_package(injection, "wrong-key", injection.target, key="other")
+    bootloader does not trust (``hil.sim.images.SIGNING_KEYS``: imgtool's for MCUboot, Secure Boot
+    V2's for the ESP32)."""
+    package = _boot_package(injection, "wrong-key", injection.target, key="other")
     _task(package=package)(injection, {})
     injection.landing(_booted_after(injection, "its bootloader checks the signature"))
 
@@ -395,7 +384,7 @@ def older_version(version: str) -> str | None:
 def _downgrade(injection: Injection, params: Params) -> None:
     """The task offers a signed build older than the version the board runs (its base build),
     as its target: an operator's mistake, or an old build replayed."""
-    from hil.sim.images import image_version
+    from hil.sim.images import ESP32_SECURE_VERSION, image_version
 
     base = injection.base_package
     if base is None:
@@ -408,7 +397,11 @@ def _downgrade(injection: Injection, params: Params) -> None:
     older = older_version(running)
     if older is None:
         raise Unsupported(f"fault downgrade: no version is older than the base's {running}")
-    package = _mcuboot_package(injection, "downgrade", older)
+    # ESP-IDF's anti-rollback compares the images' secure_version, not their versions: the
+    # older build is one with a lower secure_version, as a build before a security fix is.
+    build = {"secure_version": ESP32_SECURE_VERSION - 1} if injection.rig.board == "esp32" \
+        else {}
+    package = _boot_package(injection, "downgrade", older, **build)
     _task(package=package, target=older)(injection, {})
     injection.landing(_booted_after(injection, "its bootloader compares the versions"))
 
@@ -502,10 +495,11 @@ def _cut_mid_write(injection: Injection) -> Landing:
 
 
 def _bad_sector(injection: Injection, params: Params) -> None:
-    """The sector a simulated board writes its install request to (its secondary slot's last:
-    MCUboot's image trailer) goes bad: every erase and program of it fails. Lands when the
-    board tried to write it. It does not outlive the test: a simulated bench, its flash with it,
-    lives for one test, and the landing check makes the sector good again all the same."""
+    """The sector a simulated board writes its install request to (MCUboot's image trailer, its
+    secondary slot's last; the ESP32's otadata sector its switch writes) goes bad: every erase
+    and program of it fails. Lands when the board tried to write it. It does not outlive the
+    test: a simulated bench, its flash with it, lives for one test, and the landing check makes
+    the sector good again all the same."""
     rig, bench = injection.rig, injection.board.parts.bench
     if bench is None:
         if injection.board.shell_less:

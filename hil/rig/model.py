@@ -196,6 +196,9 @@ class EspFlasher(BaseModel):
     kind: Literal["esp"]
     port: str | None = None      # default: the console's port (the same USB serial bridge)
     baudrate: Annotated[int, Field(gt=0, strict=True)] = 460800
+    # Where the partition table puts the OTA data partition (erased by each restore); default:
+    # the two-OTA table's 0xd000.
+    otadata: Annotated[int, Field(ge=0, multiple_of=0x1000, strict=True)] | None = None
 
 
 class ProcessFlasher(BaseModel):

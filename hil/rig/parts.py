@@ -219,5 +219,9 @@ def build_flasher(rig: Rig, *, probe: str | None = None, port: str | None = None
         if port is None:
             raise RigFault("flasher", "the console is found by USB serial number: give "
                            "flasher.port for the ESP32 bootloader", rig.name)
-        return EspFlasher(port=port, baudrate=spec.baudrate, app_offset=family.app_offset)
+        otadata = family.otadata
+        if otadata is not None and spec.otadata is not None:
+            otadata = (spec.otadata, otadata[1])
+        return EspFlasher(port=port, baudrate=spec.baudrate, app_offset=family.app_offset,
+                          otadata=otadata)
     raise AssertionError(f"no flasher of kind {spec.kind}")

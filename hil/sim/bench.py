@@ -51,7 +51,7 @@ from hil.gateway.dns import ResolveError, resolve
 from hil.rig.model import AttenuatorRf, Rig, ScpiPower
 from hil.service.server import new_access_key
 from hil.sim.defects import Defect
-from hil.sim.firmware import FACTORY_FILE, DeviceIdentity, Firmware
+from hil.sim.firmware import FACTORY_FILE, DeviceIdentity, Firmware, erase_boot_state
 from hil.sim.flash import SimFlash
 from hil.sim.images import build_image, image_version
 from hil.sim.instruments import EmulatedAttenuator, EmulatedInstrument, EmulatedSupply, LineSplitter
@@ -299,13 +299,13 @@ class SimBench:
             self.firmware.nvs.erase()
 
     def erase_boot_state(self) -> None:
-        """The bootloader's state erased (MCUboot's trailers in both slots and its scratch
-        area), as a full chip erase would: after a restore nothing is pending or to be
-        reverted, and the base image boots as flashed. Only what is not erased already is
-        erased (a restore after a test that changed nothing writes nothing)."""
-        from hil.sim.mcuboot import erase_boot_state
-
-        erase_boot_state(self.layout, self.flash)
+        """MCUboot's state erased (its trailers in both slots and its scratch area), as a full
+        chip erase would: after a restore nothing is pending or to be reverted, and the base
+        image boots as flashed. Only what is not erased already is erased (a restore after a
+        test that changed nothing writes nothing). The ESP32's (its otadata) is erased by its
+        flasher, through esptool, as on a lab rig (``hil.drivers.esp``)."""
+        if self.layout.otadata is None:
+            erase_boot_state(self.layout, self.flash)
 
     def __enter__(self) -> SimBench:
         return self.start()

@@ -32,8 +32,10 @@ class Defect(enum.StrEnum):
     # The battery checked before the download only: one falling mid-download is written on
     # until the check before flashing (202 where a conforming board says 105 at once).
     DOWNLOADS_ON_LOW_POWER = "downloads-on-low-power"
-    # The bootloader keeps no record of a copy in progress: a power cut mid-copy leaves half an
-    # image in the primary slot, which it then boots (it fails the image check: a dead board).
+    # The install keeps no record of its progress: a power cut mid-swap leaves half an image
+    # in the primary slot, which MCUboot then boots (it fails the image check: a dead board);
+    # the ESP32's agent does not record the install before its otadata switch, so a cut before
+    # the switch took leaves the old image running and the task waiting for ever.
     NON_ATOMIC_INSTALL = "non-atomic-install"
     # A range answer longer than the range asked (more than the receive buffer holds) taken for
     # any bad answer: 107 where the user's table says 103 ("download failed: memory overflow").
@@ -49,9 +51,10 @@ class Defect(enum.StrEnum):
     # (whose default handler spins, the board dead until reset), a StoreProhibited panic on the
     # ESP32 (printed on its console, then a reboot). hil must report a firmware crash.
     CRASHES_MID_DOWNLOAD = "crashes-mid-download"
-    # The new image confirms itself (MCUboot's image_ok) as soon as it boots, before its
-    # self-test: an image whose self-test fails is never reverted; it resets and boots again,
-    # a boot loop where a conforming board runs its old image and reports the failure.
+    # The new image confirms itself (MCUboot's image_ok, ESP-IDF's VALID) as soon as it boots,
+    # before its self-test: an image whose self-test fails is never reverted; it resets and
+    # boots again, a boot loop where a conforming board runs its old image and reports the
+    # failure.
     CONFIRMS_BEFORE_SELF_TEST = "confirms-before-self-test"
     # The bootloader never reverts (every upgrade taken as permanent, as an overwrite-only
     # build does): an image that resets before confirming boots again, a boot loop.

@@ -48,13 +48,19 @@ One OTA attempt (``ota check``), as ONENET.md has real devices do it:
      once booted, runs its self-test and confirms itself (``image_ok``); a build whose
      self-test fails (``images.build_image(fails_self_test=True)``) resets before it confirms,
      and the next boot swaps the old image back (a revert), which then reports.
-   - ESP32: the bootloader copies a valid image from the secondary slot over the primary
-     (overwrite-only, the trailer magic at the secondary slot's end asks for it) with the
-     part's timing (``INSTALL_TIME_SCALE``), announcing ``ota phase=flash bytes=N`` before its
-     first erase; it records the copy in progress (settings) so a cut copy is done again from
-     the start, and erases the request once the copy is over. ESP-IDF's otadata rollback is
-     not modelled: the ESP32 neither tests nor reverts nor checks signatures or versions.
-   The trailer's sector is not package storage: the free space is the secondary slot less it;
+   - ESP32: ESP-IDF's A/B scheme (``hil.sim.otadata``): the package went to the slot that
+     does not run; the install is ``esp_ota_end`` and ``esp_ota_set_boot_partition``,
+     announced as ``ota phase=flash bytes=N``: the image read back and checked (twice, as
+     both calls do) and the otadata sector written, the switch to the new slot in state NEW
+     (``SWITCH_TIME_SCALE``). The install is recorded in the settings before the switch, so a
+     board cut before the switch took boots its old image and makes the switch again. The
+     bootloader boots the new slot as PENDING_VERIFY after checking its image (Secure Boot V2
+     signature, anti-rollback ``secure_version`` against the eFuse); the app confirms itself
+     after its self-test (``esp_ota_mark_app_valid_cancel_rollback``, which also burns its
+     secure_version into the eFuse); an app reset before that is rolled back at the next
+     boot, and an image the bootloader refuses is not booted (the old slot is).
+   The MCUboot trailer's sector is not package storage: the free space is the secondary slot
+   less it (the ESP32's whole update slot);
 8. after the boot (and the new image's confirm), 201 if the image the board booted carries the
    target version, 204 otherwise (not installed: refused by the bootloader or reverted; or
    installed but of another version).
@@ -113,10 +119,10 @@ from hil.onenet.codes import (
     meets_threshold,
 )
 from hil.onenet.messages import DetectAnswer
-from hil.sim import mcuboot
+from hil.sim import mcuboot, otadata
 from hil.sim.defects import Defect
-from hil.sim.flash import FlashTiming, FlashWriteError, SimFlash
-from hil.sim.images import fails_self_test, image_span, image_version
+from hil.sim.flash import FlashWriteError, SimFlash
+from hil.sim.images import esp32_secure_version, fails_self_test, image_span, image_version
 from hil.sim.layout import Layout, Slot, layout_of
 from hil.sim.symbols import NullWrite
 
@@ -126,29 +132,42 @@ CHUNK_SIZE = 4096
 HTTP_TIMEOUT_S = 5.0
 TOKEN_LIFETIME_S = 3600          # how far ahead the firmware dates its Authorization
 _RETRY_FLOOR_S = 0.05            # a "retries forever" board still does not spin flat out
-# The install's erase and program times are the parts' typical ones (hil.sim.layout) times
-# this: half, to keep the suite's ~25 updates per rig quick (an install takes 0.5..1 s instead
-# of 1..2 s) while the write still lasts hundreds of milliseconds, far longer than a host takes
-# to cut the power once the board has announced it (tens of ms on a loaded machine).
-INSTALL_TIME_SCALE = 0.5
+# The ESP32's install (esp_ota_end, then esp_ota_set_boot_partition) reads the new image back
+# twice to check it, at the SPI flash's read rate (40 MHz, dual I/O: 10 MB/s), then erases and
+# programs one otadata sector (the part's typical times, hil.sim.layout): about 0.07 s for the
+# 1.1.0 test image. Stretched by this so that it lasts about as long as the MCUboot boards'
+# swaps (hundreds of ms), far longer than a host takes to cut the power once the board has
+# announced it (tens of ms on a loaded machine): a real ESP32's switch is over sooner, and a
+# lab rig's power-cut-while-flashing scenario lands only if the host is that quick.
+SPI_READ_BYTES_PER_S = 10_000_000
+SWITCH_TIME_SCALE = 5.0
 # What the board draws from its supply while doing each thing, in mA (``Firmware.draw_ma``, read
 # by the simulated supply's MEAS:CURR?): of the order of a Cortex-M with a cellular or Wi-Fi radio.
 DRAW_MA = {"off": 0.0, "idle": 12.0, "boot": 30.0, "radio": 85.0, "cpu": 20.0, "flash": 45.0}
-_PROGRESS_STEPS = 4              # the installer's I: progress lines per copy
 SELF_TEST_S = 0.2                # how long a new image's self-test runs before it confirms
 
-# MCUboot's image trailer magic (bootutil's boot_img_magic), the last 16 bytes of a slot whose
-# image is to be installed: what ``boot_request_upgrade`` writes and the bootloader looks for
-# (the ESP32's copying bootloader uses it too).
-BOOT_MAGIC = mcuboot.BOOT_MAGIC
-
-
 def install_request_at(layout: Layout, flash: SimFlash) -> int:
-    """The sector the install request (the trailer magic) is written to: the secondary slot's
-    last (a bench's bad-sector fault marks it, ``hil.faults.catalog``); on the MCUboot boards
-    the unit holding its trailer, the same sector."""
+    """The sector the next install request is written to (a bench's bad-sector fault marks
+    it, ``hil.faults.catalog``): on the MCUboot boards the unit holding the secondary slot's
+    trailer (its last); on the ESP32 the otadata sector the next switch writes."""
+    if layout.otadata is not None:
+        sector = otadata.pending_sector(otadata.read_entries(flash, layout.otadata))
+        return layout.otadata.address + sector * otadata.SECTOR
     slot = layout.secondary
     return slot.address + slot.size - max(flash.sector_size, layout.trailer)
+
+
+def erase_boot_state(layout: Layout, flash: Callable[[str], SimFlash]) -> None:
+    """The bootloader's state erased, as a full chip erase would (nothing pending, nothing to
+    revert; the base image in the primary slot boots): MCUboot's trailers and scratch area, or
+    ESP-IDF's otadata. Only what is not erased already is erased."""
+    if layout.otadata is not None:
+        chip = flash(layout.otadata.chip)
+        if chip.read(layout.otadata.address, layout.otadata.size) != b"\xff" * layout.otadata.size:
+            chip.erase(layout.otadata.address, layout.otadata.size)
+            chip.flush()
+        return
+    mcuboot.erase_boot_state(layout, flash)
 
 
 # Token check answers after which a device ends the attempt without a report (ONENET.md).
@@ -313,6 +332,7 @@ class Firmware:
         self._power_override: int | None = None
         self._signal_override: int | None = None
         self._space_override: int | None = None
+        self._boot_slot = 0                  # which of layout.slots the bootloader started
         self.draw_ma = DRAW_MA["off"]        # what it draws now (the simulated supply reads it)
 
     # =========================================================================== board events
@@ -454,15 +474,17 @@ class Firmware:
 
     # =========================================================================== boot
     def _main(self, generation: int) -> None:
-        self._bootloader(generation)
-        primary = self.platform.flash(self.layout.primary.chip)
+        if not self._bootloader(generation):
+            self._draw(generation, "idle")
+            return            # a board with no firmware: no shell, no boot line
+        running = self._running_slot()
+        primary = self.platform.flash(running.chip)
         try:
-            version = image_version(self.board, primary.read(self.layout.primary.address,
-                                                             self.layout.primary.size))
+            version = image_version(self.board, primary.read(running.address, running.size))
         except ValueError as error:
             self._say(generation, f"E: no bootable image in the primary slot: {error}")
             self._draw(generation, "idle")
-            return            # a board with no firmware: no shell, no boot line
+            return
         with self._lock:
             self._alive(generation)
             self.version = version
@@ -480,7 +502,8 @@ class Firmware:
         ota = self.nvs.load().get("ota")
         if not isinstance(ota, dict):
             return
-        running = slot_digest(primary, self.layout.primary, self.layout.trailer)
+        del primary
+        running = self._running_digest()
         if ota.get("running") not in (None, running) and not self._booted_package(ota):
             # Someone flashed another image: this attempt belongs to a firmware that is gone.
             self.nvs.update(ota=None)
@@ -489,6 +512,13 @@ class Firmware:
             with self._lock:
                 self._alive(generation)
                 self._busy = threading.current_thread()
+            if self.layout.otadata is not None and not ota.get("switched") \
+                    and ota.get("running") == running:
+                # Cut before its switch took: the old image runs, the package waits whole in
+                # the other slot. The switch is made again.
+                self._say(generation, "I: ota: the install was cut short; switching again")
+                self._resume_switch(generation, ota)
+                return
             self._after_install(generation, ota)
 
     def _checks(self, generation: int) -> None:
@@ -516,106 +546,71 @@ class Firmware:
         return resolved
 
     def _self_test(self, generation: int, primary: SimFlash) -> bool:
-        """An MCUboot board's image, once booted, runs its self-test and then confirms itself
-        (``boot_set_confirmed``: a tested image becomes permanent). A build made to fail its
-        self-test resets before confirming, and the bootloader reverts it. False when the
-        image reset."""
-        if self.layout.scratch is None:
-            return True                     # the ESP32: no test/confirm modelled
-        trailer = mcuboot.trailers(self.layout)[0]
-        image = primary.read(self.layout.primary.address, self.layout.image_room)
+        """The image, once booted, runs its self-test and then confirms itself (MCUboot's
+        ``boot_set_confirmed``, ESP-IDF's ``esp_ota_mark_app_valid_cancel_rollback``: a tested
+        image is kept). A build made to fail its self-test resets before confirming, and the
+        bootloader reverts it. False when the image reset."""
+        running = self._running_slot()
+        image = primary.read(running.address, self.layout.image_room)
         if Defect.CONFIRMS_BEFORE_SELF_TEST in self.defects:
-            self._confirm(generation, primary, trailer)
+            self._confirm(generation, primary, image)
         if fails_self_test(self.board, image):
             self._sleep(generation, SELF_TEST_S)
             self._say(generation, "E: app: self-test failed; resetting before the image is "
                       "confirmed")
             self.platform.reset()
             return False
-        self._confirm(generation, primary, trailer)
+        self._confirm(generation, primary, image)
         return True
 
-    def _confirm(self, generation: int, primary: SimFlash, trailer: mcuboot.Trailer) -> None:
+    def _confirm(self, generation: int, primary: SimFlash, image: bytes) -> None:
         self._alive(generation)
-        if mcuboot.set_confirmed(primary, trailer):
+        if self.layout.otadata is None:
+            confirmed = mcuboot.set_confirmed(primary, mcuboot.trailers(self.layout)[0])
+        else:
+            flash = self.platform.flash(self.layout.otadata.chip)
+            confirmed = otadata.confirm(flash, self.layout.otadata, self._boot_slot, 2)
+            if confirmed:
+                with contextlib.suppress(ValueError):
+                    otadata.burn_secure_version(self.state_dir, esp32_secure_version(image))
+        if confirmed:
             self._say(generation, "I: app: image confirmed")
 
-    def _bootloader(self, generation: int) -> None:
-        """MCUboot (swap using scratch, ``hil.sim.mcuboot``) or the ESP32's bootloader
-        (overwrite-only): install a pending image, resume a cut swap, revert an unconfirmed
-        one."""
-        self._say(generation, "I: bootloader: starting" if self.layout.boot_region
-                  else "I (31) boot: ESP-IDF bootloader")
-        if self.layout.scratch is not None:
+    def _bootloader(self, generation: int) -> bool:
+        """MCUboot (swap using scratch, ``hil.sim.mcuboot``: install a pending image, resume a
+        cut swap, revert an unconfirmed one) or ESP-IDF's (``hil.sim.otadata``: pick the slot,
+        roll back an unconfirmed app, check the image). False when nothing can be booted."""
+        if self.layout.otadata is None:
+            self._say(generation, "I: bootloader: starting")
             mcuboot.Bootloader(self.layout, _BootIo(self, generation), self.defects).run()
-            return
-        ota = self.nvs.load().get("ota")
-        if not isinstance(ota, dict) or ota.get("stage") != "install":
-            return
-        layout = self.layout
-        primary = self.platform.flash(layout.primary.chip)
-        secondary = self.platform.flash(layout.secondary.chip)
-        interrupted = bool(ota.get("copying"))
-        if not interrupted and ota.get("running") != slot_digest(primary, layout.primary):
-            return                      # installed already, or reflashed since: nothing to do
-        if not self._install_requested():
-            self._say(generation, "E: bootloader: no install request in the secondary slot's "
-                      "trailer; booting the primary slot")
-            return
-        size = int(ota["size"])
-        image = secondary.read(layout.secondary.address, size)
-        try:
-            image_version(self.board, image)
-        except ValueError as error:
-            self._say(generation, f"E: bootloader: secondary slot image rejected: {error}")
-            return
-        if interrupted:
-            self._say(generation, "I: bootloader: the last copy was cut short; copying the "
-                      "secondary slot again")
-        if Defect.NON_ATOMIC_INSTALL not in self.defects:
-            self._alive(generation)
-            self.nvs.update(ota={**ota, "copying": True})
-        self._say(generation, "I: bootloader: copying the secondary slot to the primary slot")
-        self._copy(generation, primary, layout.primary.address, image, layout.install_timing)
-        self._alive(generation)
-        self.nvs.update(ota={key: value for key, value in ota.items() if key != "copying"})
-        # Done: the trailer asks for nothing more (a bad sector leaves it; the settings' stage
-        # still says the install is over).
-        with contextlib.suppress(FlashWriteError):
-            secondary.erase(install_request_at(layout, secondary), secondary.sector_size)
-            secondary.flush()
+            self._boot_slot = 0
+            return True
+        self._say(generation, "I (31) boot: ESP-IDF bootloader")
+        booted = otadata.Bootloader(self.layout, _BootIo(self, generation), self.state_dir,
+                                    self.defects).run()
+        self._boot_slot = booted or 0
+        return booted is not None
 
-    def _copy(self, generation: int, flash: SimFlash, address: int, image: bytes,
-              timing: FlashTiming) -> None:
-        """Erase and program ``image`` at ``address``, one erase unit at a time, taking the
-        part's time for each (a power cut in between strands this thread: the rest is not
-        written). Announced as it starts: ``ota phase=flash bytes=N``."""
-        self._say(generation, f"ota phase=flash bytes={len(image)}")
-        self._draw(generation, "flash")
-        unit = max(timing.page, flash.sector_size)
-        units = -(-len(image) // unit)
-        shown = 0
-        for index, start in enumerate(range(0, len(image), unit)):
-            piece = image[start:start + unit]
-            self._alive(generation)
-            flash.erase(address + start, len(piece))
-            self._sleep(generation, timing.erase_time(len(piece)) * INSTALL_TIME_SCALE)
-            flash.program(address + start, piece)
-            self._sleep(generation, timing.program_time(len(piece)) * INSTALL_TIME_SCALE)
-            if (index + 1) * _PROGRESS_STEPS // units > shown:
-                shown = (index + 1) * _PROGRESS_STEPS // units
-                self._say(generation, f"I: bootloader: copied {start + len(piece)} of "
-                          f"{len(image)} bytes")
-        flash.flush()
-        self._draw(generation, "boot")
+    def _running_slot(self) -> Slot:
+        """The slot the image running now was started from."""
+        return self.layout.slots[self._boot_slot]
+
+    def _update_slot(self) -> Slot:
+        """Where a download goes: MCUboot's secondary slot; the ESP32's slot that does not
+        run."""
+        return self.layout.slots[self._boot_slot ^ 1]
+
+    def _running_digest(self) -> str:
+        running = self._running_slot()
+        return slot_digest(self.platform.flash(running.chip), running, self.layout.trailer)
 
     def _booted_package(self, ota: dict[str, Any]) -> bool:
-        """Whether the primary slot holds the package this attempt downloaded."""
-        primary = self.platform.flash(self.layout.primary.chip)
+        """Whether the running slot holds the package this attempt downloaded."""
+        running = self._running_slot()
         size = int(ota.get("size", 0))
-        if not 0 < size <= self.layout.primary.size:
+        if not 0 < size <= running.size:
             return False
-        data = primary.read(self.layout.primary.address, size)
+        data = self.platform.flash(running.chip).read(running.address, size)
         return hashlib.md5(data, usedforsecurity=False).hexdigest() == ota.get("md5")
 
     def _after_install(self, generation: int, ota: dict[str, Any]) -> None:
@@ -699,7 +694,7 @@ class Firmware:
         flash.erase(slot.address, slot.size)
         flash.program(slot.address, image[:slot.size])
         flash.flush()
-        mcuboot.erase_boot_state(self.layout, self.platform.flash)   # nothing pending
+        erase_boot_state(self.layout, self.platform.flash)   # nothing pending, nothing to revert
         self._say(generation, "OK")
         self.platform.reset()
 
@@ -776,8 +771,7 @@ class Firmware:
 
     def _run_task(self, generation: int, http: requests.Session, server: str,
                   task: DetectAnswer, power: int, signal: int) -> bool:
-        primary = self.platform.flash(self.layout.primary.chip)
-        running = slot_digest(primary, self.layout.primary, self.layout.trailer)
+        running = self._running_digest()
         saved = self.nvs.load().get("ota")
         resumed = isinstance(saved, dict) and saved.get("token") == task.token \
             and saved.get("md5") == task.md5 and saved.get("size") == task.size \
@@ -829,11 +823,19 @@ class Firmware:
         if not meets_threshold(self._power(), task.power) \
                 and Defect.FLASHES_ON_LOW_POWER not in self.defects:
             raise _Failed(ResultCode.UPGRADE_LOW_BATTERY)
-        self._request_install(generation)
-        ota["stage"] = "install"
         if Defect.REPORTS_201_BEFORE_REBOOT in self.defects:
             self._report(generation, http, server, task.token, ResultCode.UPGRADED)
             ota["reported"] = True
+        if self.layout.otadata is not None:
+            ota["stage"] = "install"
+            if Defect.NON_ATOMIC_INSTALL not in self.defects:
+                # Recorded before the switch: a board cut while it switches makes it again.
+                self._alive(generation)
+                self.nvs.update(ota=ota)
+            self._switch(generation, ota)
+            return False
+        self._request_install(generation)
+        ota["stage"] = "install"
         self._alive(generation)
         # Committed before the reboot: a power cut from here on ends with the new image
         # installed and reported (the bootloader installs it, again if it was cut short).
@@ -841,6 +843,38 @@ class Firmware:
         self._say(generation, "I: ota: rebooting to install the image")
         self.platform.reset()
         return False
+
+    def _resume_switch(self, generation: int, ota: dict[str, Any]) -> None:
+        """The switch made again at boot; a switch that fails now ends the attempt as it
+        would have then (206)."""
+        try:
+            self._switch(generation, ota)
+        except _Failed as failed:
+            self.nvs.update(ota=None)
+            server = self._server(generation)
+            if failed.result is not None and server is not None \
+                    and Defect.SILENT_AFTER_FAILURE not in self.defects:
+                with self._session() as http:
+                    self._report(generation, http, server, ota["token"], failed.result)
+            self._say(generation, "ota end")
+            self._draw(generation, "idle")
+
+    def _switch(self, generation: int, ota: dict[str, Any]) -> None:
+        """Step 7 on the ESP32: ``esp_ota_end`` and ``esp_ota_set_boot_partition`` (see the
+        module docstring), then the reboot into the new slot."""
+        size = int(ota["size"])
+        self._say(generation, f"ota phase=flash bytes={size}")
+        self._draw(generation, "flash")
+        timing = self.layout.install_timing
+        self._sleep(generation, 2 * size / SPI_READ_BYTES_PER_S * SWITCH_TIME_SCALE)
+        self._sleep(generation, (timing.erase_time(otadata.SECTOR)
+                                 + timing.program_time(otadata.ENTRY.size)) * SWITCH_TIME_SCALE)
+        self._request_install(generation)
+        self._alive(generation)
+        ota["switched"] = True
+        self.nvs.update(ota=ota)
+        self._say(generation, "I: ota: rebooting into the new image")
+        self.platform.reset()
 
     def _token_check(self, generation: int, http: requests.Session, server: str,
                      task: DetectAnswer) -> None:
@@ -857,8 +891,8 @@ class Firmware:
 
     def _download(self, generation: int, http: requests.Session, server: str,
                   task: DetectAnswer, ota: dict[str, Any]) -> None:
-        """Step 5, into the secondary slot, from ``ota["offset"]``."""
-        slot = self.layout.secondary
+        """Step 5, into the update slot, from ``ota["offset"]``."""
+        slot = self._update_slot()
         flash = self.platform.flash(slot.chip)
         if ota["offset"] == 0:
             self._alive(generation)
@@ -937,7 +971,7 @@ class Firmware:
 
     def _verify(self, generation: int, task: DetectAnswer) -> None:
         self._draw(generation, "cpu")        # the radio idles while the image is hashed
-        slot = self.layout.secondary
+        slot = self._update_slot()
         data = self.platform.flash(slot.chip).read(slot.address, task.size)
         good = hashlib.md5(data, usedforsecurity=False).hexdigest() == task.md5
         self._say(generation, f"ota phase=verify md5={'ok' if good else 'bad'}")
@@ -947,7 +981,7 @@ class Firmware:
     def _check_span(self, generation: int, task: DetectAnswer) -> None:
         """Step 6's last check: the image fits the slot it is to run from, as its header says
         (203). A header that cannot be read is left to the bootloader, which refuses it (204)."""
-        slot = self.layout.secondary
+        slot = self._update_slot()
         data = self.platform.flash(slot.chip).read(slot.address, task.size)
         try:
             span = image_span(self.board, data)
@@ -959,32 +993,27 @@ class Firmware:
             raise _Failed(ResultCode.UPGRADE_MEMORY_OVERFLOW)
 
     def _request_install(self, generation: int) -> None:
-        """Step 7: the trailer magic written at the secondary slot's end and read back (206
-        when the write fails or did not take): MCUboot's ``boot_request_upgrade`` for a test
-        upgrade on the MCUboot boards (the new image must confirm itself)."""
-        flash = self.platform.flash(self.layout.secondary.chip)
-        at = install_request_at(self.layout, flash)
-        magic_at = at + flash.sector_size - len(BOOT_MAGIC)
+        """The install request written and read back (206 when the write fails or did not
+        take): MCUboot's ``boot_request_upgrade`` for a test upgrade (the trailer magic at the
+        secondary slot's end; the new image must confirm itself), or the ESP32's otadata switch
+        to the update slot (state NEW)."""
         self._alive(generation)
         try:
-            if self.layout.scratch is not None:
+            if self.layout.otadata is None:
+                flash = self.platform.flash(self.layout.secondary.chip)
                 written = mcuboot.request_upgrade(flash, mcuboot.trailers(self.layout)[1])
             else:
-                flash.erase(at, flash.sector_size)
-                flash.program(magic_at, BOOT_MAGIC)
-                flash.flush()
-                written = flash.read(magic_at, len(BOOT_MAGIC)) == BOOT_MAGIC
+                flash = self.platform.flash(self.layout.otadata.chip)
+                entries = otadata.read_entries(flash, self.layout.otadata)
+                sector, entry = otadata.switch_to(entries, self._boot_slot ^ 1, 2)
+                otadata.write_entry(flash, self.layout.otadata, sector, entry)
+                written = otadata.read_entries(flash, self.layout.otadata)[sector] == entry
             why = "it reads back otherwise"
         except FlashWriteError as error:
             written, why = False, str(error)
         if not written and Defect.IGNORES_FLASH_ERRORS not in self.defects:
             self._say(generation, f"E: ota: the install request was not written: {why}")
             raise _Failed(ResultCode.UPGRADE_UNKNOWN)
-
-    def _install_requested(self) -> bool:
-        flash = self.platform.flash(self.layout.secondary.chip)
-        end = self.layout.secondary.address + self.layout.secondary.size
-        return flash.read(end - len(BOOT_MAGIC), len(BOOT_MAGIC)) == BOOT_MAGIC
 
     # =========================================================================== HTTP
     @contextlib.contextmanager
@@ -1042,8 +1071,10 @@ class Firmware:
 
     def _free_space(self) -> int:
         override = self._space_override
-        flash = self.platform.flash(self.layout.secondary.chip)
-        size = self.layout.secondary.size - flash.sector_size      # less the trailer's sector
+        slot = self._update_slot()
+        size = slot.size
+        if self.layout.otadata is None:
+            size -= self.platform.flash(slot.chip).sector_size     # less the trailer's sector
         return size if override is None else min(size, override)
 
 

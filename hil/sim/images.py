@@ -6,6 +6,14 @@ version inside the image where the bootloader and the OTA client read it.
   appended), a DROM segment at 0x3F400020 that starts with ``esp_app_desc_t`` (magic
   0xABCD5432, the version in its 32-byte ``version`` field), IROM code (the payload), IRAM and
   DRAM segments, the checksum byte and the SHA-256 of all of it. ``esptool image-info`` reads it.
+  ``esp_app_desc_t.secure_version`` is the anti-rollback version (``ESP32_SECURE_VERSION`` unless
+  asked otherwise). It is signed as ESP-IDF's Secure Boot V2 signs an app (``espsecure sign-data
+  --version 2``): padded with 0xFF to a 4 KiB boundary, then a 4 KiB signature sector whose first
+  1216 bytes are the signature block (RSA-3072, RSA-PSS/SHA-256, salt 32) made with the test key
+  ``esp32_signing_key(key)`` (``root``, the key the simulated ESP32's bootloader trusts, by
+  default; ``other``, one it does not). ``check_esp32_signature`` is the bootloader's check. A
+  build made to fail its self-test starts its DROM rodata, right after ``esp_app_desc_t``, with
+  ``ESP32_SELF_TEST_FAILS``: inside the hashed and signed part, so the build's own.
 - **nrf52832**, **gd32**: an MCUboot image, written by imgtool's ``Image``: a 0x200-byte header
   holding the version (major.minor.revision+build), the payload (a Cortex-M vector table, then
   code-like bytes), and the TLV area with the SHA256 TLV, the KEYHASH TLV and an ED25519
@@ -24,8 +32,9 @@ bytes, so a test image is rebuilt, not stored, and a misplaced byte always chang
 
 ``image_span`` is how many bytes an image's header says it fills, as a bootloader reads it before
 it trusts the image (MCUboot's header size plus image size; ESP-IDF's segments walked from
-their headers); ``claim_span`` rewrites a header to say another length (a package whose image
-says it is larger than its slot), leaving the rest of the bytes as they are.
+their headers, without the Secure Boot V2 padding and signature sector that follow them);
+``claim_span`` rewrites a header to say another length (a package whose image says it is larger
+than its slot), leaving the rest of the bytes as they are.
 """
 
 from __future__ import annotations
@@ -37,9 +46,11 @@ import io
 import re
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esptool.bin_image import ELFSection, ESP32FirmwareImage
 from esptool.targets import ESP32ROM
@@ -47,6 +58,9 @@ from esptool.util import FatalError
 
 from hil.boards import board_family
 from hil.sim.layout import LAYOUTS
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 ESP_APP_DESC_MAGIC = 0xABCD5432
 # esp_app_desc_t (ESP-IDF's esp_app_format.h), 256 bytes: magic_word, secure_version, reserv1[2],
@@ -59,6 +73,24 @@ ESP32_DROM = 0x3F400020     # flash-mapped rodata; the app descriptor comes firs
 ESP32_IROM = 0x400D0020     # flash-mapped code
 ESP32_IRAM = 0x40080000     # code copied to IRAM by the bootloader; the entry point is here
 ESP32_DRAM = 0x3FFB0000     # initialised data
+
+# The anti-rollback version (esp_app_desc_t.secure_version) every ordinary ESP32 build carries;
+# a downgrade is a build with a lower one.
+ESP32_SECURE_VERSION = 1
+# The start of the DROM rodata (right after esp_app_desc_t) of an ESP32 build whose self-test
+# fails: hashed and signed with the rest, so it is the build's, not a transfer's.
+ESP32_SELF_TEST_FAILS = b"SELF_TEST_FAILS\0"
+
+# ESP-IDF Secure Boot V2 (espsecure's layout): the signed image is padded with 0xFF to a sector,
+# then one sector holds up to three 1216-byte signature blocks (one here), the rest 0xFF.
+SBV2_SECTOR = 0x1000
+SBV2_MAGIC = 0xE7
+SBV2_VERSION_RSA = 0x02
+SBV2_SALT_LENGTH = 32
+# magic, version, 2 pad, image SHA-256, n (LE), e, R^-1 mod n (LE), M' (-n^-1 mod 2^32), the
+# signature (LE); then CRC32 of those 1196 bytes and 16 zero bytes.
+SBV2_BLOCK = struct.Struct("<BBxx32s384sI384sI384sI16x")
+SBV2_KEY = slice(36, 812)      # the key material whose SHA-256 eFuse holds (n, e, R^-1, M')
 
 MCUBOOT_HEADER_SIZE = 0x200
 # The slot an image must fit (hil.sim.layout).
@@ -133,27 +165,69 @@ def public_key_der(name: str) -> bytes:
     return der
 
 
+@functools.cache
+def esp32_signing_key(name: str) -> RSAPrivateKey:
+    """The RSA-3072 Secure Boot V2 key named ``name`` (``SIGNING_KEYS``), from
+    ``hil/sim/keys/esp32-secure-boot-NAME.pem``: public test keys, made once with ``espsecure
+    generate-signing-key --version 2 --scheme rsa3072``. ``root`` is the key whose digest the
+    simulated ESP32's eFuse holds; ``other`` one it does not."""
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if name not in SIGNING_KEYS:
+        raise ValueError(f"unknown signing key {name!r}; known: {', '.join(SIGNING_KEYS)}")
+    pem = resources.files("hil.sim").joinpath("keys", f"esp32-secure-boot-{name}.pem")
+    key = load_pem_private_key(pem.read_bytes(), password=None)
+    assert isinstance(key, RSAPrivateKey)
+    assert key.key_size == 3072
+    return key
+
+
+def _sbv2_key_material(key: RSAPrivateKey) -> bytes:
+    """n, e, R^-1 mod n and M' as the signature block and eFuse digest hold them (espsecure's
+    ``_get_sbv2_rsa_primitives``: little-endian numbers for the ESP32's RSA peripheral)."""
+    numbers = key.public_key().public_numbers()
+    rinv = (1 << (2 * 3072)) % numbers.n
+    m_prime = -pow(numbers.n, -1, 1 << 32) & 0xFFFFFFFF
+    return (numbers.n.to_bytes(384, "little") + struct.pack("<I", numbers.e)
+            + rinv.to_bytes(384, "little") + struct.pack("<I", m_prime))
+
+
+def esp32_key_digest(name: str) -> bytes:
+    """The SHA-256 of the key ``name``'s public material as Secure Boot V2 burns it into eFuse
+    (``espsecure digest-sbv2-public-key``): of a signature block's bytes 36 to 812."""
+    return hashlib.sha256(_sbv2_key_material(esp32_signing_key(name))).digest()
+
+
 # ---------------------------------------------------------------------------------- build
 def build_image(board: str, version: str, *, payload_size: int | None = None,
                 seed: int | str | bytes | None = None, key: str = ROOT_KEY,
-                fails_self_test: bool = False) -> bytes:
+                fails_self_test: bool = False, secure_version: int | None = None) -> bytes:
     """An application image for ``board`` carrying ``version``, with ``payload_size`` bytes of
     code (None: ``DEFAULT_PAYLOAD_SIZE[board]``). Deterministic for (board, version, size)
-    unless ``seed`` is given. An MCUboot image is signed with the imgtool key named ``key``
-    (``signing_key``) and, ``fails_self_test``, marked as a build whose self-test fails (the
-    simulated firmware resets before it confirms itself); the ESP32's image takes neither.
-    ValueError for an unknown board, a version the format cannot hold (naming it), a payload
-    size that is not a multiple of 4 or does not fit the slot, or an unknown key."""
+    unless ``seed`` is given. It is signed with the key named ``key`` (MCUboot: the imgtool key
+    ``signing_key``; ESP32: the Secure Boot V2 key ``esp32_signing_key``) and, with
+    ``fails_self_test``, marked as a build whose self-test fails (the simulated firmware resets
+    before it confirms itself). ``secure_version`` is the ESP32's anti-rollback version
+    (``esp_app_desc_t.secure_version``; None: ``ESP32_SECURE_VERSION``); MCUboot images have
+    none here, so any other value than None is refused for them. ValueError for an unknown
+    board, a version the format cannot hold (naming it), a payload size that is not a multiple
+    of 4 or does not fit the slot, an unknown key or a secure version out of range."""
     _check_board(board)
     size = DEFAULT_PAYLOAD_SIZE[board] if payload_size is None else payload_size
     _check_size(board, size)
     stream = _stream(_seed(board, version, size, seed), size)
     if board == "esp32":
-        if fails_self_test or key != ROOT_KEY:
-            raise ValueError("the simulated ESP32's images are not signed and carry no "
-                             "self-test marker (only the MCUboot boards' are)")
-        image = _build_esp32(version, stream)
+        secure = ESP32_SECURE_VERSION if secure_version is None else secure_version
+        if not 0 <= secure <= 0xFFFFFFFF:
+            raise ValueError(f"secure version {secure} does not fit esp_app_desc_t."
+                             "secure_version: 0 to 2**32-1")
+        image = _sign_esp32(_build_esp32(version, stream, secure, fails_self_test),
+                            esp32_signing_key(key))
     else:
+        if secure_version is not None:
+            raise ValueError("only the ESP32's images carry a secure version (anti-rollback); "
+                             f"{board}'s MCUboot images do not")
         image = _build_mcuboot(board, version, stream, signing_key(key), fails_self_test)
     if len(image) > SLOT_SIZE[board]:
         raise ValueError(f"a {len(image)}-byte image does not fit {board}'s "
@@ -168,11 +242,13 @@ def _esp_version(version: str) -> bytes:
     return version.encode("ascii")
 
 
-def _build_esp32(version: str, code: bytes) -> bytes:
+def _build_esp32(version: str, code: bytes, secure_version: int, fails_self_test: bool) -> bytes:
     desc = ESP_APP_DESC.pack(
-        ESP_APP_DESC_MAGIC, 0, b"", _esp_version(version), b"hil-sim", b"00:00:00",
+        ESP_APP_DESC_MAGIC, secure_version, b"", _esp_version(version), b"hil-sim", b"00:00:00",
         b"Jan  1 2025", b"v5.3.1", hashlib.sha256(code).digest(), 0, 99, 16, b"", b"")
     rodata = _stream(b"rodata|" + code[:32], 0x400)
+    if fails_self_test:
+        rodata = ESP32_SELF_TEST_FAILS + rodata[len(ESP32_SELF_TEST_FAILS):]
     iram = _stream(b"iram|" + code[:32], 0x800)
     dram = _stream(b"dram|" + code[:32], 0x100)
     image = ESP32FirmwareImage()
@@ -187,6 +263,48 @@ def _build_esp32(version: str, code: bytes) -> bytes:
                       ELFSection(b".dram0.data", ESP32_DRAM, dram, 0)]
     data: bytes = image.save(None)
     return data
+
+
+def _sign_esp32(image: bytes, key: RSAPrivateKey) -> bytes:
+    """``image`` as ``espsecure sign-data --version 2 --keyfile KEY`` writes it, but with a
+    deterministic PSS salt (espsecure's is random) so a build is reproducible: padded with 0xFF
+    to a sector, then the signature sector. espsecure's own code lays out the block (from a
+    pre-calculated signature, which it verifies first)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from espsecure import generate_signature_block_using_pre_calculated_signature
+
+    padded = image + b"\xff" * (-len(image) % SBV2_SECTOR)
+    digest = hashlib.sha256(padded).digest()
+    salt = hashlib.sha256(b"hil-sim sbv2 salt|" + digest).digest()[:SBV2_SALT_LENGTH]
+    signature = _rsa_pss_sign(key, digest, salt)
+    public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    block: bytes = generate_signature_block_using_pre_calculated_signature(
+        [io.BytesIO(signature)], [io.BytesIO(public)], padded)
+    return padded + block + b"\xff" * (SBV2_SECTOR - len(block))
+
+
+def _mgf1(seed: bytes, length: int) -> bytes:
+    out = b"".join(hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+                   for counter in range((length + 31) // 32))
+    return out[:length]
+
+
+def _rsa_pss_sign(key: RSAPrivateKey, digest: bytes, salt: bytes) -> bytes:
+    """RSASSA-PSS (RFC 8017 9.1.1 EMSA-PSS-ENCODE, SHA-256, MGF1-SHA-256) of a SHA-256
+    ``digest`` with the given ``salt``: what cryptography's ``sign`` does with a random salt."""
+    numbers = key.private_numbers()
+    n = numbers.public_numbers.n
+    em_bits = n.bit_length() - 1
+    em_len = (em_bits + 7) // 8
+    h = hashlib.sha256(b"\0" * 8 + digest + salt).digest()
+    db = b"\0" * (em_len - len(salt) - len(h) - 2) + b"\x01" + salt
+    masked = bytearray(a ^ b for a, b in zip(db, _mgf1(h, len(db)), strict=True))
+    masked[0] &= 0xFF >> (8 * em_len - em_bits)
+    em = int.from_bytes(bytes(masked) + h + b"\xbc", "big")
+    # m^d mod n by the CRT (RFC 8017 5.1.2): a quarter of the time of pow(em, d, n).
+    m1, m2 = pow(em, numbers.dmp1, numbers.p), pow(em, numbers.dmq1, numbers.q)
+    signature = m2 + numbers.q * (numbers.iqmp * (m1 - m2) % numbers.p)
+    return signature.to_bytes((n.bit_length() + 7) // 8, "big")
 
 
 def _mcuboot_version(version: str) -> tuple[int, int, int, int]:
@@ -239,6 +357,16 @@ def image_version(board: str, data: bytes) -> str:
 
 
 def _esp32_version(data: bytes) -> str:
+    raw: bytes = _esp32_app_desc(data)[0][3].split(b"\0", 1)[0]
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"esp_app_desc_t.version {raw!r} is not ASCII") from None
+
+
+def _esp32_app_desc(data: bytes) -> tuple[tuple[Any, ...], bytes]:
+    """The fields of an intact ESP32 image's ``esp_app_desc_t`` and the DROM segment holding
+    it; ValueError saying what is wrong."""
     if not data or data[0] != 0xE9:
         found = f"{data[0]:#04x}" if data else "nothing"
         raise ValueError(f"not an ESP32 application image: magic {found}, expected 0xe9")
@@ -263,11 +391,51 @@ def _esp32_version(data: bytes) -> str:
     if fields[0] != ESP_APP_DESC_MAGIC:
         raise ValueError(f"ESP32 image's first DROM segment starts with {fields[0]:#010x}, "
                          f"not esp_app_desc_t's magic {ESP_APP_DESC_MAGIC:#010x}")
-    raw: bytes = fields[3].split(b"\0", 1)[0]
+    return fields, bytes(drom[0].data)
+
+
+def esp32_secure_version(data: bytes) -> int:
+    """``esp_app_desc_t.secure_version`` of an ESP32 image, the version ESP-IDF's anti-rollback
+    compares with eFuse; ValueError when the image cannot be read or is corrupted."""
+    return int(_esp32_app_desc(data)[0][1])
+
+
+def check_esp32_signature(data: bytes, trusted_digest: bytes) -> None:
+    """ESP-IDF's Secure Boot V2 check of an app (``esp_secure_boot_verify_sbv2_signature``
+    with one key digest in eFuse): the signature block sits in the sector after the image (its
+    end from its segment headers, checksum and SHA-256, padded to 4 KiB); its magic, version
+    and CRC are right; its image digest is the SHA-256 of the padded image; the SHA-256 of its
+    key material is ``trusted_digest`` (``esp32_key_digest``); and its RSA-PSS signature of the
+    digest verifies with that key. ValueError with a one-line reason for the first failure."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
+
+    end = image_span("esp32", data)
+    padded = end + (-end % SBV2_SECTOR)
+    block = data[padded:padded + SBV2_BLOCK.size]
+    if len(block) < SBV2_BLOCK.size or block[0] != SBV2_MAGIC:
+        raise ValueError(f"the image is not signed (no signature block at {padded:#x})")
+    _, version, digest, n, e, _, _, signature, crc = SBV2_BLOCK.unpack(block)
+    if version != SBV2_VERSION_RSA:
+        raise ValueError(f"the signature block at {padded:#x} is version {version:#04x}, not "
+                         f"RSA-3072's {SBV2_VERSION_RSA:#04x}")
+    if crc != zlib.crc32(block[:1196]):
+        raise ValueError(f"the signature block at {padded:#x} is corrupted (bad CRC32)")
+    if digest != hashlib.sha256(data[:padded]).digest():
+        raise ValueError("the image's SHA-256 does not match its signature block's digest")
+    key_digest = hashlib.sha256(block[SBV2_KEY]).digest()
+    if key_digest != trusted_digest:
+        raise ValueError(f"the image is signed with a key this bootloader does not know "
+                         f"(digest {key_digest[:4].hex()}...)")
+    key = RSAPublicNumbers(e, int.from_bytes(n, "little")).public_key()
     try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise ValueError(f"esp_app_desc_t.version {raw!r} is not ASCII") from None
+        key.verify(signature[::-1], digest,
+                   padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=SBV2_SALT_LENGTH),
+                   utils.Prehashed(hashes.SHA256()))
+    except InvalidSignature:
+        raise ValueError("the image's RSA-PSS signature does not verify") from None
 
 
 # MCUboot's header (bootutil's struct image_header, imgtool's add_header), little-endian.
@@ -377,9 +545,14 @@ def check_signature(data: bytes, trusted: bytes) -> None:
 
 def fails_self_test(board: str, data: bytes) -> bool:
     """Whether the image was built to fail its self-test (``build_image(fails_self_test=
-    True)``): its protected TLVs carry the marker. False for an image that cannot be read."""
+    True)``): an MCUboot image's protected TLVs carry the marker, an ESP32 image's DROM
+    rodata starts with it. False for an image that cannot be read."""
     if board == "esp32":
-        return False
+        try:
+            drom = _esp32_app_desc(data)[1]
+        except ValueError:
+            return False
+        return drom[ESP_APP_DESC.size:].startswith(ESP32_SELF_TEST_FAILS)
     try:
         return read_mcuboot(data).tlvs.get(SELF_TEST_TLV) == SELF_TEST_FAILS
     except ValueError:
@@ -410,8 +583,9 @@ def image_span(board: str, data: bytes) -> int:
     """How many bytes the image's header says it fills: MCUboot's ``ih_hdr_size +
     ih_img_size`` (what ``boot_check_header_valid`` compares with the slot), or the end of an
     ESP32 image's last segment as its segment headers chain them, with the checksum byte's
-    padding and the SHA-256 (what ESP-IDF's image loader compares with the partition).
-    ValueError when the header cannot be read."""
+    padding and the SHA-256 (what ESP-IDF's image loader compares with the partition): the
+    Secure Boot V2 padding and signature sector after it are not included. ValueError when the
+    header cannot be read."""
     _check_board(board)
     if board == "esp32":
         offsets = _esp32_segments(data)

@@ -4,12 +4,14 @@ Each board has a primary slot (the image the bootloader starts) and a secondary 
 download goes). On the nRF52832 and the GD32 MCUboot swaps the two slots through a scratch area
 (``hil.sim.mcuboot``): the primary slot always holds what runs, the secondary the other image, and
 each slot ends in MCUboot's image trailer (``trailer`` bytes: one swap unit, which the swap leaves
-in place). On the ESP32 the bootloader copies the secondary slot over the primary. Flashing a base
-image into the primary slot and erasing the trailers (``SimBench.erase_boot_state``) is all a
-restore needs.
+in place). The ESP32 boots either of its two slots, as ESP-IDF's OTA data partition says
+(``hil.sim.otadata``): an update goes to the slot that does not run, and nothing is copied.
+Flashing a base image into the primary slot and erasing the bootloader's state (MCUboot's
+trailers, ESP-IDF's otadata) is all a restore needs.
 
-- **esp32**: 4 MiB SPI flash; the application at 0x10000 (where esptool flashes it) and a second
-  1 MiB slot behind it, as ESP-IDF's two-OTA partition table places ``ota_0``/``ota_1``.
+- **esp32**: 4 MiB SPI flash; the OTA data partition at 0xD000 (two 4 KiB sectors), ``ota_0``
+  at 0x10000 (where esptool flashes the application) and ``ota_1`` (1 MiB each) behind it, a
+  two-OTA partition table without a factory partition.
 - **nrf52832**: 512 KiB internal flash; MCUboot's 48 KiB, then two 200 KiB slots and the 40 KiB
   scratch area at 0x70000 (Zephyr's nrf52dk layout); swapped in 4 KiB units (the NVMC page).
 - **gd32**: GD32F103C8, 64 KiB internal flash: MCUboot's 32 KiB, then one 32 KiB primary slot;
@@ -50,6 +52,15 @@ class Layout:
     swap_unit: int = 0x1000
     write_size: int = 4
     secondary_timing: FlashTiming | None = None
+    # ESP-IDF's OTA data partition (``hil.sim.otadata``): the ESP32 boots either slot as it
+    # says (A/B, no copy); None on the MCUboot boards.
+    otadata: Slot | None = None
+
+    @property
+    def slots(self) -> tuple[Slot, Slot]:
+        """The two application slots: MCUboot's primary and secondary, ESP-IDF's ``ota_0`` and
+        ``ota_1``."""
+        return self.primary, self.secondary
 
     @property
     def trailer(self) -> int:
@@ -81,7 +92,8 @@ ESP32_SPI_NOR = FlashTiming(page=0x1000, erase_s=0.045, word=256, program_s=0.7e
 
 LAYOUTS: dict[str, Layout] = {
     "esp32": Layout(primary=Slot(0x10000, 0x100000), secondary=Slot(0x110000, 0x100000),
-                    boot_region=None, install_timing=ESP32_SPI_NOR),
+                    boot_region=None, install_timing=ESP32_SPI_NOR,
+                    otadata=Slot(0xD000, 0x2000)),
     "nrf52832": Layout(primary=Slot(0xC000, 0x32000), secondary=Slot(0x3E000, 0x32000),
                        boot_region=Slot(0x0, 0xC000), install_timing=NRF52832_NVMC,
                        scratch=Slot(0x70000, 0xA000), swap_unit=0x1000, write_size=4,
