@@ -200,3 +200,23 @@ def test_each_bootloader_defect_fails_a_boot_scenario_on_the_simulated_esp32(tmp
     assert done.returncode == 1, out + done.stderr
     assert " failed" in out.splitlines()[-1], out
     assert "phase:" in out, out          # the message names the phase that went wrong
+
+
+def test_a_state_directory_left_by_the_copying_esp32_starts_afresh(tmp_path, monkeypatch):
+    """A simulated ESP32's state from before the A/B layout (an unsigned image in ota_0, the
+    old factory image cached, no format marker) would boot nothing under the new bootloader:
+    the bench discards it and the board boots its factory version."""
+    from hil.sim.bench import FORMAT_FILE, STATE_FORMAT
+    from tests.sim_board import SimSetup
+
+    state = tmp_path / "t0-esp32"
+    state.mkdir()
+    old = build_image("esp32", "1.0.0")[:0x20050]          # the unsigned image of before
+    flash = bytearray(b"\xff" * 0x400000)
+    flash[0x10000:0x10000 + len(old)] = old
+    (state / "flash.bin").write_bytes(bytes(flash))
+    (state / "factory.bin").write_bytes(old)
+    with SimSetup(tmp_path, monkeypatch) as setup:
+        sim = setup.board("esp32")
+        assert sim.board.version() == "1.0.0"
+    assert (state / FORMAT_FILE).read_text().strip() == STATE_FORMAT

@@ -22,10 +22,6 @@ from hil.report.signoff import coverage_of, read_results
 ROOT = Path(__file__).resolve().parent.parent
 BOARDS = ("esp32", "gd32", "nrf52832")
 HOOK_SKIP = re.compile(r"rig sim-\w+-shipped has no shell: fault .+ needs the firmware hook `")
-# The bootloader scenarios (testcases/test_boot.py) skip on the simulated ESP32, shipped or
-# not: it models no rollback, signatures or anti-rollback (hil.faults.catalog). They are the
-# ESP32's only gaps once the contract rigs have run.
-ESP32_GAP = re.compile(r"fault [\w-]+: the simulated ESP32 has no ")
 
 
 def _suite(rigs: list[str], results: Path, junit: Path, *extra: str
@@ -61,17 +57,16 @@ def test_the_suite_passes_on_the_shipped_rigs_and_every_board_is_covered(tmp_pat
     skipped = _skipped(tmp_path / "shipped.xml")
     assert skipped, summary
     wrong = {name: why for name, why in skipped.items()
-             if not HOOK_SKIP.search(why) and not ESP32_GAP.search(why)}
+             if not HOOK_SKIP.search(why)}
     assert not wrong, f"skips that do not name the firmware hook they need: {wrong}"
-    esp32_gaps = {name for name, why in skipped.items() if ESP32_GAP.search(why)}
 
     # The shipped rigs alone leave exactly those scenarios uncovered, on every board.
     alone = coverage_of(read_results([results]))
     assert [board.board for board in alone] == list(BOARDS)
     for board in alone:
         assert board.gaps, board.line()
-        assert all("has no shell" in gap.why or ESP32_GAP.search(gap.why)
-                   for gap in board.gaps), [gap.text() for gap in board.gaps]
+        assert all("has no shell" in gap.why for gap in board.gaps), \
+            [gap.text() for gap in board.gaps]
 
     # The contract rigs run what the shipped ones skipped, into the same results: every board
     # is then covered in full, and `hil report` says so.
@@ -85,10 +80,5 @@ def test_the_suite_passes_on_the_shipped_rigs_and_every_board_is_covered(tmp_pat
     coverage = {board["board"]: board for board in document["coverage"]}
     assert sorted(coverage) == list(BOARDS), report.stdout
     for board, covered in coverage.items():
-        gaps = {name.removeprefix("test_") for name in esp32_gaps} if board == "esp32" \
-            else set()
-        # A scenario's id is "<phase>/<test less its test_ prefix>[<parameters>]".
-        assert {gap["scenario"].partition("[")[0].rpartition("/")[2]
-                for gap in covered["missing"]} == gaps, (board, covered["missing"])
-        assert covered["ran"] + len(gaps) == covered["expected"] == alone[0].expected, \
-            (board, covered)
+        assert covered["missing"] == [], (board, covered["missing"])
+        assert covered["ran"] == covered["expected"] == alone[0].expected, (board, covered)

@@ -36,6 +36,7 @@ nothing outlives the bench. Flash and settings stay in the state directory for t
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -58,6 +59,8 @@ from hil.sim.instruments import EmulatedAttenuator, EmulatedInstrument, Emulated
 from hil.sim.layout import SPI_FLASH_FILE, SPI_FLASH_SIZE, layout_of
 from hil.sim.pty import PtyPort
 from hil.sim.symbols import NullWrite, cortex_m_fault, esp32_panic
+
+log = logging.getLogger(__name__)
 
 BROWN_OUT_VOLTS = 1.8           # below this the board's regulator drops out
 DEFAULT_SIGNAL = 31             # what the radio reports on a rig with no attenuator
@@ -109,6 +112,13 @@ class _Instrument:
 
 
 BENCH_LOCK = "bench.lock"
+# What a state directory's files mean changes with hil: a board's flash from before a change of
+# layout or image format (the ESP32's A/B slots and Secure Boot V2 images, MCUboot's signed
+# images) would not boot, and a cached factory image would be of the old format. A directory
+# whose marker names another format starts afresh (its locks kept).
+STATE_FORMAT = "esp-idf-ab-sbv2"
+FORMAT_FILE = "format"
+_KEPT = frozenset({BENCH_LOCK, "probe.lock", FORMAT_FILE})
 DNS_TIMEOUT_S = 1.0                  # a shipped firmware's wait for its DNS answer
 _running: set[Path] = set()          # state directories with a bench up in this process
 _running_lock = threading.Lock()
@@ -151,6 +161,7 @@ class SimBench:
         _check_addresses(self.rig)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._take_state_dir()
+        self._discard_older_state()
         identity = DeviceIdentity(self.rig.identity.product_id, self.rig.identity.dev_id,
                                   sim_access_key(self.rig))
         try:
@@ -217,6 +228,25 @@ class SimBench:
             raise RigFault("sim", f"another process has run the simulation in {self.state_dir} "
                            f"for more than {self._wait:g} s", self.rig.name) from None
         self._claim = claim
+
+    def _discard_older_state(self) -> None:
+        """Start afresh when the state directory was left by a hil whose files meant something
+        else (``STATE_FORMAT``): what is there is removed, as a board would be erased."""
+        marker = self.state_dir / FORMAT_FILE
+        try:
+            found = marker.read_text(encoding="utf-8").strip()
+        except OSError:
+            found = None
+        if found == STATE_FORMAT:
+            return
+        stale = [entry for entry in self.state_dir.iterdir()
+                 if entry.name not in _KEPT and (entry.is_symlink() or entry.is_file())]
+        for entry in stale:
+            entry.unlink(missing_ok=True)
+        if stale:
+            log.info("%s: state of another format (%s) discarded: %s", self.state_dir,
+                     found or "unmarked", ", ".join(sorted(entry.name for entry in stale)))
+        marker.write_text(STATE_FORMAT + "\n", encoding="utf-8")
 
     def _give_back_state_dir(self) -> None:
         claim, self._claim = self._claim, None

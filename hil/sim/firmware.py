@@ -493,16 +493,15 @@ class Firmware:
         if not self._self_test(generation, primary):
             return
         self._serve_shell(generation)      # what the host typed while the board booted
-        self._finish_install(generation, primary)
+        self._finish_install(generation)
         if self.shipped:
             self._checks(generation)
 
-    def _finish_install(self, generation: int, primary: SimFlash) -> None:
+    def _finish_install(self, generation: int) -> None:
         """Step 8 after a boot that followed an install; forget an attempt of another image."""
         ota = self.nvs.load().get("ota")
         if not isinstance(ota, dict):
             return
-        del primary
         running = self._running_digest()
         if ota.get("running") not in (None, running) and not self._booted_package(ota):
             # Someone flashed another image: this attempt belongs to a firmware that is gone.
