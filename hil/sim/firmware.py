@@ -122,7 +122,7 @@ from hil.onenet.messages import DetectAnswer
 from hil.sim import mcuboot, otadata
 from hil.sim.defects import Defect
 from hil.sim.flash import FlashWriteError, SimFlash
-from hil.sim.images import esp32_secure_version, fails_self_test, image_span, image_version
+from hil.sim.images import fails_self_test, image_span, image_version
 from hil.sim.layout import Layout, Slot, layout_of
 from hil.sim.symbols import NullWrite
 
@@ -161,13 +161,10 @@ def erase_boot_state(layout: Layout, flash: Callable[[str], SimFlash]) -> None:
     """The bootloader's state erased, as a full chip erase would (nothing pending, nothing to
     revert; the base image in the primary slot boots): MCUboot's trailers and scratch area, or
     ESP-IDF's otadata. Only what is not erased already is erased."""
-    if layout.otadata is not None:
-        chip = flash(layout.otadata.chip)
-        if chip.read(layout.otadata.address, layout.otadata.size) != b"\xff" * layout.otadata.size:
-            chip.erase(layout.otadata.address, layout.otadata.size)
-            chip.flush()
-        return
-    mcuboot.erase_boot_state(layout, flash)
+    if layout.otadata is None:
+        mcuboot.erase_boot_state(layout, flash)
+    else:
+        mcuboot.erase_areas(flash, [layout.otadata])
 
 
 # Token check answers after which a device ends the attempt without a report (ONENET.md).
@@ -570,8 +567,7 @@ class Firmware:
             flash = self.platform.flash(self.layout.otadata.chip)
             confirmed = otadata.confirm(flash, self.layout.otadata, self._boot_slot, 2)
             if confirmed:
-                with contextlib.suppress(ValueError):
-                    otadata.burn_secure_version(self.state_dir, esp32_secure_version(image))
+                otadata.burn_app_secure_version(self.state_dir, image)
         if confirmed:
             self._say(generation, "I: app: image confirmed")
 

@@ -219,12 +219,19 @@ def erase_boot_state(layout: Layout, flash: Callable[[str], SimFlash]) -> None:
     chip named in the layout."""
     if layout.scratch is None:
         return
-    areas = [(trailer.slot.chip, trailer.sector_at, trailer.unit) for trailer in trailers(layout)]
-    areas.append((layout.scratch.chip, layout.scratch.address, layout.swap_unit))
-    for chip, at, length in areas:
-        part = flash(chip)
-        if part.read(at, length) != bytes([ERASED]) * length:
-            part.erase(at, length)
+    areas = [Slot(trailer.sector_at, trailer.unit, trailer.slot.chip)
+             for trailer in trailers(layout)]
+    erase_areas(flash, [*areas, Slot(layout.scratch.address, layout.swap_unit,
+                                     layout.scratch.chip)])
+
+
+def erase_areas(flash: Callable[[str], SimFlash], areas: list[Slot]) -> None:
+    """Each area erased unless it reads erased already (a restore that changed nothing writes
+    nothing); MCUboot's trailers and scratch, ESP-IDF's otadata."""
+    for area in areas:
+        part = flash(area.chip)
+        if part.read(area.address, area.size) != bytes([ERASED]) * area.size:
+            part.erase(area.address, area.size)
             part.flush()
 
 

@@ -27,8 +27,8 @@ from hil.sim.flash import SimFlash
 from hil.sim.layout import Layout, Slot
 
 __all__ = ["ENTRY", "SECTOR", "SIZE", "Bootloader", "Entry", "State", "active",
-           "burn_secure_version", "confirm", "efuse_secure_version", "pending_sector",
-           "read_entries", "switch_to", "write_entry"]
+           "burn_app_secure_version", "burn_secure_version", "confirm", "efuse_secure_version",
+           "pending_sector", "read_entries", "switch_to", "write_entry"]
 
 
 # ---------------------------------------------------------------------------------- eFuse
@@ -55,6 +55,15 @@ def burn_secure_version(state_dir: Path, version: int) -> None:
     temporary = state_dir / (EFUSE_FILE + ".tmp")
     temporary.write_text(json.dumps({"secure_version": version}), encoding="utf-8")
     os.replace(temporary, state_dir / EFUSE_FILE)
+
+
+def burn_app_secure_version(state_dir: Path, image: bytes) -> None:
+    """The app ``image``'s secure_version burnt in (by the bootloader's ``update_anti_rollback``
+    or the app's confirm); an image whose descriptor cannot be read burns nothing."""
+    from hil.sim.images import esp32_secure_version
+
+    with contextlib.suppress(ValueError):
+        burn_secure_version(state_dir, esp32_secure_version(image))
 
 
 # ---------------------------------------------------------------------------------- flash
@@ -144,11 +153,8 @@ class Bootloader:
 
     def _burn(self, slot: Slot) -> None:
         """``update_anti_rollback``: the booted app's secure_version burnt into the eFuse."""
-        from hil.sim.images import esp32_secure_version
-
-        data = self.io.flash(slot.chip).read(slot.address, slot.size)
-        with contextlib.suppress(ValueError):
-            burn_secure_version(self.state_dir, esp32_secure_version(data))
+        burn_app_secure_version(self.state_dir,
+                                self.io.flash(slot.chip).read(slot.address, slot.size))
 
     @staticmethod
     def _newest(entries: tuple[Entry, Entry]) -> int | None:
